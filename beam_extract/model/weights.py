@@ -1,0 +1,190 @@
+"""Finds a checkpoint (embedded name, local dir, gs:// dir or hub id) and loads its safetensors.
+
+Only safetensors are read: loading never unpickles or executes anything from the checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+from safetensors import SafetensorError, safe_open
+
+from beam_extract.model.config import ModelConfig
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+# Files a model directory may hold that we use; anything else (pickles, remote code) is never fetched.
+CHECKPOINT_PATTERNS = ("config.json", "*.safetensors", INDEX_FILE, "tokenizer.json", "tokenizer_config.json",
+                       "vocab.json", "merges.txt", "special_tokens_map.json", "generation_config.json")
+
+# Hugging Face layer tensor -> (our stacked name, whether to transpose [out, in] -> [in, out]).
+LAYER_TENSORS = {
+    "input_layernorm.weight": ("attn_norm", False),
+    "self_attn.q_proj.weight": ("q_w", True),
+    "self_attn.q_proj.bias": ("q_b", False),
+    "self_attn.k_proj.weight": ("k_w", True),
+    "self_attn.k_proj.bias": ("k_b", False),
+    "self_attn.v_proj.weight": ("v_w", True),
+    "self_attn.v_proj.bias": ("v_b", False),
+    "self_attn.o_proj.weight": ("o_w", True),
+    "post_attention_layernorm.weight": ("mlp_norm", False),
+    "mlp.gate_proj.weight": ("gate_w", True),
+    "mlp.up_proj.weight": ("up_w", True),
+    "mlp.down_proj.weight": ("down_w", True),
+}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, malformed, or does not match its config."""
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("BEAM_EXTRACT_CACHE", Path.home() / ".cache" / "beam_extract"))
+
+
+def resolve_model_dir(path_or_name: str) -> Path:
+    """A local directory holding config.json, tokenizer and safetensors for `path_or_name`."""
+    from beam_extract.model import embedded
+
+    if path_or_name in embedded.EMBEDDED_MODELS:
+        return embedded.ensure_embedded_model(path_or_name)
+    if path_or_name.startswith("gs://"):
+        return _copy_remote_dir(path_or_name)
+    local = Path(path_or_name).expanduser()
+    if local.is_dir():
+        return local
+    if local.exists() or path_or_name.startswith((".", "/", "~")):
+        raise CheckpointError(f"model path {path_or_name!r} is not a directory")
+    return _download_from_hub(path_or_name)
+
+
+def _copy_remote_dir(url: str) -> Path:
+    """Copies the checkpoint files of a gs:// directory into the local cache (once)."""
+    from apache_beam.io.filesystems import FileSystems
+
+    base = url.rstrip("/")
+    target = cache_dir() / "remote" / hashlib.sha256(base.encode()).hexdigest()[:16]
+    if (target / ".complete").exists():
+        return target
+    matches = FileSystems.match([f"{base}/{pattern}" for pattern in CHECKPOINT_PATTERNS])
+    files = [m.path for result in matches for m in result.metadata_list]
+    if not any(f.endswith("config.json") for f in files):
+        raise CheckpointError(f"no config.json under {url}")
+    target.mkdir(parents=True, exist_ok=True)
+    for remote in files:
+        with FileSystems.open(remote) as src, open(target / remote.rsplit("/", 1)[-1], "wb") as dst:
+            while chunk := src.read(1 << 24):
+                dst.write(chunk)
+    (target / ".complete").touch()
+    return target
+
+
+def _download_from_hub(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=list(CHECKPOINT_PATTERNS)))
+    except Exception as error:  # the hub client raises many types; the user needs the cause and the id
+        raise CheckpointError(f"model {repo_id!r} is not a local directory and could not be fetched "
+                              f"from the Hugging Face hub: {error}") from error
+
+
+def checkpoint_files(model_dir: Path) -> dict[str, Path]:
+    """Tensor name -> file holding it, from the shard index or the single file."""
+    index = model_dir / INDEX_FILE
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return {name: model_dir / file for name, file in weight_map.items()}
+    single = model_dir / SINGLE_FILE
+    if not single.exists():
+        raise CheckpointError(f"{model_dir} has neither {SINGLE_FILE} nor {INDEX_FILE}")
+    try:
+        with safe_open(str(single), "np") as handle:
+            return {name: single for name in handle.keys()}
+    except (SafetensorError, OSError) as error:
+        raise CheckpointError(f"cannot read {single}: {error}") from error
+
+
+def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Hugging Face tensor name (without the `model.` prefix) -> shape, for every tensor we load."""
+    d, hd, f = config.hidden_size, config.head_dim, config.intermediate_size
+    q, kv = config.num_heads * hd, config.num_kv_heads * hd
+    per_layer = {
+        "input_layernorm.weight": (d,),
+        "self_attn.q_proj.weight": (q, d),
+        "self_attn.q_proj.bias": (q,),
+        "self_attn.k_proj.weight": (kv, d),
+        "self_attn.k_proj.bias": (kv,),
+        "self_attn.v_proj.weight": (kv, d),
+        "self_attn.v_proj.bias": (kv,),
+        "self_attn.o_proj.weight": (d, q),
+        "post_attention_layernorm.weight": (d,),
+        "mlp.gate_proj.weight": (f, d),
+        "mlp.up_proj.weight": (f, d),
+        "mlp.down_proj.weight": (d, f),
+    }
+    shapes = {"embed_tokens.weight": (config.vocab_size, d), "norm.weight": (d,)}
+    for layer in range(config.num_layers):
+        shapes.update({f"layers.{layer}.{name}": shape for name, shape in per_layer.items()})
+    return shapes
+
+
+def _read_tensors(config: ModelConfig, model_dir: Path) -> dict[str, np.ndarray]:
+    expected = expected_shapes(config)
+    # The LM head is never used (no logits are computed), but a present one must still be well-formed.
+    optional = {} if config.tie_word_embeddings else {"lm_head.weight": (config.vocab_size, config.hidden_size)}
+    by_file: dict[Path, list[str]] = {}
+    for name, path in checkpoint_files(model_dir).items():
+        by_file.setdefault(path, []).append(name)
+    tensors = {}
+    for path, names in sorted(by_file.items()):
+        try:
+            with safe_open(str(path), "np") as handle:
+                available = set(handle.keys())
+                for name in names:
+                    key = name.removeprefix("model.")
+                    if key not in expected and key not in optional:
+                        raise CheckpointError(f"unexpected tensor {name!r} in {path.name}")
+                    if name not in available:
+                        raise CheckpointError(f"tensor {name!r} is indexed in {path.name} but not stored there")
+                    shape = tuple(handle.get_slice(name).get_shape())
+                    want = expected.get(key) or optional[key]
+                    if shape != want:
+                        raise CheckpointError(f"tensor {name!r} has shape {shape}, config implies {want}")
+                    if key in expected:
+                        tensors[key] = handle.get_tensor(name)
+        except (SafetensorError, OSError) as error:
+            raise CheckpointError(f"cannot read {path}: {error}") from error
+    missing = sorted(set(expected) - set(tensors))
+    if missing:
+        raise CheckpointError(f"missing tensor {missing[0]!r} ({len(missing)} missing in all)")
+    return tensors
+
+
+def load_params(config: ModelConfig, model_dir: Path, dtype: np.dtype) -> dict:
+    """The parameter pytree: layer weights stacked on a leading layer axis, linears as [in, out]."""
+    tensors = _read_tensors(config, model_dir)
+    layers = {}
+    for hf_name, (ours, transpose) in LAYER_TENSORS.items():
+        stacked = np.stack([tensors.pop(f"layers.{i}.{hf_name}") for i in range(config.num_layers)])
+        layers[ours] = (stacked.swapaxes(1, 2) if transpose else stacked).astype(dtype)
+    return {
+        "embed": tensors.pop("embed_tokens.weight").astype(dtype),
+        "layers": layers,
+        "final_norm": tensors.pop("norm.weight").astype(dtype),
+    }
+
+
+def weights_checksum(model_dir: Path) -> str:
+    """sha256 over the safetensors files (name and bytes, in name order): identifies the weights."""
+    digest = hashlib.sha256()
+    for path in sorted(set(checkpoint_files(model_dir).values())):
+        digest.update(path.name.encode())
+        with open(path, "rb") as handle:
+            while chunk := handle.read(1 << 24):
+                digest.update(chunk)
+    return digest.hexdigest()

