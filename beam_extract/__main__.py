@@ -1,0 +1,40 @@
+"""`python -m beam_extract` / `beam-extract`: run the extraction job and print a summary."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+
+from beam_extract.output.manifest import read_manifest
+from beam_extract.pipeline import run
+
+
+def summary(manifest: dict, seconds: float) -> str:
+    counts, hooks = manifest["counts"], manifest["hooks"]
+    stored = sum(h["tokens"] for h in hooks.values())
+    tokens = max((h["tokens"] for h in hooks.values()), default=0)  # tokens per hook = tokens run through
+    files = sum(len(h["files"]) for h in hooks.values())
+    output = manifest["options"]["output"]
+    reasons = ", ".join(f"{k}={v}" for k, v in counts["dead_letters"].items()) or "none"
+    return "\n".join([
+        f"beam-extract: {counts['lines_read']} lines -> {counts['samples']} samples, "
+        f"{tokens} tokens in {seconds:.1f} s ({tokens / seconds:.0f} tokens/s end to end)",
+        f"  dead letters: {counts['dead_lettered']} ({reasons})",
+        f"  wrote {files} TFRecord files for {len(hooks)} hooks ({stored} token activations) under {output}/",
+        f"  manifest: {output}/manifest.json",
+        "  read back: from beam_extract.output.reader import read_records",
+        f"             for r in read_records('{output}/{manifest['sites'][0]}/layer_*/*.tfrecord'): "
+        "r['activations']  # [n_tokens, d_model]",
+    ])
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    start = time.perf_counter()
+    _, job = run(argv if argv is not None else sys.argv[1:])
+    print(summary(read_manifest(job.output), time.perf_counter() - start))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,87 @@
+"""Command-line options of the extraction job, as a PipelineOptions subclass (works on every runner
+and as Flex Template parameters)."""
+
+from __future__ import annotations
+
+import argparse
+from importlib import resources
+
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from beam_extract.model.qwen2 import SITES
+from beam_extract.output.schema import OUTPUT_DTYPES
+
+INPUT_FORMATS = ("auto", "arc", "text")
+COMPUTE_DTYPES = ("float32", "bfloat16")
+DEFAULT_MODEL = "tiny-random-qwen2"
+
+
+def sample_input() -> str:
+    """The glob of the sample data shipped in the package (ARC tasks and text documents)."""
+    return str(resources.files("beam_extract").joinpath("data")) + "/sample_*.jsonl"
+
+
+class ExtractOptions(PipelineOptions):
+    @classmethod
+    def _add_argparse_args(cls, parser):
+        data = parser.add_argument_group("beam-extract: input")
+        data.add_argument("--input", default=None,
+                          help="Glob of JSONL files, local or gs://, .gz allowed (default: the packaged samples)")
+        data.add_argument("--input_format", default="auto", choices=INPUT_FORMATS,
+                          help="arc (ARC-AGI tasks), text (one document per line), or auto (per line: "
+                               "an object with 'train' is an ARC task, anything else text)")
+        data.add_argument("--text_field", default="text", help="JSON field holding a text document's text")
+        data.add_argument("--max_seq_len", type=int, default=8192,
+                          help="Longest sequence in tokens: text is split into windows of this size; "
+                               "longer ARC prompts are dead-lettered (reason too_long)")
+
+        model = parser.add_argument_group("beam-extract: model")
+        model.add_argument("--model", default=DEFAULT_MODEL,
+                           help="Hugging Face-format Qwen2 directory (local or gs://), a hub id when online, "
+                                f"or {DEFAULT_MODEL} (embedded, generated offline)")
+        model.add_argument("--layers", default="all",
+                           help="Layers to capture: 'all' or a list like 0,3,8-11 (0-based)")
+        model.add_argument("--sites", default="resid_post",
+                           help=f"Comma-separated sites: {', '.join(SITES)}")
+        model.add_argument("--dtype", default="float32", choices=COMPUTE_DTYPES, help="Compute dtype")
+        model.add_argument("--batch_size", type=int, default=8,
+                           help="Rows per forward batch (fixed, so each length bucket compiles once)")
+
+        out = parser.add_argument_group("beam-extract: output")
+        out.add_argument("--output", default="activations", help="Output directory, local or gs://")
+        out.add_argument("--output_dtype", default="float32", choices=tuple(OUTPUT_DTYPES),
+                         help="Storage dtype of the activations")
+        out.add_argument("--num_shards", type=int, default=1,
+                         help="TFRecord files per (site, layer); fixed, so file names are deterministic")
+
+
+def parse_layers(spec: str, num_layers: int) -> tuple[int, ...]:
+    """'all' or '0,3,8-11' -> sorted layer indices, each checked against the model's depth."""
+    if spec.strip() == "all":
+        return tuple(range(num_layers))
+    layers = set()
+    for part in spec.split(","):
+        first, _, last = part.strip().partition("-")
+        try:
+            layers.update(range(int(first), int(last or first) + 1))
+        except ValueError:
+            raise ValueError(f"--layers {spec!r}: {part!r} is not a layer or a range a-b") from None
+    if not layers or min(layers) < 0 or max(layers) >= num_layers:
+        raise ValueError(f"--layers {spec!r}: the model has layers 0..{num_layers - 1}")
+    return tuple(sorted(layers))
+
+
+def parse_sites(spec: str) -> tuple[str, ...]:
+    sites = tuple(dict.fromkeys(s.strip() for s in spec.split(",") if s.strip()))
+    unknown = [s for s in sites if s not in SITES]
+    if unknown or not sites:
+        raise ValueError(f"--sites {spec!r}: choose from {', '.join(SITES)}")
+    return sites
+
+
+def extract_options(options: PipelineOptions) -> dict:
+    """Our options (not Beam's or the cloud's, which may hold credentials) as a plain dict."""
+    parser = argparse.ArgumentParser()
+    ExtractOptions._add_argparse_args(parser)
+    view = options.view_as(ExtractOptions)
+    return {action.dest: getattr(view, action.dest) for action in parser._actions if action.dest != "help"}
