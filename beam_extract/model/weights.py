@@ -180,11 +180,14 @@ def load_params(config: ModelConfig, model_dir: Path, dtype: np.dtype) -> dict:
 
 
 def weights_checksum(model_dir: Path) -> str:
-    """sha256 over the safetensors files (name and bytes, in name order): identifies the weights."""
+    """sha256 over every tensor's name, dtype, shape and bytes, in name order.
+
+    It identifies the weights, not the files: a sharded and a single-file copy agree.
+    """
     digest = hashlib.sha256()
-    for path in sorted(set(checkpoint_files(model_dir).values())):
-        digest.update(path.name.encode())
-        with open(path, "rb") as handle:
-            while chunk := handle.read(1 << 24):
-                digest.update(chunk)
+    for name, path in sorted(checkpoint_files(model_dir).items()):
+        with safe_open(str(path), "np") as handle:
+            tensor = handle.get_tensor(name)
+        digest.update(f"{name}|{tensor.dtype}|{tensor.shape}|".encode())
+        digest.update(np.ascontiguousarray(tensor).tobytes())
     return digest.hexdigest()

@@ -1,0 +1,94 @@
+"""`python -m beam_extract --runner=DirectRunner` with no other flag: offline, end to end, read back
+with TensorFlow, and equal to a direct call of the same model."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+TESTS = Path(__file__).parent
+GUARDED_MAIN = """
+import sys, network_guard
+network_guard.install(sys.argv[1])
+from beam_extract.__main__ import main
+main(sys.argv[2:])
+"""
+
+
+def run_guarded(args, cwd, log):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run([sys.executable, "-c", GUARDED_MAIN, str(log), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=900)
+
+
+def test_guard_catches_an_outbound_attempt(tmp_path):
+    """The guard used below is real: a download attempt under it is blocked and logged."""
+    log = tmp_path / "connections.log"
+    env = {**os.environ, "PYTHONPATH": str(TESTS)}
+    code = ("import sys, network_guard, urllib.request\nnetwork_guard.install(sys.argv[1])\n"
+            "try:\n    urllib.request.urlopen('https://example.com/prism.zip', timeout=5)\nexcept OSError:\n    pass\n")
+    subprocess.run([sys.executable, "-c", code, str(log)], env=env, check=True, timeout=60)
+    assert "example.com" in log.read_text()
+
+
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("default_run")
+    log = workdir / "connections.log"
+    result = run_guarded(["--runner=DirectRunner"], workdir, log)
+    assert result.returncode == 0, result.stderr[-5000:]
+    return workdir, result, log
+
+
+@pytest.mark.slow
+def test_default_run_makes_no_outbound_connection(default_run):
+    workdir, result, log = default_run
+    assert not log.exists(), log.read_text()
+    assert "tokens/s" in result.stdout and "manifest" in result.stdout
+
+
+@pytest.mark.slow
+def test_manifest_describes_the_run(default_run):
+    workdir, _, _ = default_run
+    manifest = json.loads((workdir / "activations/manifest.json").read_text())
+    assert manifest["model"]["name"] == "tiny-random-qwen2"
+    assert manifest["model"]["config"]["num_layers"] == 4 and len(manifest["model"]["weights_sha256"]) == 64
+    assert manifest["sites"] == ["resid_post"] and manifest["layers"] == [0, 1, 2, 3]
+    assert manifest["output_dtype"] == "float32" and manifest["model"]["compute_dtype"] == "float32"
+    counts = manifest["counts"]
+    # The packaged samples: 4 ARC tasks (one with two test inputs) and 6 text documents.
+    assert counts["lines_read"] == 10 and counts["samples"] == 11 and counts["dead_lettered"] == 0
+    for name, hook in manifest["hooks"].items():
+        assert hook["records"] == 11 and hook["tokens"] > 0 and hook["mean_l2_norm"] > 0
+        assert hook["files"] == [f"resid_post/layer_{hook['layer']:02d}/part-00000-of-00001.tfrecord"]
+
+
+@pytest.mark.slow
+def test_records_read_back_with_tensorflow_equal_a_direct_forward(default_run):
+    import tensorflow as tf
+
+    from beam_extract.model import load_model
+    from beam_extract.output.schema import tf_feature_spec
+
+    workdir, _, _ = default_run
+    model = load_model("tiny-random-qwen2")
+    spec = tf_feature_spec()
+    for layer in range(4):
+        files = sorted((workdir / f"activations/resid_post/layer_{layer:02d}").glob("*.tfrecord"))
+        records = [tf.io.parse_single_example(raw, spec) for raw in tf.data.TFRecordDataset([str(f) for f in files])]
+        assert len(records) == 11
+        assert len({r["sample_id"].numpy() for r in records}) == 11  # one record per (sample, hook)
+        for record in records:
+            hook = record["hook_name"].numpy().decode()
+            assert hook == f"blocks.{layer}.hook_resid_post" and int(record["layer"]) == layer
+            n, d = int(record["n_tokens"]), int(record["d_model"])
+            token_ids = tf.sparse.to_dense(record["token_ids"]).numpy()
+            positions = tf.sparse.to_dense(record["positions"]).numpy()
+            assert len(token_ids) == n and d == 64 and list(positions) == list(range(n))
+            stored = tf.io.decode_raw(record["activations"], tf.float32).numpy().reshape(n, d)
+            direct = model.run_with_cache(token_ids[None], [hook])[hook][0]
+            np.testing.assert_allclose(stored, direct, rtol=0, atol=1e-5 * max(1.0, np.abs(direct).max()))

