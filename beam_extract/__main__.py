@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
 import logging
 import sys
 import time
 
+from beam_extract.options import ExtractOptions
 from beam_extract.output.manifest import read_manifest
 from beam_extract.pipeline import run
 
@@ -29,10 +31,22 @@ def summary(manifest: dict, seconds: float) -> str:
     ])
 
 
+def argument_parser() -> argparse.ArgumentParser:
+    """Our options alone, for --help and for clear errors before Beam starts."""
+    parser = argparse.ArgumentParser(
+        prog="beam-extract", description="Extract per-token Qwen2 activations from JSONL into TFRecords.",
+        epilog="Beam's own options are accepted too, e.g. --runner=DirectRunner (default) or DataflowRunner, "
+               "--direct_num_workers, --direct_running_mode, and Dataflow's --project, --region, --temp_location.")
+    ExtractOptions._add_argparse_args(parser)
+    return parser
+
+
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    argument_parser().parse_known_args(argv)  # --help, or an error naming a bad option value
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     start = time.perf_counter()
-    _, job = run(argv if argv is not None else sys.argv[1:])
+    _, job = run(argv)
     print(summary(read_manifest(job.output), time.perf_counter() - start))
 
 
