@@ -44,33 +44,22 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array) 
 
     q: [B, S, KV, G, D]; k, v: [B, S, KV, D]; segment_ids: [B, S] (a token attends to earlier
     tokens of its own segment; padding is its own segment). Returns [B, S, KV, G, D].
+
+    Query block i only scores keys [0, end of block i): the causal upper triangle beyond the block
+    is never computed, and no score tensor is larger than [block, S].
     """
-    batch, seq, kv_heads, groups, dim = q.shape
-    block = min(seq, QUERY_BLOCK)
-    n_blocks = -(-seq // block)
-    pad = n_blocks * block - seq
-    q_index = jnp.arange(n_blocks * block)
-    q_segments = jnp.pad(segment_ids, ((0, 0), (0, pad)))
-    q = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0), (0, 0)))
-    k_index = jnp.arange(seq)
-    scale = dim**-0.5
-
-    def one_block(args):
-        q_blk, seg_blk, idx_blk = args  # [B, T, KV, G, D], [B, T], [T]
-        scores = jnp.einsum("btkgd,bskd->bkgts", q_blk, k, preferred_element_type=jnp.float32) * scale
-        visible = (idx_blk[:, None] >= k_index[None, :])[None] & (seg_blk[:, :, None] == segment_ids[:, None, :])
-        # A finite floor, not -inf: a fully masked row (only in the query padding) stays finite.
-        scores = jnp.where(visible[:, None, None], scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        return jnp.einsum("bkgts,bskd->btkgd", probs, v)
-
-    blocks = (
-        q.reshape(batch, n_blocks, block, kv_heads, groups, dim).swapaxes(0, 1),
-        q_segments.reshape(batch, n_blocks, block).swapaxes(0, 1),
-        q_index.reshape(n_blocks, block),
-    )
-    out = lax.map(one_block, blocks)  # [n_blocks, B, block, KV, G, D]
-    return out.swapaxes(0, 1).reshape(batch, n_blocks * block, kv_heads, groups, dim)[:, :seq]
+    seq, dim = q.shape[1], q.shape[-1]
+    outputs = []
+    for start in range(0, seq, QUERY_BLOCK):
+        stop = min(seq, start + QUERY_BLOCK)
+        scores = jnp.einsum("btkgd,bskd->bkgts", q[:, start:stop], k[:, :stop],
+                            preferred_element_type=jnp.float32) * dim**-0.5
+        causal = jnp.arange(start, stop)[:, None] >= jnp.arange(stop)[None, :]
+        same_segment = segment_ids[:, start:stop, None] == segment_ids[:, None, :stop]
+        scores = jnp.where((causal & same_segment)[:, None, None], scores, -jnp.inf)
+        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)  # every row sees at least itself
+        outputs.append(jnp.einsum("bkgts,bskd->btkgd", probs, v[:, :stop]))
+    return jnp.concatenate(outputs, axis=1)
 
 
 def decoder_block(
