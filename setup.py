@@ -10,7 +10,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
     packages=find_packages(include=["beam_extract", "beam_extract.*"]),
-    package_data={"beam_extract": ["data/*.jsonl", "data/*.jinja"]},
+    package_data={"beam_extract": ["data/*.jsonl", "data/*.jinja", "data/prompts/*.jinja"]},
     install_requires=[
         "apache-beam[gcp]>=2.77.0,<2.78",
         "jax>=0.10,<0.11",

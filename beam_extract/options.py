@@ -8,6 +8,8 @@ from importlib import resources
 
 from apache_beam.options.pipeline_options import PipelineOptions
 
+from beam_extract.arc.encoders import DEFAULT_ENCODER
+from beam_extract.arc.prompt import BUILTIN_TEMPLATES, DEFAULT_TEMPLATE
 from beam_extract.model.qwen2 import SITES
 from beam_extract.output.schema import OUTPUT_DTYPES
 
@@ -32,8 +34,19 @@ class ExtractOptions(PipelineOptions):
                                "an object with 'train' is an ARC task, anything else text)")
         data.add_argument("--text_field", default="text", help="JSON field holding a text document's text")
         data.add_argument("--max_seq_len", type=int, default=8192,
-                          help="Longest sequence in tokens: text is split into windows of this size; "
-                               "longer ARC prompts are dead-lettered (reason too_long)")
+                          help="Longest sequence in tokens: text is split into windows of this size; ARC "
+                               "prompts drop train examples from the end to fit, else are dead-lettered (too_long)")
+
+        arc = parser.add_argument_group("beam-extract: ARC tasks")
+        arc.add_argument("--views_per_task", type=int, default=8,
+                         help="Augmented views per task, cycling through the 8 rotations/flips, each with its "
+                              "own colour permutation and train order")
+        arc.add_argument("--seed", type=int, default=0, help="Seed of the augmentation (with task id and view)")
+        arc.add_argument("--prompt_template", default=DEFAULT_TEMPLATE,
+                         help=f"{' or '.join(BUILTIN_TEMPLATES)}, or the path of a Jinja2 template file")
+        arc.add_argument("--grid_encoder", default=DEFAULT_ENCODER, help="Grid encoder, by name")
+        arc.add_argument("--include_answer", action="store_true",
+                         help="Render the test output, when present, after the answer prefix (train prompts)")
 
         model = parser.add_argument_group("beam-extract: model")
         model.add_argument("--model", default=DEFAULT_MODEL,

@@ -14,6 +14,8 @@ import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 from apache_beam.runners.runner import PipelineResult
 
+from beam_extract.arc.encoders import parse_encoder
+from beam_extract.arc.prompt import load_template
 from beam_extract.batching import BatchByBucket
 from beam_extract.extract import DEAD_LETTER, ExtractDoFn
 from beam_extract.io.sources import ReadLines
@@ -23,7 +25,7 @@ from beam_extract.model.weights import resolve_model_dir, weights_checksum
 from beam_extract.options import extract_options, parse_layers, parse_sites, sample_input
 from beam_extract.output.manifest import build_manifest, write_manifest
 from beam_extract.output.writer import WriteActivations, WriteDeadLetters
-from beam_extract.stages import ParseDoFn, TokenizeDoFn
+from beam_extract.stages import ParseDoFn, TokenizeDoFn, expand_views
 
 _LOG = logging.getLogger(__name__)
 
@@ -46,6 +48,9 @@ def make_job(options: PipelineOptions) -> Job:
     ours["input"] = ours["input"] or sample_input()
     if "://" not in ours["output"]:
         ours["output"] = os.path.abspath(ours["output"])
+    load_template(ours["prompt_template"]), parse_encoder(ours["grid_encoder"])  # fail here, not on workers
+    if ours["views_per_task"] < 1:
+        raise ValueError("--views_per_task must be at least 1")
     config = config_from_hf(load_hf_config(resolve_model_dir(ours["model"])))
     layers, sites = parse_layers(ours["layers"], config.num_layers), parse_sites(ours["sites"])
     return Job(ours, config, tuple((layer, site) for site in sites for layer in layers))
@@ -66,8 +71,13 @@ def build(pipeline: beam.Pipeline, job: Job) -> None:
     lines = pipeline | "ReadLines" >> ReadLines(o["input"])
     parsed = lines | "Parse" >> beam.ParDo(ParseDoFn(o["input_format"], o["text_field"])).with_outputs(
         DEAD_LETTER, main="records")
-    samples = parsed.records | "Tokenize" >> beam.ParDo(TokenizeDoFn(o["model"], o["max_seq_len"])).with_outputs(
-        DEAD_LETTER, main="samples")
+    samples = (
+        parsed.records
+        | "Augment" >> beam.FlatMap(expand_views, o["seed"], o["views_per_task"])
+        | "Tokenize" >> beam.ParDo(TokenizeDoFn(o["model"], o["max_seq_len"], o["prompt_template"],
+                                                o["grid_encoder"], o["include_answer"])).with_outputs(
+            DEAD_LETTER, main="samples")
+    )
     extracted = (
         samples.samples
         | "Batch" >> BatchByBucket(o["batch_size"], o["max_seq_len"])

@@ -7,11 +7,15 @@ from collections.abc import Iterable
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
+from beam_extract.arc.augment import views
+from beam_extract.arc.encoders import parse_encoder
+from beam_extract.arc.prompt import load_template
 from beam_extract.extract import DEAD_LETTER
 from beam_extract.io.sources import SourceLine
 from beam_extract.model.weights import resolve_model_dir
 from beam_extract.records import DeadLetter, parse_line
-from beam_extract.tokenize import load_tokenizer, to_samples
+from beam_extract.records.arc import ArcTask
+from beam_extract.tokenize import PromptSettings, Sample, load_tokenizer, to_samples
 
 
 def route(results: Iterable, stage: str):
@@ -33,12 +37,27 @@ class ParseDoFn(beam.DoFn):
         yield from route([parse_line(line, self._input_format, self._text_field)], "parse")
 
 
+def expand_views(record, seed: int, views_per_task: int) -> list:
+    """ARC tasks become their augmented views; text documents pass through."""
+    return views(record, seed, views_per_task) if isinstance(record, ArcTask) else [record]
+
+
 class TokenizeDoFn(beam.DoFn):
-    def __init__(self, model: str, max_seq_len: int):
+    def __init__(self, model: str, max_seq_len: int, prompt_template: str, grid_encoder: str, include_answer: bool):
         self._model, self._max_seq_len = model, max_seq_len
+        self._prompt = (prompt_template, grid_encoder, include_answer)
+        self._dropped = Metrics.counter("arc", "train_examples_dropped")
+        self._fitted = Metrics.counter("arc", "prompts_fitted_by_dropping")
 
     def setup(self):
         self._tokenizer = load_tokenizer(resolve_model_dir(self._model))
+        template, encoder, include_answer = self._prompt
+        self._settings = PromptSettings(load_template(template), encoder, parse_encoder(encoder), include_answer)
 
     def process(self, record):
-        yield from route(to_samples(record, self._tokenizer, self._max_seq_len), "tokenize")
+        results = to_samples(record, self._tokenizer, self._settings, self._max_seq_len)
+        for result in results:
+            if isinstance(result, Sample) and result.train_dropped:
+                self._dropped.inc(result.train_dropped)
+                self._fitted.inc()
+        yield from route(results, "tokenize")

@@ -60,10 +60,10 @@ def test_manifest_describes_the_run(default_run):
     assert manifest["sites"] == ["resid_post"] and manifest["layers"] == [0, 1, 2, 3]
     assert manifest["output_dtype"] == "float32" and manifest["model"]["compute_dtype"] == "float32"
     counts = manifest["counts"]
-    # The packaged samples: 4 ARC tasks (one with two test inputs) and 6 text documents.
-    assert counts["lines_read"] == 10 and counts["samples"] == 11 and counts["dead_lettered"] == 0
+    # The packaged samples: 4 ARC tasks (5 test inputs, 8 views each) and 6 text documents.
+    assert counts["lines_read"] == 10 and counts["samples"] == 46 and counts["dead_lettered"] == 0
     for name, hook in manifest["hooks"].items():
-        assert hook["records"] == 11 and hook["tokens"] > 0 and hook["mean_l2_norm"] > 0
+        assert hook["records"] == 46 and hook["tokens"] > 0 and hook["mean_l2_norm"] > 0
         assert hook["files"] == [f"resid_post/layer_{hook['layer']:02d}/part-00000-of-00001.tfrecord"]
 
 
@@ -80,8 +80,8 @@ def test_records_read_back_with_tensorflow_equal_a_direct_forward(default_run):
     for layer in range(4):
         files = sorted((workdir / f"activations/resid_post/layer_{layer:02d}").glob("*.tfrecord"))
         records = [tf.io.parse_single_example(raw, spec) for raw in tf.data.TFRecordDataset([str(f) for f in files])]
-        assert len(records) == 11
-        assert len({r["sample_id"].numpy() for r in records}) == 11  # one record per (sample, hook)
+        assert len(records) == 46
+        assert len({r["sample_id"].numpy() for r in records}) == 46  # one record per (sample, hook)
         for record in records:
             hook = record["hook_name"].numpy().decode()
             assert hook == f"blocks.{layer}.hook_resid_post" and int(record["layer"]) == layer
@@ -92,3 +92,20 @@ def test_records_read_back_with_tensorflow_equal_a_direct_forward(default_run):
             stored = tf.io.decode_raw(record["activations"], tf.float32).numpy().reshape(n, d)
             direct = model.run_with_cache(token_ids[None], [hook])[hook][0]
             np.testing.assert_allclose(stored, direct, rtol=0, atol=1e-5 * max(1.0, np.abs(direct).max()))
+
+
+@pytest.mark.slow
+def test_arc_records_carry_their_view(default_run):
+    from beam_extract.output.reader import read_records
+
+    workdir, _, _ = default_run
+    records = [r for r in read_records(str(workdir / "activations/resid_post/layer_00/*.tfrecord")) if r["task_id"]]
+    expected = {f"{task}/v{view}/t{test}" for task, tests in
+                [("sample-mirror", 1), ("sample-transpose", 1), ("sample-recolor", 1), ("sample-double", 2)]
+                for view in range(8) for test in range(tests)}
+    assert {r["sample_id"] for r in records} == expected
+    for record in records:
+        view = record["augmentation"]
+        assert f"/v{view['view']}/t{view['test_index']}" in record["sample_id"]
+        assert (view["hflip"], view["k"]) == (view["view"] >= 4, view["view"] % 4)
+        assert sorted(view["color_map"]) == list(range(10)) and view["prompt_template"] == "output-from-examples-v1"

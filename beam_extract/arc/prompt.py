@@ -1,35 +1,106 @@
-"""ARC task -> chat messages whose assistant turn ends at the answer prefix (one per test input)."""
+"""ARC task -> chat prompts that end at the answer prefix, fitted to the token budget.
+
+A prompt template is a Jinja2 file with three blocks, `system`, `user` and `assistant`, rendered
+with: `train_pairs` (list of {input, output}, encoded grids), `test_input` (encoded grid) and
+`answer` (the encoded test output for a train prompt, else the answer prefix "```grid"). The
+model's chat template turns the three messages into text, which is cut after the assistant's
+content so it ends at the answer, with no end-of-turn marker.
+"""
 
 from __future__ import annotations
 
-from beam_extract.records.arc import ArcTask, Grid
+import dataclasses
+from importlib import resources
+from pathlib import Path
 
-SYSTEM_PROMPT = "You are a helpful assistant."
-INTRO = (
-    "Let's see if you can solve this simple Abstraction and Reasoning Challenge (ARC) task. "
-    "Below there are some input-output grid examples that define the task. Your job is to "
-    "understand the transformation between the input and the output and apply it to the last "
-    "input grid given to you. The transformation is based on four priors: objectness, "
-    "goal-directed, numbers & counting, and basic geometry & topology."
-)
-ANSWER_OPENING = "```grid"
+import numpy as np
+from jinja2 import StrictUndefined, TemplateError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from beam_extract.arc.encoders import Encoder
+from beam_extract.records.arc import ArcTask
+
+BUILTIN_TEMPLATES = ("output-from-examples-v0", "output-from-examples-v1")
+DEFAULT_TEMPLATE = "output-from-examples-v1"
+ANSWER_PREFIX = "```grid"
+END_OF_TURN = "<|im_end|>"
+BLOCKS = ("system", "user", "assistant")
+
+# Sandboxed: a template file can format text but cannot reach Python objects or the file system.
+_ENVIRONMENT = ImmutableSandboxedEnvironment(undefined=StrictUndefined, keep_trailing_newline=True,
+                                             trim_blocks=True, autoescape=False)
 
 
-def encode_grid(grid: Grid) -> str:
-    """The minimal encoding: one line per row, one digit per cell."""
-    return "\n".join("".join(str(cell) for cell in row) for row in grid)
+@dataclasses.dataclass(frozen=True)
+class PromptTemplate:
+    name: str
+    source: str
+
+    def render(self, train_pairs: list[dict[str, str]], test_input: str, answer: str) -> list[dict[str, str]]:
+        template = _ENVIRONMENT.from_string(self.source)
+        context = template.new_context({"train_pairs": train_pairs, "test_input": test_input, "answer": answer})
+        return [{"role": block, "content": "".join(template.blocks[block](context))} for block in BLOCKS]
 
 
-def prompt_messages(task: ArcTask, test_index: int) -> list[dict[str, str]]:
-    examples = "".join(
-        f"## Example {i}\n\n### Input\n\n{encode_grid(inp)}\n\n### Output\n\n{encode_grid(out)}\n"
-        for i, (inp, out) in enumerate(task.train, start=1)
-    )
-    test_input, test_output = task.test[test_index]
-    user = f"{INTRO}\n\n{examples}\n## Test case\n\n### Input\n\n{encode_grid(test_input)}\n"
-    answer = encode_grid(test_output) if test_output is not None else ANSWER_OPENING
-    return [
-        {"role": "system", "content": SYSTEM_PROMPT},
-        {"role": "user", "content": user},
-        {"role": "assistant", "content": f"### Output\n\n{answer}"},
-    ]
+def load_template(name_or_path: str) -> PromptTemplate:
+    """A built-in template by name, or a user's template file by path."""
+    if name_or_path in BUILTIN_TEMPLATES:
+        source = resources.files("beam_extract").joinpath("data", "prompts", f"{name_or_path}.jinja").read_text("utf-8")
+    else:
+        path = Path(name_or_path)
+        if not path.is_file():
+            raise ValueError(f"prompt template {name_or_path!r} is neither built in "
+                             f"({', '.join(BUILTIN_TEMPLATES)}) nor a file")
+        source = path.read_text("utf-8")
+    try:
+        blocks = _ENVIRONMENT.from_string(source).blocks
+    except TemplateError as error:
+        raise ValueError(f"prompt template {name_or_path!r}: {error}") from None
+    missing = [block for block in BLOCKS if block not in blocks]
+    if missing:
+        raise ValueError(f"prompt template {name_or_path!r} lacks the block(s) {', '.join(missing)}")
+    return PromptTemplate(name_or_path, source)
+
+
+def render_chat(tokenizer, messages: list[dict[str, str]]) -> str:
+    """The chat-templated text, cut after the assistant's content so it ends at the answer."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    return text[: text.rindex(END_OF_TURN)]
+
+
+@dataclasses.dataclass(frozen=True)
+class Prompt:
+    test_index: int
+    text: str
+    token_ids: np.ndarray  # int32
+    train_dropped: int  # train examples dropped from the end to fit max_seq_len
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptTooLong:
+    test_index: int
+    tokens_with_one_example: int
+
+
+def token_ids(tokenizer, text: str) -> np.ndarray:
+    # Chat markers are in the text already; Qwen2.5 adds no BOS.
+    return np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=np.int32)
+
+
+def build_prompts(task: ArcTask, tokenizer, template: PromptTemplate, encoder: Encoder, max_seq_len: int,
+                  include_answer: bool = False) -> list[Prompt | PromptTooLong]:
+    """One prompt per test input. Over-long prompts drop train examples from the end until they fit;
+    the test input and the answer prefix are never cut."""
+    pairs = [{"input": encoder.encode(i), "output": encoder.encode(o)} for i, o in task.train]
+    results: list[Prompt | PromptTooLong] = []
+    for test_index, (test_input, test_output) in enumerate(task.test):
+        answer = encoder.encode(test_output) if include_answer and test_output is not None else ANSWER_PREFIX
+        for kept in range(len(pairs), 0, -1):
+            text = render_chat(tokenizer, template.render(pairs[:kept], encoder.encode(test_input), answer))
+            ids = token_ids(tokenizer, text)
+            if len(ids) <= max_seq_len:
+                results.append(Prompt(test_index, text, ids, len(pairs) - kept))
+                break
+        else:
+            results.append(PromptTooLong(test_index, len(ids)))
+    return results
