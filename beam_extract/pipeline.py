@@ -51,7 +51,7 @@ def make_job(options: PipelineOptions) -> Job:
     load_template(ours["prompt_template"]), parse_encoder(ours["grid_encoder"])  # fail here, not on workers
     if ours["views_per_task"] < 1:
         raise ValueError("--views_per_task must be at least 1")
-    config = config_from_hf(load_hf_config(resolve_model_dir(ours["model"])))
+    config = config_from_hf(load_hf_config(resolve_model_dir(ours["model"], weights=False)))
     layers, sites = parse_layers(ours["layers"], config.num_layers), parse_sites(ours["sites"])
     return Job(ours, config, tuple((layer, site) for site in sites for layer in layers))
 

@@ -50,7 +50,7 @@ class TokenizeDoFn(beam.DoFn):
         self._fitted = Metrics.counter("arc", "prompts_fitted_by_dropping")
 
     def setup(self):
-        self._tokenizer = load_tokenizer(resolve_model_dir(self._model))
+        self._tokenizer = load_tokenizer(resolve_model_dir(self._model, weights=False))
         template, encoder, include_answer = self._prompt
         self._settings = PromptSettings(load_template(template), encoder, parse_encoder(encoder), include_answer)
 

@@ -3,7 +3,8 @@
 import pytest
 
 from beam_extract.model.weights import resolve_model_dir
-from beam_extract.tokenize import load_tokenizer, render_chat
+from beam_extract.arc.prompt import render_chat
+from beam_extract.tokenize import load_tokenizer
 
 REFERENCE_IDS = {
     "Hello, world!": [9707, 11, 1879, 0],

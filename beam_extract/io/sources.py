@@ -8,6 +8,7 @@ from typing import NamedTuple
 import apache_beam as beam
 from apache_beam.io import fileio
 from apache_beam.io.filesystem import CompressionTypes
+from apache_beam.io.filesystems import FileSystems
 
 
 class SourceLine(NamedTuple):
@@ -16,12 +17,19 @@ class SourceLine(NamedTuple):
     data: bytes  # without the line ending; decoding is the parser's job (invalid UTF-8 is a dead letter)
 
 
-def read_lines(readable: fileio.ReadableFile) -> Iterator[SourceLine]:
-    """Streams one (possibly .gz) file line by line, so memory does not grow with file size."""
-    path = readable.metadata.path
-    with readable.open(compression_type=CompressionTypes.AUTO) as handle:
+def read_lines(path: str) -> Iterator[SourceLine]:
+    """Streams one file (local or gs://, .gz by extension) line by line: memory does not grow with it."""
+    with FileSystems.open(path, compression_type=CompressionTypes.AUTO) as handle:
         for number, line in enumerate(iter(handle.readline, b""), start=1):
             yield SourceLine(path, number, line.rstrip(b"\r\n"))
+
+
+def match_paths(pattern: str) -> list[str]:
+    """Sorted paths matching a glob; an error if none match."""
+    paths = sorted(m.path for m in FileSystems.match([pattern])[0].metadata_list)
+    if not paths:
+        raise FileNotFoundError(f"no file matches {pattern!r}")
+    return paths
 
 
 class ReadLines(beam.PTransform):
@@ -36,6 +44,5 @@ class ReadLines(beam.PTransform):
             pbegin
             | "Match" >> fileio.MatchFiles(self._pattern)
             | "SpreadFiles" >> beam.Reshuffle()
-            | "Open" >> fileio.ReadMatches()
-            | "Lines" >> beam.FlatMap(read_lines)
+            | "Lines" >> beam.FlatMap(lambda metadata: read_lines(metadata.path))
         )

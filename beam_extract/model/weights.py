@@ -17,9 +17,10 @@ from beam_extract.model.config import ModelConfig
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-# Files a model directory may hold that we use; anything else (pickles, remote code) is never fetched.
-CHECKPOINT_PATTERNS = ("config.json", "*.safetensors", INDEX_FILE, "tokenizer.json", "tokenizer_config.json",
-                       "vocab.json", "merges.txt", "special_tokens_map.json", "generation_config.json")
+# The files of a model directory we use; anything else (pickles, remote code) is never fetched.
+METADATA_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
+                  "special_tokens_map.json", "generation_config.json")
+WEIGHT_FILES = ("*.safetensors", INDEX_FILE)
 
 # Hugging Face layer tensor -> (our stacked name, whether to transpose [out, in] -> [in, out]).
 LAYER_TENSORS = {
@@ -46,48 +47,52 @@ def cache_dir() -> Path:
     return Path(os.environ.get("BEAM_EXTRACT_CACHE", Path.home() / ".cache" / "beam_extract"))
 
 
-def resolve_model_dir(path_or_name: str) -> Path:
-    """A local directory holding config.json, tokenizer and safetensors for `path_or_name`."""
+def resolve_model_dir(path_or_name: str, weights: bool = True) -> Path:
+    """A local directory holding config.json and the tokenizer (and, if `weights`, the safetensors)."""
     from beam_extract.model import embedded
 
+    patterns = METADATA_FILES + (WEIGHT_FILES if weights else ())
     if path_or_name in embedded.EMBEDDED_MODELS:
         return embedded.ensure_embedded_model(path_or_name)
     if path_or_name.startswith("gs://"):
-        return _copy_remote_dir(path_or_name)
+        return _copy_remote_dir(path_or_name, patterns)
     local = Path(path_or_name).expanduser()
     if local.is_dir():
         return local
     if local.exists() or path_or_name.startswith((".", "/", "~")):
         raise CheckpointError(f"model path {path_or_name!r} is not a directory")
-    return _download_from_hub(path_or_name)
+    return _download_from_hub(path_or_name, patterns)
 
 
-def _copy_remote_dir(url: str) -> Path:
-    """Copies the checkpoint files of a gs:// directory into the local cache (once)."""
+def _copy_remote_dir(url: str, patterns: tuple[str, ...]) -> Path:
+    """Copies the matching files of a gs:// directory into the local cache, once per file."""
+    from apache_beam.io.filesystem import CompressionTypes
     from apache_beam.io.filesystems import FileSystems
 
     base = url.rstrip("/")
     target = cache_dir() / "remote" / hashlib.sha256(base.encode()).hexdigest()[:16]
-    if (target / ".complete").exists():
-        return target
-    matches = FileSystems.match([f"{base}/{pattern}" for pattern in CHECKPOINT_PATTERNS])
-    files = [m.path for result in matches for m in result.metadata_list]
-    if not any(f.endswith("config.json") for f in files):
+    matches = FileSystems.match([f"{base}/{pattern}" for pattern in patterns])
+    files = {m.path: m.size_in_bytes for result in matches for m in result.metadata_list}
+    if not any(f.endswith("/config.json") for f in files):
         raise CheckpointError(f"no config.json under {url}")
     target.mkdir(parents=True, exist_ok=True)
-    for remote in files:
-        with FileSystems.open(remote) as src, open(target / remote.rsplit("/", 1)[-1], "wb") as dst:
+    for remote, size in files.items():
+        local = target / remote.rsplit("/", 1)[-1]
+        if local.exists() and local.stat().st_size == size:
+            continue
+        partial = local.with_name(f".{local.name}.{os.getpid()}.partial")
+        with FileSystems.open(remote, compression_type=CompressionTypes.UNCOMPRESSED) as src, open(partial, "wb") as dst:
             while chunk := src.read(1 << 24):
                 dst.write(chunk)
-    (target / ".complete").touch()
+        os.replace(partial, local)  # atomic: concurrent workers never see half a file
     return target
 
 
-def _download_from_hub(repo_id: str) -> Path:
+def _download_from_hub(repo_id: str, patterns: tuple[str, ...]) -> Path:
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=list(CHECKPOINT_PATTERNS)))
+        return Path(snapshot_download(repo_id, allow_patterns=list(patterns)))
     except Exception as error:  # the hub client raises many types; the user needs the cause and the id
         raise CheckpointError(f"model {repo_id!r} is not a local directory and could not be fetched "
                               f"from the Hugging Face hub: {error}") from error
