@@ -11,3 +11,54 @@ import pytest
 def _isolated_cache(tmp_path_factory):
     """One model cache per test session, so no test depends on what an earlier run left."""
     os.environ["BEAM_EXTRACT_CACHE"] = str(tmp_path_factory.mktemp("beam_extract_cache"))
+
+
+@pytest.fixture(scope="session")
+def gcs_bucket():
+    """A real GCS JSON API server (gcp-storage-emulator) on loopback; yields a gs:// bucket URL.
+
+    Beam's gs:// IO and the storage client reach it through STORAGE_EMULATOR_HOST. NO_GCE_CHECK
+    stops google-auth from probing the cloud metadata server for credentials.
+    """
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "gcp_storage_emulator", "start", "--host", "127.0.0.1", "--port", str(port),
+         "--in-memory", "--default-bucket", "beam-extract-test"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            if time.monotonic() > deadline or server.poll() is not None:
+                server.kill()
+                raise RuntimeError("the GCS emulator did not start")
+            time.sleep(0.2)
+    os.environ["STORAGE_EMULATOR_HOST"] = f"http://127.0.0.1:{port}"
+    os.environ["NO_GCE_CHECK"] = "true"
+    from emulator_auth import start_anonymous_if_emulated
+
+    start_anonymous_if_emulated()
+    try:
+        yield "gs://beam-extract-test"
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
+def upload_dir(local, url):
+    """Copies every file of a local directory to gs:// with Beam's FileSystems."""
+    from apache_beam.io.filesystems import FileSystems
+
+    for path in sorted(local.iterdir()):
+        if path.is_file():
+            with FileSystems.create(f"{url}/{path.name}") as handle:
+                handle.write(path.read_bytes())

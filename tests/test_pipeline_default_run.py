@@ -12,8 +12,9 @@ import pytest
 
 TESTS = Path(__file__).parent
 GUARDED_MAIN = """
-import sys, network_guard
+import sys, emulator_auth, network_guard
 network_guard.install(sys.argv[1])
+emulator_auth.start_anonymous_if_emulated()
 from beam_extract.__main__ import main
 main(sys.argv[2:])
 """
