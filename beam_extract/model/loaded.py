@@ -1,9 +1,11 @@
-"""A loaded checkpoint: config, parameters on device, and the hooked forward."""
+"""A loaded checkpoint: config, parameters placed on the host's device mesh, compiled forwards."""
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -11,10 +13,12 @@ import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
+from jax.sharding import Mesh
 
 from beam_extract.model.config import ModelConfig, config_from_hf, load_hf_config
 from beam_extract.model.hooks import parse_hook_name
-from beam_extract.model.qwen2 import Hook, forward_jit
+from beam_extract.model.mesh import batch_sharding, param_shardings, parse_mesh, tree_bytes
+from beam_extract.model.qwen2 import Hook, forward
 from beam_extract.model.weights import load_params, resolve_model_dir, weights_checksum
 
 COMPUTE_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
@@ -23,19 +27,53 @@ COMPUTE_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtype
 @dataclasses.dataclass(eq=False)  # identity equality keeps it hashable and weak-referenceable
 class Model:
     config: ModelConfig
-    params: dict
+    params: dict  # on the mesh, laid out by param_shardings
     model_dir: Path
     dtype: str
+    mesh: Mesh
+    # (batch shape, hooks, output dtype) -> compiled forward. Each entry is one XLA compilation.
+    _compiled: dict = dataclasses.field(default_factory=dict, repr=False)
+    _lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False)
 
     @functools.cached_property
     def weights_sha256(self) -> str:
         return weights_checksum(self.model_dir)
 
-    def forward(
-        self, tokens: np.ndarray, positions: np.ndarray, segment_ids: np.ndarray, hooks: tuple[Hook, ...]
-    ) -> dict[Hook, jax.Array]:
-        """Device arrays [B, S, d] per (layer, site). Segment ids: same id = same document; see qwen2."""
-        return forward_jit(self.params, tokens, positions, segment_ids, config=self.config, hooks=hooks)
+    def compiled(self, shape: tuple[int, int], hooks: tuple[Hook, ...], out_dtype: np.dtype):
+        """The compiled forward for this batch shape; returns (executable, seconds spent compiling
+        now, 0.0 when it was compiled before)."""
+        key = (shape, hooks, np.dtype(out_dtype).name)
+        with self._lock:
+            if key in self._compiled:
+                return self._compiled[key], 0.0
+            start = time.perf_counter()
+            data = batch_sharding(self.mesh, 2)
+            fn = jax.jit(
+                lambda params, tokens, positions, segments: {
+                    hook: value.astype(out_dtype) for hook, value in
+                    forward(params, tokens, positions, segments, config=self.config, hooks=hooks).items()},
+                in_shardings=(param_shardings(self.params, self.mesh), data, data, data),
+                out_shardings=batch_sharding(self.mesh, 3),
+            )
+            arg = jax.ShapeDtypeStruct(shape, jnp.int32)
+            self._compiled[key] = fn.lower(self.params, arg, arg, arg).compile()
+            return self._compiled[key], time.perf_counter() - start
+
+    def forward(self, tokens: np.ndarray, positions: np.ndarray, segment_ids: np.ndarray,
+                hooks: tuple[Hook, ...], out_dtype: np.dtype = np.float32) -> tuple[dict[Hook, np.ndarray], float]:
+        """Host arrays [B, S, d] in `out_dtype` per (layer, site), and the seconds spent compiling.
+
+        Segment ids: tokens attend to earlier tokens with the same id (0 marks padding); positions
+        restart per packed document.
+        """
+        rows = self.mesh.shape["data"]
+        if tokens.shape[0] % rows:
+            raise ValueError(f"batch of {tokens.shape[0]} rows does not split over the mesh's {rows} data shards")
+        executable, seconds = self.compiled(tokens.shape, hooks, out_dtype)
+        data = batch_sharding(self.mesh, 2)
+        args = [jax.device_put(np.asarray(a, np.int32), data) for a in (tokens, positions, segment_ids)]
+        out = executable(self.params, *args)
+        return {hook: np.asarray(value) for hook, value in out.items()}, seconds
 
     def run_with_cache(
         self, input_ids: np.ndarray, names: Sequence[str], lengths: Sequence[int] | None = None
@@ -55,15 +93,19 @@ class Model:
         hooks = {name: parse_hook_name(name, self.config.num_layers) for name in names}
         positions = np.broadcast_to(np.arange(seq, dtype=np.int32), (batch, seq))
         segment_ids = (np.arange(seq)[None, :] < lengths[:, None]).astype(np.int32)
-        acts = self.forward(tokens, positions, segment_ids, tuple(sorted(set(hooks.values()))))
-        return {name: np.asarray(acts[hook].astype(jnp.float32)) for name, hook in hooks.items()}
+        acts, _ = self.forward(tokens, positions, segment_ids, tuple(sorted(set(hooks.values()))))
+        return {name: acts[hook] for name, hook in hooks.items()}
 
 
-def load_model(path_or_name: str, dtype: str = "float32") -> Model:
-    """Loads a Qwen2 checkpoint (embedded name, local dir, gs:// dir or hub id) for `dtype` compute."""
+def load_model(path_or_name: str, dtype: str = "float32", mesh: str | Mesh = "auto") -> Model:
+    """Loads a Qwen2 checkpoint (embedded name, local dir, gs:// dir or hub id) for `dtype` compute,
+    placing the weights once on `mesh` (`auto`, a spec like `data:4,model:2`, or a Mesh)."""
     if dtype not in COMPUTE_DTYPES:
         raise ValueError(f"dtype {dtype!r}: choose one of {', '.join(COMPUTE_DTYPES)}")
     model_dir = resolve_model_dir(path_or_name)
     config = config_from_hf(load_hf_config(model_dir))
-    params = jax.device_put(load_params(config, model_dir, COMPUTE_DTYPES[dtype]))
-    return Model(config=config, params=params, model_dir=model_dir, dtype=dtype)
+    params = load_params(config, model_dir, COMPUTE_DTYPES[dtype])
+    if not isinstance(mesh, Mesh):
+        mesh = parse_mesh(mesh, param_bytes=tree_bytes(params))
+    params = jax.device_put(params, param_shardings(params, mesh))
+    return Model(config=config, params=params, model_dir=model_dir, dtype=dtype, mesh=mesh)

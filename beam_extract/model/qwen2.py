@@ -108,6 +108,3 @@ def forward(
 
     _, per_layer = lax.scan(step, params["embed"][tokens], layers)
     return {(layer, site): per_layer[site][layer] for layer, site in hooks}
-
-
-forward_jit = jax.jit(forward, static_argnames=("config", "hooks"))

@@ -1,0 +1,96 @@
+"""The per-host device mesh ("data", "model") and how parameters are laid out on it.
+
+Each parameter names its logical axes; one rules table maps logical axes to mesh axes
+(Megatron-style: q/k/v/gate/up split on output columns, o/down on input rows, the embedding on
+the vocabulary). Changing the layout is editing RULES, not matching parameter names.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+AXES = ("data", "model")
+
+# Logical axes of each parameter (stacked layer weights lead with "layers").
+PARAM_AXES = {
+    "embed": ("vocab", "embed"),
+    "final_norm": ("embed",),
+    "layers": {
+        "attn_norm": ("layers", "embed"),
+        "q_w": ("layers", "embed", "heads"),
+        "q_b": ("layers", "heads"),
+        "k_w": ("layers", "embed", "kv"),
+        "k_b": ("layers", "kv"),
+        "v_w": ("layers", "embed", "kv"),
+        "v_b": ("layers", "kv"),
+        "o_w": ("layers", "heads", "embed"),
+        "mlp_norm": ("layers", "embed"),
+        "gate_w": ("layers", "embed", "mlp"),
+        "up_w": ("layers", "embed", "mlp"),
+        "down_w": ("layers", "mlp", "embed"),
+    },
+}
+RULES = {"vocab": "model", "heads": "model", "kv": "model", "mlp": "model", "embed": None, "layers": None}
+
+# `auto` keeps the weights whole on each device while they take at most this share of its memory.
+AUTO_WEIGHT_SHARE = 0.5
+
+
+def parse_mesh(spec: str, devices: list | None = None, param_bytes: int = 0) -> Mesh:
+    """`auto` or `data:4,model:2` over `devices` (default: this host's local devices, all of them)."""
+    devices = list(devices if devices is not None else jax.local_devices())
+    n = len(devices)
+    if spec == "auto":
+        model = _auto_model_axis(devices, param_bytes)
+        sizes = {"data": n // model, "model": model}
+    else:
+        sizes = {"data": 1, "model": 1}
+        for part in spec.split(","):
+            name, _, size = part.strip().partition(":")
+            if name not in AXES or not size.isdigit() or int(size) < 1:
+                raise ValueError(f"--mesh {spec!r}: expected 'auto' or axes like data:4,model:2")
+            sizes[name] = int(size)
+    if sizes["data"] * sizes["model"] != n:
+        raise ValueError(f"--mesh {spec!r} covers {sizes['data'] * sizes['model']} devices; this host has {n}")
+    return Mesh(np.asarray(devices).reshape(sizes["data"], sizes["model"]), AXES)
+
+
+def _auto_model_axis(devices: list, param_bytes: int) -> int:
+    """The smallest split of the weights over devices that leaves room for activations."""
+    stats = devices[0].memory_stats() or {}
+    capacity = stats.get("bytes_limit")
+    if not capacity:  # CPU: no device memory limit to plan against
+        return 1
+    for model in range(1, len(devices) + 1):
+        if len(devices) % model == 0 and param_bytes / model <= AUTO_WEIGHT_SHARE * capacity:
+            return model
+    raise ValueError(f"weights of {param_bytes / 2**30:.1f} GiB do not fit {len(devices)} devices of "
+                     f"{capacity / 2**30:.1f} GiB")
+
+
+def _spec(axes: tuple[str, ...], shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec:
+    """The rule's mesh axis for each dimension, or replication where the size does not divide."""
+    spec = []
+    for axis, size in zip(axes, shape):
+        mesh_axis = RULES[axis]
+        spec.append(mesh_axis if mesh_axis and size % mesh.shape[mesh_axis] == 0 else None)
+    return PartitionSpec(*spec)
+
+
+def param_shardings(params: dict, mesh: Mesh) -> dict:
+    """A NamedSharding for every parameter, by its logical axes and RULES."""
+    return jax.tree.map(lambda axes, p: NamedSharding(mesh, _spec(axes, p.shape, mesh)), PARAM_AXES, params,
+                        is_leaf=lambda node: isinstance(node, tuple))
+
+
+def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
+    """Batch-major arrays: rows split over "data", everything else whole."""
+    return NamedSharding(mesh, PartitionSpec("data", *([None] * (ndim - 1))))
+
+
+def tree_bytes(params: dict) -> int:
+    return sum(math.prod(p.shape) * p.dtype.itemsize for p in jax.tree.leaves(params))
