@@ -1,64 +1,215 @@
-"""Samples -> fixed-shape batches, so the jitted forward compiles once per length bucket."""
+"""Samples -> fixed-shape batches, so the jitted forward compiles once per row length.
+
+Two ways to fill a row: a sample alone in a row of its length bucket, or several samples packed
+into one row of `pack_length` tokens. A packed row gives each sample its own segment id and
+restarts positions at 0, so attention never crosses samples and each sample's activations equal
+those of an unpacked run. Padding is compute we pay for, never data we store.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import threading
+import uuid
 from collections.abc import Sequence
 
 import apache_beam as beam
 import numpy as np
+from apache_beam import coders
+from apache_beam.transforms.timeutil import TimeDomain
+from apache_beam.transforms.userstate import BagStateSpec, ReadModifyWriteStateSpec, TimerSpec, on_timer
 
 from beam_extract.tokenize import Sample
 
-BUCKET_MULTIPLE = 128
+PACKING_MODES = ("text", "all", "off")  # which samples are packed: text only, ARC prompts too, none
+# A packing key buffers this many batches' worth of tokens before it packs: enough choice for
+# first-fit to fill rows; only the least-filled rows wait for more samples.
+PACK_LOOKAHEAD_BATCHES = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class Placement:
+    sample: Sample
+    row: int
+    start: int  # offset of the sample's first token in its row
 
 
 @dataclasses.dataclass(frozen=True)
 class Batch:
-    samples: tuple[Sample, ...]  # real rows, in order; rows past len(samples) are padding
-    tokens: np.ndarray  # int32 [batch_size, length]
-    positions: np.ndarray  # int32 [batch_size, length]
-    segment_ids: np.ndarray  # int32 [batch_size, length]: 1 for real tokens, 0 for padding
+    placements: tuple[Placement, ...]
+    tokens: np.ndarray  # int32 [rows, length]
+    positions: np.ndarray  # int32 [rows, length]: restart at 0 for every sample
+    segment_ids: np.ndarray  # int32 [rows, length]: 1, 2, ... per sample in a row; 0 for padding
+
+    @property
+    def real_tokens(self) -> int:
+        return int((self.segment_ids > 0).sum())
 
 
-def bucket_length(n_tokens: int, max_seq_len: int, multiple: int = BUCKET_MULTIPLE) -> int:
-    """The padded length for a sample: the next multiple of `multiple`, capped at max_seq_len."""
-    return min(max_seq_len, -(-n_tokens // multiple) * multiple)
+def parse_buckets(spec: str, max_seq_len: int) -> tuple[int, ...]:
+    """`multiples:N` (N, 2N, ...), `pow2` (powers of two from 16), or a list like `256,1024,4096`.
+    max_seq_len is always the largest bucket."""
+    try:
+        if spec.startswith("multiples:"):
+            step = int(spec.partition(":")[2])
+            buckets = set(range(step, max_seq_len, step))
+        elif spec == "pow2":
+            buckets = {2**i for i in range(4, max_seq_len.bit_length()) if 2**i < max_seq_len}
+        else:
+            buckets = {int(b) for b in spec.split(",") if int(b) < max_seq_len}
+    except ValueError:
+        raise ValueError(f"--buckets {spec!r}: use multiples:N, pow2, or a list of lengths") from None
+    if any(b < 1 for b in buckets):
+        raise ValueError(f"--buckets {spec!r}: lengths must be positive")
+    return tuple(sorted(buckets | {max_seq_len}))
 
 
-def make_batch(samples: Sequence[Sample], batch_size: int, length: int) -> Batch:
-    """Right-pads each sample to `length` and the batch to `batch_size` rows (static shapes)."""
-    if not 0 < len(samples) <= batch_size:
-        raise ValueError(f"{len(samples)} samples for a batch of {batch_size}")
-    tokens = np.zeros((batch_size, length), np.int32)
-    segment_ids = np.zeros((batch_size, length), np.int32)
-    for row, sample in enumerate(samples):
+def bucket_length(n_tokens: int, buckets: Sequence[int]) -> int:
+    """The smallest bucket that holds n_tokens."""
+    for bucket in buckets:
+        if n_tokens <= bucket:
+            return bucket
+    raise ValueError(f"{n_tokens} tokens exceed the largest bucket {buckets[-1]}")
+
+
+def pack_rows(samples: Sequence[Sample], row_length: int) -> list[list[Sample]]:
+    """First-fit decreasing: longest samples first, each into the first row with room."""
+    rows: list[list[Sample]] = []
+    free: list[int] = []
+    for sample in sorted(samples, key=lambda s: (-len(s.token_ids), s.sample_id)):
         n = len(sample.token_ids)
-        if n > length:
-            raise ValueError(f"sample {sample.sample_id} has {n} tokens, bucket is {length}")
-        tokens[row, :n] = sample.token_ids
-        segment_ids[row, :n] = 1
-    positions = np.broadcast_to(np.arange(length, dtype=np.int32), (batch_size, length)).copy()
-    return Batch(tuple(samples), tokens, positions, segment_ids)
+        if n > row_length:
+            raise ValueError(f"sample {sample.sample_id} has {n} tokens, rows have {row_length}")
+        for i, room in enumerate(free):
+            if n <= room:
+                rows[i].append(sample)
+                free[i] -= n
+                break
+        else:
+            rows.append([sample])
+            free.append(row_length - n)
+    return rows
 
 
-class BatchByBucket(beam.PTransform):
-    """Groups samples of the same length bucket into batches of exactly `batch_size` rows.
+def assemble(rows: Sequence[Sequence[Sample]], n_rows: int, row_length: int) -> Batch:
+    """A [n_rows, row_length] batch; rows past len(rows) are empty (all padding)."""
+    if not 0 < len(rows) <= n_rows:
+        raise ValueError(f"{len(rows)} rows for a batch of {n_rows}")
+    tokens = np.zeros((n_rows, row_length), np.int32)
+    positions = np.zeros((n_rows, row_length), np.int32)
+    segment_ids = np.zeros((n_rows, row_length), np.int32)
+    placements = []
+    for row, samples in enumerate(rows):
+        start = 0
+        for segment, sample in enumerate(samples, start=1):
+            n = len(sample.token_ids)
+            if start + n > row_length:
+                raise ValueError(f"row {row} overflows {row_length} tokens")
+            tokens[row, start : start + n] = sample.token_ids
+            positions[row, start : start + n] = np.arange(n)
+            segment_ids[row, start : start + n] = segment
+            placements.append(Placement(sample, row, start))
+            start += n
+    return Batch(tuple(placements), tokens, positions, segment_ids)
+
+
+def form_batches(samples: Sequence[Sample], row_length: int, rows_per_batch: int, pack: bool,
+                 final: bool) -> tuple[list[Batch], list[Sample]]:
+    """Full batches from the fullest rows, and the samples left for later. `final` also emits the
+    rest, padding the last batch with empty rows."""
+    rows = pack_rows(samples, row_length) if pack else [[s] for s in sorted(samples, key=lambda s: s.sample_id)]
+    rows.sort(key=lambda row: -sum(len(s.token_ids) for s in row))  # stable: ties keep their order
+    n_emit = len(rows) if final else len(rows) // rows_per_batch * rows_per_batch
+    batches = [assemble(rows[i : i + rows_per_batch], rows_per_batch, row_length)
+               for i in range(0, n_emit, rows_per_batch)]
+    return batches, [s for row in rows[n_emit:] for s in row]
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchPlan:
+    """Which row each sample goes to, and how many rows a batch of each row length has."""
+
+    buckets: tuple[int, ...]
+    batch_size: int  # rows per batch, unless tokens_per_batch is set
+    tokens_per_batch: int  # 0: use batch_size
+    packing: str  # one of PACKING_MODES
+    pack_length: int
+
+    def key(self, sample: Sample) -> tuple[int, bool]:
+        """(row length, packed?) for a sample."""
+        n = len(sample.token_ids)
+        packs = self.packing == "all" or (self.packing == "text" and not sample.task_id)
+        if packs and n <= self.pack_length:
+            return self.pack_length, True
+        return bucket_length(n, self.buckets), False
+
+    def rows(self, row_length: int) -> int:
+        return max(1, self.tokens_per_batch // row_length) if self.tokens_per_batch else self.batch_size
+
+
+# Batching keys carry a shard per worker process and thread (as Beam's GroupIntoBatches.WithShardedKey
+# does), so a popular row length is batched in parallel instead of on one worker.
+_PROCESS_SHARD = uuid.uuid4().hex
+
+
+def shard_key(sample: Sample, plan: BatchPlan) -> tuple[tuple[int, bool, str], Sample]:
+    return (*plan.key(sample), f"{_PROCESS_SHARD}-{threading.get_ident()}"), sample
+
+
+class BatchDoFn(beam.DoFn):
+    """Buffers a key's samples in state; emits full batches as they fill, and the rest when the
+    window's input is complete (end of a batch job)."""
+
+    BUFFER = BagStateSpec("buffer", coders.PickleCoder())
+    WEIGHT = ReadModifyWriteStateSpec("weight", coders.VarIntCoder())  # buffered tokens if packed, else samples
+    END_OF_WINDOW = TimerSpec("end_of_window", TimeDomain.WATERMARK)
+
+    def __init__(self, plan: BatchPlan):
+        self._plan = plan
+
+    def process(self, element, window=beam.DoFn.WindowParam, buffer=beam.DoFn.StateParam(BUFFER),
+                weight=beam.DoFn.StateParam(WEIGHT), end_of_window=beam.DoFn.TimerParam(END_OF_WINDOW)):
+        (row_length, packed, _), sample = element
+        end_of_window.set(window.max_timestamp())
+        buffer.add(sample)
+        weight.write((weight.read() or 0) + (len(sample.token_ids) if packed else 1))
+        rows = self._plan.rows(row_length)
+        if weight.read() >= (PACK_LOOKAHEAD_BATCHES * rows * row_length if packed else rows):
+            yield from self._emit(buffer, weight, row_length, packed, final=False)
+
+    @on_timer(END_OF_WINDOW)
+    def flush(self, key=beam.DoFn.KeyParam, buffer=beam.DoFn.StateParam(BUFFER),
+              weight=beam.DoFn.StateParam(WEIGHT)):
+        row_length, packed, _ = key
+        yield from self._emit(buffer, weight, row_length, packed, final=True)
+
+    def _emit(self, buffer, weight, row_length: int, packed: bool, final: bool):
+        samples = list(buffer.read())
+        buffer.clear()
+        weight.clear()
+        if not samples:
+            return
+        batches, leftover = form_batches(samples, row_length, self._plan.rows(row_length), packed, final)
+        for sample in leftover:
+            buffer.add(sample)
+        weight.write(sum(len(s.token_ids) for s in leftover) if packed else len(leftover))
+        yield from batches
+
+
+class BatchSamples(beam.PTransform):
+    """Samples -> Batches of static shape [rows(row_length), row_length].
 
     Not Beam's BatchElements: it varies batch sizes on purpose, and every new shape recompiles.
     """
 
-    def __init__(self, batch_size: int, max_seq_len: int):
+    def __init__(self, plan: BatchPlan):
         super().__init__()
-        self._batch_size = batch_size
-        self._max_seq_len = max_seq_len
+        self._plan = plan
 
     def expand(self, samples):
-        batch_size, max_seq_len = self._batch_size, self._max_seq_len
+        plan = self._plan
         return (
             samples
-            | "KeyByBucket" >> beam.Map(lambda s: (bucket_length(len(s.token_ids), max_seq_len), s)).with_output_types(
-                tuple[int, Sample])
-            | "Group" >> beam.GroupIntoBatches.WithShardedKey(batch_size)
-            | "Pad" >> beam.MapTuple(lambda key, group: make_batch(list(group), batch_size, key.key))
+            | "Key" >> beam.Map(shard_key, plan).with_output_types(tuple[tuple[int, bool, str], Sample])
+            | "Batch" >> beam.ParDo(BatchDoFn(plan))
         )

@@ -1,4 +1,4 @@
-"""The DoFn that owns the model: one load per worker process, one jitted forward per batch shape."""
+"""The DoFn that owns the model: one load per worker process, one compiled forward per batch shape."""
 
 from __future__ import annotations
 
@@ -13,10 +13,11 @@ from apache_beam.utils import shared
 from beam_extract.batching import Batch
 from beam_extract.model import Model, hook_name, load_model
 from beam_extract.model.qwen2 import Hook
-from beam_extract.output.schema import encode_record
+from beam_extract.output.schema import OUTPUT_DTYPES, encode_record
 from beam_extract.records.dead_letter import DeadLetter
 
 DEAD_LETTER = "dead_letter"
+BATCH_STATS = "batch_stats"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,17 +29,37 @@ class ActivationRecord:
     example: bytes  # serialized tf.train.Example
 
 
+@dataclasses.dataclass(frozen=True)
+class BatchStats:
+    row_length: int
+    real_tokens: int
+    computed_tokens: int
+    compile_seconds: float  # > 0 only for the batch that compiled its shape in this process
+
+
+def pad_rows(batch: Batch, multiple: int) -> Batch:
+    """Adds empty rows so the batch splits evenly over the mesh's data shards."""
+    missing = -batch.tokens.shape[0] % multiple
+    if not missing:
+        return batch
+    grow = lambda a: np.pad(a, ((0, missing), (0, 0)))  # noqa: E731
+    return dataclasses.replace(batch, tokens=grow(batch.tokens), positions=grow(batch.positions),
+                               segment_ids=grow(batch.segment_ids))
+
+
 def batch_records(model_out: dict[Hook, np.ndarray], batch: Batch, hooks: tuple[Hook, ...],
                   output_dtype: str) -> Iterator[ActivationRecord]:
-    """One record per (real row, hook), holding only the row's real tokens."""
-    for row, sample in enumerate(batch.samples):
-        real = batch.segment_ids[row] > 0
+    """One record per (sample, hook), holding only the sample's own tokens."""
+    for placement in batch.placements:
+        sample, row, start = placement.sample, placement.row, placement.start
+        stop = start + len(sample.token_ids)
         for index, hook in enumerate(hooks):
-            values = model_out[hook][row][real].astype(np.float32)
-            squared = np.einsum("td,td->t", values, values)
+            values = model_out[hook][row, start:stop]
+            as_float = values.astype(np.float32)
+            squared = np.einsum("td,td->t", as_float, as_float)
             example = encode_record(
                 sample_id=sample.sample_id, hook_name=hook_name(*hook), layer=hook[0], activations=values,
-                token_ids=batch.tokens[row][real], positions=batch.positions[row][real],
+                token_ids=sample.token_ids, positions=batch.positions[row, start:stop],
                 output_dtype=output_dtype, source=f"{sample.source}:{sample.line_number}",
                 task_id=sample.task_id, augmentation=sample.augmentation,
             )
@@ -46,31 +67,37 @@ def batch_records(model_out: dict[Hook, np.ndarray], batch: Batch, hooks: tuple[
 
 
 class ExtractDoFn(beam.DoFn):
-    """Batch -> ActivationRecords; a failing batch sends each of its samples to the dead letters."""
+    """Batch -> ActivationRecords (+ BatchStats on a tagged output); a failing batch sends each of
+    its samples to the dead letters."""
 
-    def __init__(self, model: str, dtype: str, hooks: tuple[Hook, ...], output_dtype: str):
-        self._model_name, self._dtype, self._hooks, self._output_dtype = model, dtype, hooks, output_dtype
+    def __init__(self, model: str, dtype: str, mesh: str, hooks: tuple[Hook, ...], output_dtype: str):
+        self._load = (model, dtype, mesh)
+        self._hooks, self._output_dtype = hooks, output_dtype
         # One model per worker process, shared by all DoFn instances and threads in it.
         self._shared = shared.Shared()
         self._model: Model | None = None
-        self._batches = Metrics.counter("extract", "batches")
+        self._compilations = Metrics.counter("extract", "compilations")
         self._real_tokens = Metrics.counter("extract", "real_tokens")
         self._computed_tokens = Metrics.counter("extract", "computed_tokens")
 
     def setup(self):
-        self._model = self._shared.acquire(lambda: load_model(self._model_name, self._dtype),
-                                           tag=f"{self._model_name}|{self._dtype}")
+        self._model = self._shared.acquire(lambda: load_model(*self._load), tag="|".join(self._load))
 
     def process(self, batch: Batch):
+        batch = pad_rows(batch, self._model.mesh.shape["data"])
         try:
-            out = self._model.forward(batch.tokens, batch.positions, batch.segment_ids, self._hooks)
-            out = {hook: np.asarray(value) for hook, value in out.items()}
+            out, compile_seconds = self._model.forward(batch.tokens, batch.positions, batch.segment_ids,
+                                                       self._hooks, OUTPUT_DTYPES[self._output_dtype])
         except Exception as error:  # e.g. device OOM: the samples are reported, the job goes on
-            for sample in batch.samples:
+            for placement in batch.placements:
+                sample = placement.sample
                 yield beam.pvalue.TaggedOutput(DEAD_LETTER, DeadLetter(
                     sample.source, sample.line_number, "extract", "model_error", repr(error)[:500]))
             return
-        self._batches.inc()
-        self._real_tokens.inc(int((batch.segment_ids > 0).sum()))
+        if compile_seconds:
+            self._compilations.inc()
+        self._real_tokens.inc(batch.real_tokens)
         self._computed_tokens.inc(batch.tokens.size)
+        yield beam.pvalue.TaggedOutput(BATCH_STATS, BatchStats(batch.tokens.shape[1], batch.real_tokens,
+                                                               batch.tokens.size, compile_seconds))
         yield from batch_records(out, batch, self._hooks, self._output_dtype)

@@ -10,6 +10,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from beam_extract.arc.encoders import DEFAULT_ENCODER
 from beam_extract.arc.prompt import BUILTIN_TEMPLATES, DEFAULT_TEMPLATE
+from beam_extract.batching import PACKING_MODES
 from beam_extract.model.qwen2 import SITES
 from beam_extract.output.schema import OUTPUT_DTYPES
 
@@ -57,8 +58,23 @@ class ExtractOptions(PipelineOptions):
         model.add_argument("--sites", default="resid_post",
                            help=f"Comma-separated sites: {', '.join(SITES)}")
         model.add_argument("--dtype", default="float32", choices=COMPUTE_DTYPES, help="Compute dtype")
-        model.add_argument("--batch_size", type=int, default=8,
-                           help="Rows per forward batch (fixed, so each length bucket compiles once)")
+        model.add_argument("--mesh", default="auto",
+                           help="Device mesh over each worker's local devices: auto (all on 'data' while the "
+                                "weights fit one device, else split on 'model'), or axes like data:4,model:2")
+
+        batching = parser.add_argument_group("beam-extract: batching")
+        batching.add_argument("--batch_size", type=int, default=8,
+                              help="Rows per forward batch (fixed, so each row length compiles once)")
+        batching.add_argument("--tokens_per_batch", type=int, default=0,
+                              help="If set, rows per batch = tokens_per_batch // row length instead of batch_size")
+        batching.add_argument("--buckets", default="multiples:128",
+                              help="Row lengths of unpacked samples: multiples:N, pow2, or a list like 512,2048,8192 "
+                                   "(max_seq_len is always the last)")
+        batching.add_argument("--packing", default="text", choices=PACKING_MODES,
+                              help="Pack several samples per row (own segment, positions from 0): text documents, "
+                                   "all samples (ARC prompts too), or off")
+        batching.add_argument("--pack_length", type=int, default=2048,
+                              help="Row length of packed rows (capped at max_seq_len); longer samples use buckets")
 
         out = parser.add_argument_group("beam-extract: output")
         out.add_argument("--output", default="activations", help="Output directory, local or gs://")

@@ -16,14 +16,14 @@ from apache_beam.runners.runner import PipelineResult
 
 from beam_extract.arc.encoders import parse_encoder
 from beam_extract.arc.prompt import load_template
-from beam_extract.batching import BatchByBucket
-from beam_extract.extract import DEAD_LETTER, ExtractDoFn
+from beam_extract.batching import BatchPlan, BatchSamples, parse_buckets
+from beam_extract.extract import BATCH_STATS, DEAD_LETTER, ExtractDoFn
 from beam_extract.io.sources import ReadLines
 from beam_extract.model.config import ModelConfig, config_from_hf, load_hf_config
 from beam_extract.model.qwen2 import Hook
 from beam_extract.model.weights import resolve_model_dir, weights_checksum
 from beam_extract.options import extract_options, parse_layers, parse_sites, sample_input
-from beam_extract.output.manifest import build_manifest, write_manifest
+from beam_extract.output.manifest import SummarizeBatches, build_manifest, write_manifest
 from beam_extract.output.writer import WriteActivations, WriteDeadLetters
 from beam_extract.stages import ParseDoFn, TokenizeDoFn, expand_views
 
@@ -37,6 +37,7 @@ class Job:
     options: dict  # our options only (no Beam/cloud options, which may hold credentials)
     config: ModelConfig
     hooks: tuple[Hook, ...]
+    plan: BatchPlan
 
     @property
     def output(self) -> str:
@@ -49,18 +50,22 @@ def make_job(options: PipelineOptions) -> Job:
     if "://" not in ours["output"]:
         ours["output"] = os.path.abspath(ours["output"])
     load_template(ours["prompt_template"]), parse_encoder(ours["grid_encoder"])  # fail here, not on workers
-    if ours["views_per_task"] < 1:
-        raise ValueError("--views_per_task must be at least 1")
+    for name in ("views_per_task", "batch_size", "max_seq_len", "pack_length", "num_shards"):
+        if ours[name] < 1:
+            raise ValueError(f"--{name} must be at least 1")
     config = config_from_hf(load_hf_config(resolve_model_dir(ours["model"], weights=False)))
     layers, sites = parse_layers(ours["layers"], config.num_layers), parse_sites(ours["sites"])
-    return Job(ours, config, tuple((layer, site) for site in sites for layer in layers))
+    plan = BatchPlan(parse_buckets(ours["buckets"], ours["max_seq_len"]), ours["batch_size"],
+                     ours["tokens_per_batch"], ours["packing"], min(ours["pack_length"], ours["max_seq_len"]))
+    return Job(ours, config, tuple((layer, site) for site in sites for layer in layers), plan)
 
 
-def _finish(_, job: Job, lines_read: int, samples: int, dead_letters: dict, hook_stats: dict, files: list) -> str:
+def _finish(_, job: Job, lines_read: int, samples: int, dead_letters: dict, hook_stats: dict, files: list,
+            batching: dict) -> str:
     """Runs after every write has finished (its side inputs are the written files)."""
     manifest = build_manifest(
         options=job.options, config=job.config, hooks=job.hooks, files=files, lines_read=lines_read,
-        samples=samples, dead_letters=dead_letters, hook_stats=hook_stats,
+        samples=samples, dead_letters=dead_letters, hook_stats=hook_stats, batching=batching,
         weights_sha256=weights_checksum(resolve_model_dir(job.options["model"])),
     )
     return write_manifest(job.output, manifest)
@@ -80,9 +85,9 @@ def build(pipeline: beam.Pipeline, job: Job) -> None:
     )
     extracted = (
         samples.samples
-        | "Batch" >> BatchByBucket(o["batch_size"], o["max_seq_len"])
-        | "Extract" >> beam.ParDo(ExtractDoFn(o["model"], o["dtype"], job.hooks, o["output_dtype"])).with_outputs(
-            DEAD_LETTER, main="records")
+        | "Batch" >> BatchSamples(job.plan)
+        | "Extract" >> beam.ParDo(ExtractDoFn(o["model"], o["dtype"], o["mesh"], job.hooks, o["output_dtype"]))
+        .with_outputs(DEAD_LETTER, BATCH_STATS, main="records")
     )
     dead = (parsed[DEAD_LETTER], samples[DEAD_LETTER], extracted[DEAD_LETTER]) | "AllDeadLetters" >> beam.Flatten()
     files = (
@@ -106,6 +111,8 @@ def build(pipeline: beam.Pipeline, job: Job) -> None:
                 dead | "Reasons" >> beam.Map(lambda d: d.reason) | "CountReasons" >> beam.combiners.Count.PerElement()),
             hook_stats=beam.pvalue.AsDict(hook_stats),
             files=beam.pvalue.AsList(files),
+            batching=beam.pvalue.AsSingleton(extracted[BATCH_STATS] | "SummarizeBatches" >> beam.CombineGlobally(
+                SummarizeBatches())),
         )
     )
 

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from beam_extract.model.mesh import parse_mesh
@@ -64,3 +65,47 @@ def test_mesh_specs():
     for bad in ("data:2", "data:x", "pipe:1", "data:0"):
         with pytest.raises(ValueError, match="--mesh"):
             parse_mesh(bad, device)
+
+
+@pytest.mark.slow
+def test_pipeline_on_an_eight_device_mesh(tmp_path):
+    from beam_extract.model import load_model
+    from beam_extract.output.reader import read_records
+    from test_pipeline_default_run import run_guarded
+
+    log = tmp_path / "connections.log"
+    result = run_guarded(["--mesh=data:4,model:2", "--output=out", "--sites=resid_mid", "--layers=0,3",
+                          "--views_per_task=2"], tmp_path, log,
+                         XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    assert result.returncode == 0, result.stderr[-5000:]
+    manifest = json.loads((tmp_path / "out/manifest.json").read_text())
+    assert manifest["counts"]["samples"] == 16 and manifest["options"]["mesh"] == "data:4,model:2"
+    model = load_model("tiny-random-qwen2")
+    for layer in (0, 3):
+        records = list(read_records(str(tmp_path / f"out/resid_mid/layer_{layer:02d}/*.tfrecord")))
+        assert len(records) == 16
+        for record in records:
+            hook = record["hook_name"]
+            direct = model.run_with_cache(record["token_ids"][None], [hook])[hook][0]
+            np.testing.assert_allclose(record["activations"], direct, rtol=0, atol=1e-5 * max(1, np.abs(direct).max()))
+
+
+def test_compiles_at_most_once_per_row_length(tmp_path):
+    """Many input lengths, one process: the compile metric never exceeds the row lengths used."""
+    from apache_beam.metrics.metric import MetricsFilter
+
+    from beam_extract.pipeline import run
+
+    words = "lorem ipsum dolor sit amet consectetur adipiscing elit".split()
+    rng = np.random.default_rng(0)
+    with open(tmp_path / "docs.jsonl", "w") as handle:
+        for i in range(120):
+            n = int(rng.integers(1, 700))
+            handle.write(json.dumps({"id": f"d{i}", "text": " ".join(rng.choice(words, n))}) + "\n")
+    result, job = run([f"--input={tmp_path / 'docs.jsonl'}", f"--output={tmp_path / 'out'}", "--packing=off",
+                       "--max_seq_len=512", "--buckets=multiples:64", "--layers=0", "--batch_size=4"])
+    manifest = json.loads((tmp_path / "out/manifest.json").read_text())
+    compiles = result.metrics().query(MetricsFilter().with_name("compilations"))["counters"]
+    assert sum(c.committed for c in compiles) == manifest["batching"]["compilations"]
+    assert 4 <= manifest["batching"]["compilations"] <= len(manifest["batching"]["row_lengths"])
+    assert manifest["counts"]["samples"] >= 120

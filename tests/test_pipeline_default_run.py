@@ -20,8 +20,9 @@ main(sys.argv[2:])
 """
 
 
-def run_guarded(args, cwd, log):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+def run_guarded(args, cwd, log, **extra_env):
+    """python -m beam_extract ARGS in a subprocess whose outbound connection attempts are blocked and logged."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]), **extra_env}
     return subprocess.run([sys.executable, "-c", GUARDED_MAIN, str(log), *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=900)
 
@@ -66,6 +67,9 @@ def test_manifest_describes_the_run(default_run):
     for name, hook in manifest["hooks"].items():
         assert hook["records"] == 46 and hook["tokens"] > 0 and hook["mean_l2_norm"] > 0
         assert hook["files"] == [f"resid_post/layer_{hook['layer']:02d}/part-00000-of-00001.tfrecord"]
+    batching = manifest["batching"]
+    assert batching["real_tokens"] == manifest["hooks"]["blocks.0.hook_resid_post"]["tokens"]
+    assert batching["compilations"] == len(batching["row_lengths"])  # one compile per row length, one process
 
 
 @pytest.mark.slow

@@ -7,6 +7,7 @@ import datetime
 import json
 from importlib import metadata
 
+import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
 from beam_extract.model import hook_name
@@ -20,8 +21,9 @@ MANIFEST_NAME = "manifest.json"
 
 def build_manifest(*, options: dict, config: ModelConfig, weights_sha256: str, hooks: tuple[Hook, ...],
                    files: list[str], lines_read: int, samples: int, dead_letters: dict[str, int],
-                   hook_stats: dict[int, tuple[int, int, float, float]]) -> dict:
-    """hook_stats: hook index -> (records, tokens, sum of token L2 norms, sum of squared norms)."""
+                   hook_stats: dict[int, tuple[int, int, float, float]], batching: dict) -> dict:
+    """hook_stats: hook index -> (records, tokens, sum of token L2 norms, sum of squared norms);
+    batching: SummarizeBatches' output."""
     output = options["output"].rstrip("/")
     per_hook = {}
     for index, hook in enumerate(hooks):
@@ -57,8 +59,38 @@ def build_manifest(*, options: dict, config: ModelConfig, weights_sha256: str, h
             "dead_lettered": sum(dead_letters.values()),
         },
         "hooks": per_hook,
+        "batching": batching,
         "dead_letter_files": sorted(f.removeprefix(f"{output}/") for f in files if "/dead_letter/" in f),
     }
+
+
+class SummarizeBatches(beam.CombineFn):
+    """BatchStats of every forward -> the manifest's `batching` section."""
+
+    def create_accumulator(self):
+        return 0, 0, 0, frozenset(), 0, 0.0
+
+    def add_input(self, acc, stats):
+        batches, real, computed, lengths, compilations, seconds = acc
+        return (batches + 1, real + stats.real_tokens, computed + stats.computed_tokens,
+                lengths | {stats.row_length}, compilations + bool(stats.compile_seconds),
+                seconds + stats.compile_seconds)
+
+    def merge_accumulators(self, accumulators):
+        batches, real, computed, lengths, compilations, seconds = zip(*accumulators)
+        return sum(batches), sum(real), sum(computed), frozenset().union(*lengths), sum(compilations), sum(seconds)
+
+    def extract_output(self, acc):
+        batches, real, computed, lengths, compilations, seconds = acc
+        return {
+            "batches": batches,
+            "real_tokens": real,
+            "computed_tokens": computed,
+            "real_over_computed": real / computed if computed else None,
+            "row_lengths": sorted(lengths),
+            "compilations": compilations,
+            "compile_seconds": round(seconds, 3),
+        }
 
 
 def write_manifest(output: str, manifest: dict) -> str:
