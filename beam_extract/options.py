@@ -73,8 +73,9 @@ class ExtractOptions(PipelineOptions):
         batching.add_argument("--packing", default="text", choices=PACKING_MODES,
                               help="Pack several samples per row (own segment, positions from 0): text documents, "
                                    "all samples (ARC prompts too), or off")
-        batching.add_argument("--pack_length", type=int, default=2048,
-                              help="Row length of packed rows (capped at max_seq_len); longer samples use buckets")
+        batching.add_argument("--pack_length", type=int, default=0,
+                              help="Row length of packed rows (default 0: max_seq_len); longer samples use buckets. "
+                                   "Attention skips tiles between packed samples, so long rows cost little extra")
 
         out = parser.add_argument_group("beam-extract: output")
         out.add_argument("--output", default="activations", help="Output directory, local or gs://")

@@ -50,13 +50,13 @@ def make_job(options: PipelineOptions) -> Job:
     if "://" not in ours["output"]:
         ours["output"] = os.path.abspath(ours["output"])
     load_template(ours["prompt_template"]), parse_encoder(ours["grid_encoder"])  # fail here, not on workers
-    for name in ("views_per_task", "batch_size", "max_seq_len", "pack_length", "num_shards"):
+    for name in ("views_per_task", "batch_size", "max_seq_len", "num_shards"):
         if ours[name] < 1:
             raise ValueError(f"--{name} must be at least 1")
     config = config_from_hf(load_hf_config(resolve_model_dir(ours["model"], weights=False)))
     layers, sites = parse_layers(ours["layers"], config.num_layers), parse_sites(ours["sites"])
     plan = BatchPlan(parse_buckets(ours["buckets"], ours["max_seq_len"]), ours["batch_size"],
-                     ours["tokens_per_batch"], ours["packing"], min(ours["pack_length"], ours["max_seq_len"]))
+                     ours["tokens_per_batch"], ours["packing"], min(ours["pack_length"] or ours["max_seq_len"], ours["max_seq_len"]))
     return Job(ours, config, tuple((layer, site) for site in sites for layer in layers), plan)
 
 

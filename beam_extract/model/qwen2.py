@@ -15,9 +15,13 @@ from beam_extract.model.config import ModelConfig
 
 SITES = ("resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post")
 
-# Queries are processed in blocks of this many rows so that no [S, S] score tensor exists for
-# long prompts; each block sees [block, S] scores.
-QUERY_BLOCK = 512
+# Attention runs over [BLOCK x BLOCK] tiles of (queries, keys) with an online softmax, so no
+# score tensor is larger than one tile, and tiles no query may see (above the causal diagonal, or
+# between different packed documents) are skipped.
+BLOCK = 512
+# A finite floor instead of -inf keeps fully masked tiles finite; they are corrected away as soon
+# as a visible key arrives (every query sees at least itself).
+MASKED = -1e30
 
 Hook = tuple[int, str]  # (layer, site)
 
@@ -42,24 +46,41 @@ def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array) -> jax.Array:
     """Causal grouped-query attention within segments.
 
-    q: [B, S, KV, G, D]; k, v: [B, S, KV, D]; segment_ids: [B, S] (a token attends to earlier
-    tokens of its own segment; padding is its own segment). Returns [B, S, KV, G, D].
-
-    Query block i only scores keys [0, end of block i): the causal upper triangle beyond the block
-    is never computed, and no score tensor is larger than [block, S].
+    q: [B, S, KV, G, D]; k, v: [B, S, KV, D]; segment_ids: [B, S] (a token sees earlier tokens of
+    its own segment; padding is segment 0). Returns [B, S, KV, G, D]. Softmax statistics are float32.
     """
-    seq, dim = q.shape[1], q.shape[-1]
+    batch, seq, kv_heads, groups, dim = q.shape
     outputs = []
-    for start in range(0, seq, QUERY_BLOCK):
-        stop = min(seq, start + QUERY_BLOCK)
-        scores = jnp.einsum("btkgd,bskd->bkgts", q[:, start:stop], k[:, :stop],
-                            preferred_element_type=jnp.float32) * dim**-0.5
-        causal = jnp.arange(start, stop)[:, None] >= jnp.arange(stop)[None, :]
-        same_segment = segment_ids[:, start:stop, None] == segment_ids[:, None, :stop]
-        scores = jnp.where((causal & same_segment)[:, None, None], scores, -jnp.inf)
-        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)  # every row sees at least itself
-        outputs.append(jnp.einsum("bkgts,bskd->btkgd", probs, v[:, :stop]))
+    for q_start in range(0, seq, BLOCK):
+        q_stop = min(seq, q_start + BLOCK)
+        q_blk, q_seg = q[:, q_start:q_stop] * jnp.asarray(dim**-0.5, q.dtype), segment_ids[:, q_start:q_stop]
+        rows = q_stop - q_start
+        state = (jnp.full((batch, kv_heads, groups, rows), MASKED, jnp.float32),  # running max
+                 jnp.zeros((batch, kv_heads, groups, rows), jnp.float32),  # running sum of exp
+                 jnp.zeros((batch, rows, kv_heads, groups, dim), jnp.float32))  # running weighted values
+        for k_start in range(0, q_stop, BLOCK):
+            k_stop = min(seq, k_start + BLOCK)
+            visible = ((jnp.arange(q_start, q_stop)[:, None] >= jnp.arange(k_start, k_stop)[None, :])[None]
+                       & (q_seg[:, :, None] == segment_ids[:, None, k_start:k_stop]))
+            tile = (k[:, k_start:k_stop], v[:, k_start:k_stop], visible)
+            state = lax.cond(jnp.any(visible), _attend_tile, lambda state, *_: state, state, q_blk, *tile)
+        _, total, weighted = state
+        outputs.append((weighted / jnp.moveaxis(total, 3, 1)[..., None]).astype(v.dtype))
     return jnp.concatenate(outputs, axis=1)
+
+
+def _attend_tile(state, q_blk, k_blk, v_blk, visible):
+    """Folds one tile of keys into the online-softmax state of a query block."""
+    running_max, total, weighted = state
+    scores = jnp.einsum("btkgd,bskd->bkgts", q_blk, k_blk, preferred_element_type=jnp.float32)
+    scores = jnp.where(visible[:, None, None], scores, MASKED)
+    new_max = jnp.maximum(running_max, scores.max(axis=-1))
+    probs = jnp.exp(scores - new_max[..., None])
+    rescale = jnp.exp(running_max - new_max)
+    total = total * rescale + probs.sum(axis=-1)
+    update = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v_blk.dtype), v_blk, preferred_element_type=jnp.float32)
+    weighted = weighted * jnp.moveaxis(rescale, 3, 1)[..., None] + update
+    return new_max, total, weighted
 
 
 def decoder_block(
