@@ -19,9 +19,13 @@ def summary(manifest: dict, seconds: float) -> str:
     files = sum(len(h["files"]) for h in hooks.values())
     output = manifest["options"]["output"]
     reasons = ", ".join(f"{k}={v}" for k, v in counts["dead_letters"].items()) or "none"
+    check = "ok" if counts["lines_unaccounted"] == 0 else f"{counts['lines_unaccounted']} LINES UNACCOUNTED FOR"
+    resumed = f" ({counts['samples_resumed']} committed by the run resumed)" if counts["samples_resumed"] else ""
     return "\n".join([
-        f"beam-extract: {counts['lines_read']} lines -> {counts['samples']} samples, "
+        f"beam-extract: {counts['lines_read']} lines -> {counts['samples']} samples{resumed}, "
         f"{tokens} tokens in {seconds:.1f} s ({tokens / seconds:.0f} tokens/s end to end)",
+        f"  lines: {counts['lines_read']} read = {counts['lines_with_samples']} with samples + "
+        f"{counts['lines_dead_lettered']} dead-lettered: {check}",
         f"  dead letters: {counts['dead_lettered']} ({reasons})",
         f"  wrote {files} TFRecord files for {len(hooks)} hooks ({stored} token activations) under {output}/",
         f"  manifest: {output}/manifest.json",

@@ -23,6 +23,9 @@ BATCH_STATS = "batch_stats"
 @dataclasses.dataclass(frozen=True)
 class ActivationRecord:
     hook_index: int  # position in the job's hook list: selects the output dataset
+    sample_id: str
+    source: str  # input file and line, for the accounting of lines
+    line_number: int
     n_tokens: int
     sum_l2_norm: float  # over tokens, for the manifest's normalisation statistics
     sum_squared_norm: float
@@ -63,7 +66,8 @@ def batch_records(model_out: dict[Hook, np.ndarray], batch: Batch, hooks: tuple[
                 output_dtype=output_dtype, source=f"{sample.source}:{sample.line_number}",
                 task_id=sample.task_id, augmentation=sample.augmentation,
             )
-            yield ActivationRecord(index, len(values), float(np.sqrt(squared).sum()), float(squared.sum()), example)
+            yield ActivationRecord(index, sample.sample_id, sample.source, sample.line_number, len(values),
+                                   float(np.sqrt(squared).sum()), float(squared.sum()), example)
 
 
 class ExtractDoFn(beam.DoFn):

@@ -81,8 +81,11 @@ class ExtractOptions(PipelineOptions):
         out.add_argument("--output", default="activations", help="Output directory, local or gs://")
         out.add_argument("--output_dtype", default="float32", choices=tuple(OUTPUT_DTYPES),
                          help="Storage dtype of the activations")
-        out.add_argument("--num_shards", type=int, default=1,
-                         help="TFRecord files per (site, layer); fixed, so file names are deterministic")
+        out.add_argument("--shard_size_mb", type=int, default=256,
+                         help="Start a new TFRecord file once one reaches this size")
+        out.add_argument("--resume", action="store_true",
+                         help="Continue an interrupted run into the same --output: samples it already "
+                              "committed are skipped, nothing is written twice")
 
 
 def parse_layers(spec: str, num_layers: int) -> tuple[int, ...]:

@@ -1,13 +1,13 @@
 """The extraction pipeline, wired on one screen:
 
-JSONL lines -> parse -> tokenize -> fixed-shape batches -> forward -> TFRecords per hook + manifest,
-with every failure in OUT/dead_letter/ and counted.
+JSONL lines -> parse -> (ARC: unique ids, augmented views) -> tokenize -> (resume: skip committed)
+-> fixed-shape batches -> forward -> TFRecords per hook, committed per bundle -> manifest.
+Every failure becomes a dead letter with a reason; every input line is accounted for.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import logging
 import os
 
 import apache_beam as beam
@@ -23,11 +23,10 @@ from beam_extract.model.config import ModelConfig, config_from_hf, load_hf_confi
 from beam_extract.model.qwen2 import Hook
 from beam_extract.model.weights import resolve_model_dir, weights_checksum
 from beam_extract.options import extract_options, parse_layers, parse_sites, sample_input
-from beam_extract.output.manifest import SummarizeBatches, build_manifest, write_manifest
-from beam_extract.output.writer import WriteActivations, WriteDeadLetters
-from beam_extract.stages import ParseDoFn, TokenizeDoFn, expand_views
-
-_LOG = logging.getLogger(__name__)
+from beam_extract.output.manifest import SummarizeBatches, build_manifest, line_outcome, write_manifest
+from beam_extract.output.writer import WriteCommitted, WriteDeadLetters, read_commits, remove_uncommitted
+from beam_extract.stages import (RESUMED, DropDuplicateTasks, ParseDoFn, SkipCommitted, TokenizeDoFn,
+                                 expand_views)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,26 +48,37 @@ def make_job(options: PipelineOptions) -> Job:
     ours["input"] = ours["input"] or sample_input()
     if "://" not in ours["output"]:
         ours["output"] = os.path.abspath(ours["output"])
+    ours["output"] = ours["output"].rstrip("/")
     load_template(ours["prompt_template"]), parse_encoder(ours["grid_encoder"])  # fail here, not on workers
-    for name in ("views_per_task", "batch_size", "max_seq_len", "num_shards"):
+    for name in ("views_per_task", "batch_size", "max_seq_len", "shard_size_mb"):
         if ours[name] < 1:
             raise ValueError(f"--{name} must be at least 1")
+    if read_commits(ours["output"]) and not ours["resume"]:
+        raise ValueError(f"{ours['output']} holds results of an earlier run: pass --resume to continue it, "
+                         "or choose another --output")
     config = config_from_hf(load_hf_config(resolve_model_dir(ours["model"], weights=False)))
     layers, sites = parse_layers(ours["layers"], config.num_layers), parse_sites(ours["sites"])
     plan = BatchPlan(parse_buckets(ours["buckets"], ours["max_seq_len"]), ours["batch_size"],
-                     ours["tokens_per_batch"], ours["packing"], min(ours["pack_length"] or ours["max_seq_len"], ours["max_seq_len"]))
+                     ours["tokens_per_batch"], ours["packing"],
+                     min(ours["pack_length"] or ours["max_seq_len"], ours["max_seq_len"]))
     return Job(ours, config, tuple((layer, site) for site in sites for layer in layers), plan)
 
 
-def _finish(_, job: Job, lines_read: int, samples: int, dead_letters: dict, hook_stats: dict, files: list,
-            batching: dict) -> str:
-    """Runs after every write has finished (its side inputs are the written files)."""
+def _finish(_, job: Job, lines_read: int, lines: dict, samples: int, resumed: int, dead_letters: dict,
+            batching: dict, commits_this_run: int, dead_letter_files: list) -> str:
+    """Runs once every write has finished (its side inputs depend on all of them)."""
+    commits = read_commits(job.output)
+    remove_uncommitted(job.output, job.hooks, commits)
     manifest = build_manifest(
-        options=job.options, config=job.config, hooks=job.hooks, files=files, lines_read=lines_read,
-        samples=samples, dead_letters=dead_letters, hook_stats=hook_stats, batching=batching,
-        weights_sha256=weights_checksum(resolve_model_dir(job.options["model"])),
+        options=job.options, config=job.config, hooks=job.hooks, commits=commits, lines_read=lines_read,
+        lines=lines, samples=samples, resumed=resumed, dead_letters=dead_letters, batching=batching,
+        dead_letter_files=dead_letter_files, weights_sha256=weights_checksum(resolve_model_dir(job.options["model"])),
     )
     return write_manifest(job.output, manifest)
+
+
+def count(pcoll, label: str):
+    return beam.pvalue.AsSingleton(pcoll | label >> beam.combiners.Count.Globally())
 
 
 def build(pipeline: beam.Pipeline, job: Job) -> None:
@@ -76,43 +86,55 @@ def build(pipeline: beam.Pipeline, job: Job) -> None:
     lines = pipeline | "ReadLines" >> ReadLines(o["input"])
     parsed = lines | "Parse" >> beam.ParDo(ParseDoFn(o["input_format"], o["text_field"])).with_outputs(
         DEAD_LETTER, main="records")
-    samples = (
-        parsed.records
+    records, duplicates = parsed.records | "UniqueTaskIds" >> DropDuplicateTasks()
+    tokenized = (
+        records
         | "Augment" >> beam.FlatMap(expand_views, o["seed"], o["views_per_task"])
         | "Tokenize" >> beam.ParDo(TokenizeDoFn(o["model"], o["max_seq_len"], o["prompt_template"],
                                                 o["grid_encoder"], o["include_answer"])).with_outputs(
             DEAD_LETTER, main="samples")
     )
+    samples = tokenized.samples | "SkipCommitted" >> beam.ParDo(SkipCommitted(o["output"])).with_outputs(
+        RESUMED, main="todo")
     extracted = (
-        samples.samples
+        samples.todo
         | "Batch" >> BatchSamples(job.plan)
         | "Extract" >> beam.ParDo(ExtractDoFn(o["model"], o["dtype"], o["mesh"], job.hooks, o["output_dtype"]))
         .with_outputs(DEAD_LETTER, BATCH_STATS, main="records")
     )
-    dead = (parsed[DEAD_LETTER], samples[DEAD_LETTER], extracted[DEAD_LETTER]) | "AllDeadLetters" >> beam.Flatten()
-    files = (
-        (extracted.records | "Write" >> WriteActivations(o["output"], job.hooks, o["num_shards"]),
-         dead | "WriteDeadLetters" >> WriteDeadLetters(o["output"]))
-        | "WrittenFiles" >> beam.Flatten()
-    )
-    hook_stats = (
-        extracted.records
-        | "HookStats" >> beam.Map(lambda r: (r.hook_index, (1, r.n_tokens, r.sum_l2_norm, r.sum_squared_norm)))
-        | "SumHookStats" >> beam.CombinePerKey(beam.combiners.TupleCombineFn(sum, sum, sum, sum))
+    commits = extracted.records | "Write" >> beam.ParDo(WriteCommitted(o["output"], job.hooks,
+                                                                        o["shard_size_mb"] << 20))
+    dead = ((parsed[DEAD_LETTER], duplicates, tokenized[DEAD_LETTER], extracted[DEAD_LETTER])
+            | "AllDeadLetters" >> beam.Flatten())
+    dead_letter_files = dead | "WriteDeadLetters" >> WriteDeadLetters(o["output"])
+
+    # Accounting: every line read either produced samples (now or in the run being resumed) or was
+    # dead-lettered; the manifest counts both and what is left over (which must be zero).
+    outcomes = (
+        (extracted.records | "FirstHookOnly" >> beam.Filter(lambda r: r.hook_index == 0)
+         | "LineWithSample" >> beam.Map(lambda r: ((r.source, r.line_number), "sample")),
+         samples[RESUMED] | "LineResumed" >> beam.Map(lambda s: ((s.source, s.line_number), "sample")),
+         dead | "LineDead" >> beam.Map(lambda d: ((d.source, d.line_number), "dead")))
+        | "AllOutcomes" >> beam.Flatten()
+        | "ByLine" >> beam.GroupByKey()
+        | "Outcome" >> beam.MapTuple(line_outcome)
+        | "CountOutcomes" >> beam.combiners.Count.PerElement()
     )
     (
         pipeline
         | "Once" >> beam.Create([None])
         | "Manifest" >> beam.Map(
             _finish, job,
-            lines_read=beam.pvalue.AsSingleton(lines | "CountLines" >> beam.combiners.Count.Globally()),
-            samples=beam.pvalue.AsSingleton(samples.samples | "CountSamples" >> beam.combiners.Count.Globally()),
+            lines_read=count(lines, "CountLines"),
+            lines=beam.pvalue.AsDict(outcomes),
+            samples=count(samples.todo, "CountSamples"),
+            resumed=count(samples[RESUMED], "CountResumed"),
             dead_letters=beam.pvalue.AsDict(
                 dead | "Reasons" >> beam.Map(lambda d: d.reason) | "CountReasons" >> beam.combiners.Count.PerElement()),
-            hook_stats=beam.pvalue.AsDict(hook_stats),
-            files=beam.pvalue.AsList(files),
             batching=beam.pvalue.AsSingleton(extracted[BATCH_STATS] | "SummarizeBatches" >> beam.CombineGlobally(
                 SummarizeBatches())),
+            commits_this_run=count(commits, "CountCommits"),
+            dead_letter_files=beam.pvalue.AsList(dead_letter_files),
         )
     )
 

@@ -12,6 +12,7 @@ from beam_extract.arc.encoders import parse_encoder
 from beam_extract.arc.prompt import load_template
 from beam_extract.extract import DEAD_LETTER
 from beam_extract.io.sources import SourceLine
+from beam_extract.output.writer import read_commits
 from beam_extract.model.weights import resolve_model_dir
 from beam_extract.records import DeadLetter, parse_line
 from beam_extract.records.arc import ArcTask
@@ -61,3 +62,50 @@ class TokenizeDoFn(beam.DoFn):
                 self._dropped.inc(result.train_dropped)
                 self._fitted.inc()
         yield from route(results, "tokenize")
+
+
+RESUMED = "resumed"
+
+
+class SkipCommitted(beam.DoFn):
+    """With --resume: samples an earlier run already committed go to the RESUMED output, not on."""
+
+    def __init__(self, output: str):
+        self._output = output
+
+    def setup(self):
+        # Read on the worker, not shipped from the driver: there may be millions of ids.
+        self._done = {sample for commit in read_commits(self._output) for sample in commit["samples"]}
+
+    def process(self, sample: Sample):
+        if sample.sample_id in self._done:
+            Metrics.counter("resume", "skipped_samples").inc()
+            yield beam.pvalue.TaggedOutput(RESUMED, sample)
+        else:
+            yield sample
+
+
+def is_duplicate_task(task_id: str, tasks: Iterable[ArcTask]):
+    """The first task with an id (by file, then line) goes on; later ones are dead letters."""
+    first, *rest = sorted(tasks, key=lambda t: (t.source, t.line_number))
+    yield first
+    for task in rest:
+        yield DeadLetter(task.source, task.line_number, "parse", "duplicate_task_id",
+                         f"task id {task_id!r} is first used at {first.source}:{first.line_number}")
+
+
+class DropDuplicateTasks(beam.PTransform):
+    """ARC task ids must be unique: duplicates become dead letters (never silently dropped).
+    Text documents pass straight through, without a shuffle."""
+
+    def expand(self, records):
+        tasks, docs = records | "SplitKinds" >> beam.Partition(lambda r, _: 0 if isinstance(r, ArcTask) else 1, 2)
+        checked = (
+            tasks
+            | "ByTaskId" >> beam.Map(lambda task: (task.task_id, task))
+            | "GroupTaskIds" >> beam.GroupByKey()
+            | "FirstOfEachId" >> beam.FlatMapTuple(lambda task_id, group: route(is_duplicate_task(task_id, group),
+                                                                               "dedup"))
+            .with_outputs(DEAD_LETTER, main="tasks")
+        )
+        return (checked.tasks, docs) | "Rejoin" >> beam.Flatten(), checked[DEAD_LETTER]

@@ -51,7 +51,7 @@ def test_pipeline_with_input_model_and_output_on_gcs(tmp_path, gcs_bucket):
     assert manifest["counts"]["samples"] == 6 and manifest["output_dtype"] == "bfloat16"
     model = load_model("tiny-random-qwen2")
     for hook_name, hook in manifest["hooks"].items():
-        assert hook["files"] == [f"{hook['site']}/layer_01/part-00000-of-00001.tfrecord"]
+        assert len(hook["files"]) == 1 and hook["files"][0].startswith(f"{hook['site']}/layer_01/part-")
         records = list(read_records(f"{output}/{hook['files'][0]}"))
         assert len(records) == 6 and {r["hook_name"] for r in records} == {hook_name}
         for record in records:

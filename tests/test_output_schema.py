@@ -4,7 +4,8 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from beam_extract.output.reader import iter_tfrecord, read_records, tf_dataset
+from beam_extract.output.reader import read_records, tf_dataset
+from beam_extract.output.tfrecord import iter_tfrecord, write_record
 from beam_extract.output.schema import OUTPUT_DTYPES, decode_record, encode_record, tf_feature_spec
 
 RNG = np.random.default_rng(0)
@@ -81,3 +82,14 @@ def test_corrupt_file_is_detected(tmp_path):
     (tmp_path / "a.tfrecord").write_bytes(bytes(data[:30]))
     with pytest.raises(ValueError, match="truncated|corrupt"):
         list(iter_tfrecord(str(tmp_path / "a.tfrecord")))
+
+
+def test_our_framing_is_read_by_tensorflow(tmp_path):
+    import tensorflow as tf
+
+    payloads = [encode_record(**record_args()), b"", b"x" * 70000]
+    with open(tmp_path / "ours.tfrecord", "wb") as handle:
+        for payload in payloads:
+            write_record(handle, payload)
+    assert [r.numpy() for r in tf.data.TFRecordDataset(str(tmp_path / "ours.tfrecord"))] == payloads
+    assert list(iter_tfrecord(str(tmp_path / "ours.tfrecord"))) == payloads

@@ -66,7 +66,11 @@ def test_manifest_describes_the_run(default_run):
     assert counts["lines_read"] == 10 and counts["samples"] == 46 and counts["dead_lettered"] == 0
     for name, hook in manifest["hooks"].items():
         assert hook["records"] == 46 and hook["tokens"] > 0 and hook["mean_l2_norm"] > 0
-        assert hook["files"] == [f"resid_post/layer_{hook['layer']:02d}/part-00000-of-00001.tfrecord"]
+        assert hook["files"] and all(f.startswith(f"resid_post/layer_{hook['layer']:02d}/part-") for f in hook["files"])
+        on_disk = sorted(p.relative_to(workdir / "activations").as_posix()
+                         for p in (workdir / "activations").glob(f"resid_post/layer_{hook['layer']:02d}/*"))
+        assert on_disk == hook["files"]  # nothing but committed files (no temporaries left)
+    assert counts["lines_unaccounted"] == 0 and counts["samples_committed_twice"] == 0
     batching = manifest["batching"]
     assert batching["real_tokens"] == manifest["hooks"]["blocks.0.hook_resid_post"]["tokens"]
     assert batching["compilations"] == len(batching["row_lengths"])  # one compile per row length, one process

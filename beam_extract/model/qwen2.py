@@ -47,7 +47,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array) 
     """Causal grouped-query attention within segments.
 
     q: [B, S, KV, G, D]; k, v: [B, S, KV, D]; segment_ids: [B, S] (a token sees earlier tokens of
-    its own segment; padding is segment 0). Returns [B, S, KV, G, D]. Softmax statistics are float32.
+    its own segment; padding is segment 0 and sees only itself). Returns [B, S, KV, G, D]. Softmax
+    statistics are float32.
     """
     batch, seq, kv_heads, groups, dim = q.shape
     outputs = []
@@ -60,8 +61,10 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array) 
                  jnp.zeros((batch, rows, kv_heads, groups, dim), jnp.float32))  # running weighted values
         for k_start in range(0, q_stop, BLOCK):
             k_stop = min(seq, k_start + BLOCK)
-            visible = ((jnp.arange(q_start, q_stop)[:, None] >= jnp.arange(k_start, k_stop)[None, :])[None]
-                       & (q_seg[:, :, None] == segment_ids[:, None, k_start:k_stop]))
+            q_index, k_index = jnp.arange(q_start, q_stop)[:, None], jnp.arange(k_start, k_stop)[None, :]
+            k_seg = segment_ids[:, None, k_start:k_stop]
+            # Padding (segment 0) sees only itself, so tiles of pure padding are skipped too.
+            visible = (q_index >= k_index)[None] & (q_seg[:, :, None] == k_seg) & ((k_seg > 0) | (q_index == k_index))
             tile = (k[:, k_start:k_stop], v[:, k_start:k_stop], visible)
             state = lax.cond(jnp.any(visible), _attend_tile, lambda state, *_: state, state, q_blk, *tile)
         _, total, weighted = state

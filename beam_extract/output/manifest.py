@@ -4,40 +4,47 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import json
 from importlib import metadata
 
 import apache_beam as beam
-from apache_beam.io.filesystems import FileSystems
 
 from beam_extract.model import hook_name
 from beam_extract.model.config import ModelConfig
 from beam_extract.model.qwen2 import Hook
 from beam_extract.output.schema import FEATURES
+from beam_extract.output.writer import read_json, write_json
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 
 
+def line_outcome(line: tuple[str, int], outcomes) -> str:
+    """A line that produced any sample counts as such, even if some of its samples failed."""
+    return "with_samples" if "sample" in outcomes else "dead_lettered"
+
+
 def build_manifest(*, options: dict, config: ModelConfig, weights_sha256: str, hooks: tuple[Hook, ...],
-                   files: list[str], lines_read: int, samples: int, dead_letters: dict[str, int],
-                   hook_stats: dict[int, tuple[int, int, float, float]], batching: dict) -> dict:
-    """hook_stats: hook index -> (records, tokens, sum of token L2 norms, sum of squared norms);
-    batching: SummarizeBatches' output."""
-    output = options["output"].rstrip("/")
+                   commits: list[dict], lines_read: int, lines: dict[str, int], samples: int, resumed: int,
+                   dead_letters: dict[str, int], batching: dict, dead_letter_files: list[str]) -> dict:
+    """Output files and activation statistics come from the commits (of this run and any run it
+    resumed); counts of lines and dead letters from this run, which re-reads every line."""
+    output = options["output"]
     per_hook = {}
-    for index, hook in enumerate(hooks):
-        records, tokens, sum_norm, sum_sq = hook_stats.get(index, (0, 0, 0.0, 0.0))
-        prefix = f"{output}/{hook[1]}/layer_{hook[0]:02d}/"
-        per_hook[hook_name(*hook)] = {
-            "site": hook[1],
-            "layer": hook[0],
-            "records": records,
+    for layer, site in hooks:
+        name = hook_name(layer, site)
+        parts = [c["hooks"][name] for c in commits if name in c["hooks"]]
+        tokens = sum(p["tokens"] for p in parts)
+        per_hook[name] = {
+            "site": site,
+            "layer": layer,
+            "records": sum(p["records"] for p in parts),
             "tokens": tokens,
-            "mean_l2_norm": sum_norm / tokens if tokens else None,
-            "mean_squared_norm": sum_sq / tokens if tokens else None,
-            "files": sorted(f.removeprefix(f"{output}/") for f in files if f.startswith(prefix)),
+            "mean_l2_norm": sum(p["sum_l2_norm"] for p in parts) / tokens if tokens else None,
+            "mean_squared_norm": sum(p["sum_squared_norm"] for p in parts) / tokens if tokens else None,
+            "files": sorted(f for p in parts for f in p["files"]),
         }
+    committed = [sample for c in commits for sample in c["samples"]]
+    with_samples, dead_lettered = lines.get("with_samples", 0), lines.get("dead_lettered", 0)
     return {
         "format_version": FORMAT_VERSION,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -54,13 +61,21 @@ def build_manifest(*, options: dict, config: ModelConfig, weights_sha256: str, h
         "options": options,
         "counts": {
             "lines_read": lines_read,
-            "samples": samples,
+            "lines_with_samples": with_samples,
+            "lines_dead_lettered": dead_lettered,
+            "lines_unaccounted": lines_read - with_samples - dead_lettered,
+            "samples": samples + resumed,
+            "samples_extracted_now": samples,
+            "samples_resumed": resumed,
+            "samples_committed": len(committed),
+            "samples_committed_twice": len(committed) - len(set(committed)),
             "dead_letters": dict(sorted(dead_letters.items())),
             "dead_lettered": sum(dead_letters.values()),
         },
         "hooks": per_hook,
         "batching": batching,
-        "dead_letter_files": sorted(f.removeprefix(f"{output}/") for f in files if "/dead_letter/" in f),
+        "commits": len(commits),
+        "dead_letter_files": sorted(f.removeprefix(f"{output}/") for f in dead_letter_files),
     }
 
 
@@ -94,17 +109,11 @@ class SummarizeBatches(beam.CombineFn):
 
 
 def write_manifest(output: str, manifest: dict) -> str:
-    """Writes to a temporary name, then renames: readers never see a partial manifest."""
-    final = f"{output.rstrip('/')}/{MANIFEST_NAME}"
-    temporary = final + ".tmp"
-    with FileSystems.create(temporary) as handle:
-        handle.write(json.dumps(manifest, indent=2).encode("utf-8"))
-    if FileSystems.exists(final):
-        FileSystems.delete([final])
-    FileSystems.rename([temporary], [final])
-    return final
+    """Written last, atomically: readers never see a partial manifest."""
+    path = f"{output.rstrip('/')}/{MANIFEST_NAME}"
+    write_json(path, manifest)
+    return path
 
 
 def read_manifest(output: str) -> dict:
-    with FileSystems.open(f"{output.rstrip('/')}/{MANIFEST_NAME}") as handle:
-        return json.loads(handle.read())
+    return read_json(f"{output.rstrip('/')}/{MANIFEST_NAME}")

@@ -2,33 +2,12 @@
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Iterator
 
-import google_crc32c
 from apache_beam.io.filesystems import FileSystems
 
 from beam_extract.output.schema import OUTPUT_DTYPES, decode_record, tf_feature_spec
-
-
-def _masked_crc(data: bytes) -> int:
-    crc = google_crc32c.value(data)
-    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
-
-
-def iter_tfrecord(path: str) -> Iterator[bytes]:
-    """Raw records of one TFRecord file (local or gs://), checking both CRCs of every record."""
-    with FileSystems.open(path) as handle:
-        while header := handle.read(12):
-            if len(header) != 12:
-                raise ValueError(f"{path}: truncated record header")
-            (length,), (length_crc,) = struct.unpack("<Q", header[:8]), struct.unpack("<I", header[8:])
-            if _masked_crc(header[:8]) != length_crc:
-                raise ValueError(f"{path}: corrupt record length")
-            data, footer = handle.read(length), handle.read(4)
-            if len(data) != length or len(footer) != 4 or _masked_crc(data) != struct.unpack("<I", footer)[0]:
-                raise ValueError(f"{path}: truncated or corrupt record")
-            yield data
+from beam_extract.output.tfrecord import iter_tfrecord
 
 
 def match_files(pattern: str) -> list[str]:
