@@ -71,8 +71,8 @@ def batch_records(model_out: dict[Hook, np.ndarray], batch: Batch, hooks: tuple[
 
 
 class ExtractDoFn(beam.DoFn):
-    """Batch -> ActivationRecords (+ BatchStats on a tagged output); a failing batch sends each of
-    its samples to the dead letters."""
+    """Batch -> its list of ActivationRecords (+ BatchStats on a tagged output); a failing batch sends
+    each of its samples to the dead letters."""
 
     def __init__(self, model: str, dtype: str, mesh: str, hooks: tuple[Hook, ...], output_dtype: str):
         self._load = (model, dtype, mesh)
@@ -104,4 +104,4 @@ class ExtractDoFn(beam.DoFn):
         self._computed_tokens.inc(batch.tokens.size)
         yield beam.pvalue.TaggedOutput(BATCH_STATS, BatchStats(batch.tokens.shape[1], batch.real_tokens,
                                                                batch.tokens.size, compile_seconds))
-        yield from batch_records(out, batch, self._hooks, self._output_dtype)
+        yield list(batch_records(out, batch, self._hooks, self._output_dtype))  # written and committed together

@@ -111,8 +111,9 @@ def build(pipeline: beam.Pipeline, job: Job) -> None:
     # Accounting: every line read either produced samples (now or in the run being resumed) or was
     # dead-lettered; the manifest counts both and what is left over (which must be zero).
     outcomes = (
-        (extracted.records | "FirstHookOnly" >> beam.Filter(lambda r: r.hook_index == 0)
-         | "LineWithSample" >> beam.Map(lambda r: ((r.source, r.line_number), "sample")),
+        (extracted.records
+         | "LineWithSample" >> beam.FlatMap(lambda rs: [((r.source, r.line_number), "sample") for r in rs
+                                                        if r.hook_index == 0]),
          samples[RESUMED] | "LineResumed" >> beam.Map(lambda s: ((s.source, s.line_number), "sample")),
          dead | "LineDead" >> beam.Map(lambda d: ((d.source, d.line_number), "dead")))
         | "AllOutcomes" >> beam.Flatten()

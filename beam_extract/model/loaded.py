@@ -18,7 +18,7 @@ from jax.sharding import Mesh
 from beam_extract.model.config import ModelConfig, config_from_hf, load_hf_config
 from beam_extract.model.hooks import parse_hook_name
 from beam_extract.model.mesh import batch_sharding, param_shardings, parse_mesh, tree_bytes
-from beam_extract.model.qwen2 import Hook, forward
+from beam_extract.model.qwen2 import SITES, Hook, forward
 from beam_extract.model.weights import load_params, resolve_model_dir, weights_checksum
 
 COMPUTE_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
@@ -66,6 +66,9 @@ class Model:
         Segment ids: tokens attend to earlier tokens with the same id (0 marks padding); positions
         restart per packed document.
         """
+        bad = [hook for hook in hooks if not (0 <= hook[0] < self.config.num_layers and hook[1] in SITES)]
+        if bad:  # checked here: indexing past the last layer inside jit would silently clamp
+            raise ValueError(f"hooks {bad} do not exist in a model of {self.config.num_layers} layers")
         rows = self.mesh.shape["data"]
         if tokens.shape[0] % rows:
             raise ValueError(f"batch of {tokens.shape[0]} rows does not split over the mesh's {rows} data shards")

@@ -1,10 +1,10 @@
 """Activation records -> TFRecord files per hook, committed per bundle so finished work survives a kill.
 
-Layout: OUT/{site}/layer_{LL}/part-{commit}-{NNN}.tfrecord. A bundle writes its records to
-temporary files beside them, renames them to their final names, then writes OUT/_committed/{commit}.json
-listing its sample ids, files and statistics. The commit id is a hash of the bundle's sample ids,
-so a retried bundle rewrites the same names; a killed one leaves only files no commit lists, which
-the next run removes. Readers use the manifest (or the commits), never a directory listing.
+Layout: OUT/{site}/layer_{LL}/part-{commit}-{NNN}.tfrecord. Each forward batch is written to
+temporary files beside its final ones, renamed, then recorded in OUT/_committed/{commit}.json with
+its sample ids, files and statistics. The commit id is a hash of the batch's sample ids, so a retried
+batch rewrites the same names; a killed one leaves only files no commit lists, which the end of the
+next run removes. Readers use the manifest (or the commits).
 """
 
 from __future__ import annotations
@@ -15,8 +15,6 @@ import uuid
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.transforms.window import GlobalWindow
-from apache_beam.utils.windowed_value import WindowedValue
 
 from beam_extract.model import hook_name
 from beam_extract.model.qwen2 import Hook
@@ -51,56 +49,48 @@ def read_commits(output: str) -> list[dict]:
 
 
 class WriteCommitted(beam.DoFn):
-    """ActivationRecord -> files per hook, rolled over at `shard_bytes`; yields one commit id per
-    bundle that wrote anything."""
+    """One batch's records -> files per hook (rolled over at `shard_bytes`) and a commit; yields the
+    commit id. The commit id hashes the batch's sample ids: a retried batch rewrites the same names."""
 
     def __init__(self, output: str, hooks: tuple[Hook, ...], shard_bytes: int):
         self._output, self._hooks, self._shard_bytes = output, hooks, shard_bytes
 
-    def start_bundle(self):
-        self._open: dict[int, tuple] = {}  # hook index -> (handle, temporary path, bytes written)
-        self._written: dict[int, list[str]] = {i: [] for i in range(len(self._hooks))}
-        self._samples: set[str] = set()
-        self._stats = {i: [0, 0, 0.0, 0.0] for i in range(len(self._hooks))}
-
-    def process(self, record):
-        handle, path, size = self._open.get(record.hook_index) or self._new_file(record.hook_index)
-        size += write_record(handle, record.example)
-        self._open[record.hook_index] = (handle, path, size)
-        if size >= self._shard_bytes:
-            handle.close()
-            del self._open[record.hook_index]
-        self._samples.add(record.sample_id)
-        stats = self._stats[record.hook_index]
-        stats[0] += 1
-        stats[1] += record.n_tokens
-        stats[2] += record.sum_l2_norm
-        stats[3] += record.sum_squared_norm
-
-    def _new_file(self, index: int) -> tuple:
-        path = f"{hook_dir(self._output, self._hooks[index])}/.{uuid.uuid4().hex}.tfrecord{TEMPORARY_SUFFIX}"
-        self._written[index].append(path)
-        return FileSystems.create(path), path, 0
-
-    def finish_bundle(self):
-        for handle, _, _ in self._open.values():
-            handle.close()
-        if not self._samples:
+    def process(self, records: list):
+        if not records:
             return
-        commit = hashlib.sha256("\n".join(sorted(self._samples)).encode()).hexdigest()[:20]
+        samples = sorted({record.sample_id for record in records})
+        commit = hashlib.sha256("\n".join(samples).encode()).hexdigest()[:20]
         hooks = {}
         for index, hook in enumerate(self._hooks):
-            finals = [f"{hook_dir(self._output, hook)}/part-{commit}-{n:03d}.tfrecord"
-                      for n in range(len(self._written[index]))]
+            mine = [record for record in records if record.hook_index == index]
+            temporaries = self._write(hook, mine)
+            finals = [f"{hook_dir(self._output, hook)}/part-{commit}-{n:03d}.tfrecord" for n in range(len(temporaries))]
             if finals:
-                FileSystems.rename(self._written[index], finals)
-            records, tokens, sum_norm, sum_squared = self._stats[index]
+                FileSystems.rename(temporaries, finals)
             hooks[hook_name(*hook)] = {
-                "files": [f.removeprefix(f"{self._output}/") for f in finals], "records": records,
-                "tokens": tokens, "sum_l2_norm": sum_norm, "sum_squared_norm": sum_squared}
-        write_json(f"{self._output}/{COMMITS}/{commit}.json",
-                   {"commit": commit, "samples": sorted(self._samples), "hooks": hooks})
-        yield WindowedValue(commit, GlobalWindow().max_timestamp(), [GlobalWindow()])
+                "files": [f.removeprefix(f"{self._output}/") for f in finals],
+                "records": len(mine),
+                "tokens": sum(r.n_tokens for r in mine),
+                "sum_l2_norm": sum(r.sum_l2_norm for r in mine),
+                "sum_squared_norm": sum(r.sum_squared_norm for r in mine),
+            }
+        write_json(f"{self._output}/{COMMITS}/{commit}.json", {"commit": commit, "samples": samples, "hooks": hooks})
+        yield commit
+
+    def _write(self, hook: Hook, records: list) -> list[str]:
+        """Temporary files beside the final ones, each up to shard_bytes."""
+        paths, handle, size = [], None, 0
+        for record in records:
+            if handle is None:
+                paths.append(f"{hook_dir(self._output, hook)}/.{uuid.uuid4().hex}.tfrecord{TEMPORARY_SUFFIX}")
+                handle, size = FileSystems.create(paths[-1]), 0
+            size += write_record(handle, record.example)
+            if size >= self._shard_bytes:
+                handle.close()
+                handle = None
+        if handle is not None:
+            handle.close()
+        return paths
 
 
 def remove_uncommitted(output: str, hooks: tuple[Hook, ...], commits: list[dict]) -> list[str]:
