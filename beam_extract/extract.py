@@ -90,8 +90,9 @@ class ExtractDoFn(beam.DoFn):
     def process(self, batch: Batch):
         batch = pad_rows(batch, self._model.mesh.shape["data"])
         try:
+            used_rows = max(p.row for p in batch.placements) + 1
             out, compile_seconds = self._model.forward(batch.tokens, batch.positions, batch.segment_ids,
-                                                       self._hooks, OUTPUT_DTYPES[self._output_dtype])
+                                                       self._hooks, OUTPUT_DTYPES[self._output_dtype], used_rows)
         except Exception as error:  # e.g. device OOM: the samples are reported, the job goes on
             for placement in batch.placements:
                 sample = placement.sample

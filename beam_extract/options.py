@@ -19,6 +19,15 @@ COMPUTE_DTYPES = ("float32", "bfloat16")
 DEFAULT_MODEL = "tiny-random-qwen2"
 
 
+def flag(value: str) -> bool:
+    """On/off options take `--name` or `--name=true|false`, since templates always pass a value."""
+    if value.lower() in ("true", "1", "yes"):
+        return True
+    if value.lower() in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, not {value!r}")
+
+
 def sample_input() -> str:
     """The glob of the sample data shipped in the package (ARC tasks and text documents)."""
     return str(resources.files("beam_extract").joinpath("data")) + "/sample_*.jsonl"
@@ -46,7 +55,7 @@ class ExtractOptions(PipelineOptions):
         arc.add_argument("--prompt_template", default=DEFAULT_TEMPLATE,
                          help=f"{' or '.join(BUILTIN_TEMPLATES)}, or the path of a Jinja2 template file")
         arc.add_argument("--grid_encoder", default=DEFAULT_ENCODER, help="Grid encoder, by name")
-        arc.add_argument("--include_answer", action="store_true",
+        arc.add_argument("--include_answer", type=flag, nargs="?", const=True, default=False,
                          help="Render the test output, when present, after the answer prefix (train prompts)")
 
         model = parser.add_argument_group("beam-extract: model")
@@ -83,7 +92,7 @@ class ExtractOptions(PipelineOptions):
                          help="Storage dtype of the activations")
         out.add_argument("--shard_size_mb", type=int, default=256,
                          help="Start a new TFRecord file once one reaches this size")
-        out.add_argument("--resume", action="store_true",
+        out.add_argument("--resume", type=flag, nargs="?", const=True, default=False,
                          help="Continue an interrupted run into the same --output: samples it already "
                               "committed are skipped, nothing is written twice")
 

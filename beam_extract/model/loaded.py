@@ -60,23 +60,25 @@ class Model:
             return self._compiled[key], time.perf_counter() - start
 
     def forward(self, tokens: np.ndarray, positions: np.ndarray, segment_ids: np.ndarray,
-                hooks: tuple[Hook, ...], out_dtype: np.dtype = np.float32) -> tuple[dict[Hook, np.ndarray], float]:
-        """Host arrays [B, S, d] in `out_dtype` per (layer, site), and the seconds spent compiling.
+                hooks: tuple[Hook, ...], out_dtype: np.dtype = np.float32,
+                rows: int | None = None) -> tuple[dict[Hook, np.ndarray], float]:
+        """Host arrays [rows, S, d] in `out_dtype` per (layer, site), and the seconds spent compiling.
 
         Segment ids: tokens attend to earlier tokens with the same id (0 marks padding); positions
-        restart per packed document.
+        restart per packed document. Only the first `rows` rows (default all) leave the device:
+        trailing rows of pure padding are never transferred.
         """
         bad = [hook for hook in hooks if not (0 <= hook[0] < self.config.num_layers and hook[1] in SITES)]
         if bad:  # checked here: indexing past the last layer inside jit would silently clamp
             raise ValueError(f"hooks {bad} do not exist in a model of {self.config.num_layers} layers")
-        rows = self.mesh.shape["data"]
-        if tokens.shape[0] % rows:
-            raise ValueError(f"batch of {tokens.shape[0]} rows does not split over the mesh's {rows} data shards")
+        shards = self.mesh.shape["data"]
+        if tokens.shape[0] % shards:
+            raise ValueError(f"batch of {tokens.shape[0]} rows does not split over the mesh's {shards} data shards")
         executable, seconds = self.compiled(tokens.shape, hooks, out_dtype)
         data = batch_sharding(self.mesh, 2)
         args = [jax.device_put(np.asarray(a, np.int32), data) for a in (tokens, positions, segment_ids)]
         out = executable(self.params, *args)
-        return {hook: np.asarray(value) for hook, value in out.items()}, seconds
+        return {hook: np.asarray(value[:rows]) for hook, value in out.items()}, seconds
 
     def run_with_cache(
         self, input_ids: np.ndarray, names: Sequence[str], lengths: Sequence[int] | None = None
