@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: install run test test-quick clean
+.PHONY: install run test test-quick template portable-run clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,17 @@ test: $(VENV)/.installed-test
 
 test-quick: $(VENV)/.installed-test
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+# Build the image (Cloud Build) and the Flex Template spec: make template IMAGE=... TEMPLATE=gs://...
+template: $(VENV)/.installed
+	$(BIN)/python -m beam_extract.template --check
+	gcloud builds submit --tag "$(IMAGE)" .
+	gcloud dataflow flex-template build "$(TEMPLATE)" --image "$(IMAGE)" --sdk-language PYTHON \
+		--metadata-file templates/metadata.json
+
+# The self-managed worker-pool topology on this machine: job service + worker pool on loopback.
+portable-run: $(VENV)/.installed
+	$(BIN)/python -m beam_extract.portable_local $(ARGS)
 
 clean:
 	rm -rf $(VENV) activations .pytest_cache

@@ -7,9 +7,11 @@ import logging
 import sys
 import time
 
+from apache_beam.options.pipeline_options import PipelineOptions
+
 from beam_extract.options import ExtractOptions
 from beam_extract.output.manifest import read_manifest
-from beam_extract.pipeline import run
+from beam_extract.pipeline import is_local, run
 
 
 def summary(manifest: dict, seconds: float) -> str:
@@ -50,7 +52,10 @@ def main(argv: list[str] | None = None) -> None:
     argument_parser().parse_known_args(argv)  # --help, or an error naming a bad option value
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     start = time.perf_counter()
-    _, job = run(argv)
+    result, job = run(argv)
+    if not is_local(PipelineOptions(argv)):
+        print(f"beam-extract: submitted ({result.state}); the manifest will be at {job.output}/manifest.json")
+        return
     print(summary(read_manifest(job.output), time.perf_counter() - start))
 
 

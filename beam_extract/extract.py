@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Iterator
 
 import apache_beam as beam
@@ -16,6 +17,7 @@ from beam_extract.model.qwen2 import Hook
 from beam_extract.output.schema import OUTPUT_DTYPES, encode_record
 from beam_extract.records.dead_letter import DeadLetter
 
+_LOG = logging.getLogger(__name__)
 DEAD_LETTER = "dead_letter"
 BATCH_STATS = "batch_stats"
 
@@ -86,6 +88,8 @@ class ExtractDoFn(beam.DoFn):
 
     def setup(self):
         self._model = self._shared.acquire(lambda: load_model(*self._load), tag="|".join(self._load))
+        _LOG.info("model %s on mesh %s (%s)", self._load[0], dict(self._model.mesh.shape),
+                  self._model.mesh.devices.flat[0].platform)
 
     def process(self, batch: Batch):
         batch = pad_rows(batch, self._model.mesh.shape["data"])

@@ -149,12 +149,23 @@ def _local_runner_without_download(options: PipelineOptions) -> None:
         standard.runner = "FnApiRunner"
 
 
+# Runners whose job ends with this process (PortableRunner: our own job service and worker pool).
+LOCAL_RUNNERS = (None, "DirectRunner", "direct", "FnApiRunner", "BundleBasedDirectRunner", "PortableRunner")
+
+
 def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = None) -> tuple[PipelineResult, Job]:
+    """Builds and runs the job. Local and portable runs are waited for; a Dataflow job (or a Flex
+    Template launch) returns once submitted."""
     options = PipelineOptions(argv)
     job = make_job(options)
     _local_runner_without_download(options)
     pipeline = test_pipeline or beam.Pipeline(options=options)
     build(pipeline, job)
     result = pipeline.run()
-    result.wait_until_finish()
+    if test_pipeline is not None or is_local(options):
+        result.wait_until_finish()
     return result, job
+
+
+def is_local(options: PipelineOptions) -> bool:
+    return options.view_as(StandardOptions).runner in LOCAL_RUNNERS

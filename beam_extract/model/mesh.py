@@ -42,7 +42,7 @@ AUTO_WEIGHT_SHARE = 0.5
 
 def parse_mesh(spec: str, devices: list | None = None, param_bytes: int = 0) -> Mesh:
     """`auto` or `data:4,model:2` over `devices` (default: this host's local devices, all of them)."""
-    devices = list(devices if devices is not None else jax.local_devices())
+    devices = list(devices if devices is not None else local_devices())
     n = len(devices)
     if spec == "auto":
         model = _auto_model_axis(devices, param_bytes)
@@ -57,6 +57,19 @@ def parse_mesh(spec: str, devices: list | None = None, param_bytes: int = 0) -> 
     if sizes["data"] * sizes["model"] != n:
         raise ValueError(f"--mesh {spec!r} covers {sizes['data'] * sizes['model']} devices; this host has {n}")
     return Mesh(np.asarray(devices).reshape(sizes["data"], sizes["model"]), AXES)
+
+
+def local_devices() -> list:
+    """This host's devices; a TPU held by another process is a clear error, not a hang or a crash."""
+    try:
+        return jax.local_devices()
+    except RuntimeError as error:
+        if "TPU" in str(error) or "tpu" in str(error):
+            raise RuntimeError(
+                "could not open this worker's TPU, most likely because another process holds it. Only one "
+                "process may own the chips: on Dataflow pass --experiments=no_use_multiple_sdk_containers "
+                f"(and few harness threads). JAX said: {error}") from error
+        raise
 
 
 def _auto_model_axis(devices: list, param_bytes: int) -> int:

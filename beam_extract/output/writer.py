@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import socket
 import uuid
 
 import apache_beam as beam
@@ -74,7 +76,10 @@ class WriteCommitted(beam.DoFn):
                 "sum_l2_norm": sum(r.sum_l2_norm for r in mine),
                 "sum_squared_norm": sum(r.sum_squared_norm for r in mine),
             }
-        write_json(f"{self._output}/{COMMITS}/{commit}.json", {"commit": commit, "samples": samples, "hooks": hooks})
+        # Which process wrote it: provenance for debugging a worker (and how tests see where DoFns ran).
+        worker = {"host": socket.gethostname(), "pid": os.getpid(), "parent_pid": os.getppid()}
+        write_json(f"{self._output}/{COMMITS}/{commit}.json",
+                   {"commit": commit, "samples": samples, "hooks": hooks, "worker": worker})
         yield commit
 
     def _write(self, hook: Hook, records: list) -> list[str]:

@@ -1,0 +1,91 @@
+"""Launch anywhere: the Dockerfile, the Flex Template metadata, the documented commands, and the
+self-managed worker-pool topology run locally."""
+
+import json
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from beam_extract.options import ExtractOptions, extract_options
+from beam_extract.template import METADATA, render, template_metadata
+
+ROOT = Path(__file__).parent.parent
+
+
+def test_dockerfile_structure():
+    text = (ROOT / "Dockerfile").read_text()
+    froms = re.findall(r"^FROM (\S+)", text, re.M)
+    args = dict(re.findall(r"^ARG (\w+)=(\S+)", text, re.M))
+    resolved = [re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], f) for f in froms]
+    assert resolved == [
+        f"gcr.io/dataflow-templates-base/python311-template-launcher-base:{args['LAUNCHER_TAG']}",
+        f"apache/beam_python3.11_sdk:{args['BEAM_VERSION']}",
+    ]
+    assert args["BEAM_VERSION"] == "2.77.0" and args["LAUNCHER_TAG"] not in ("latest", "")
+    assert 'ENTRYPOINT ["/opt/apache/beam/boot"]' in text
+    assert "COPY --from=launcher /opt/google/dataflow/python_template_launcher" in text
+    py_file = re.search(r"^ENV FLEX_TEMPLATE_PYTHON_PY_FILE=(\S+)", text, re.M).group(1)
+    assert py_file == "/template/beam_extract/__main__.py"
+    assert "FLEX_TEMPLATE_PYTHON_REQUIREMENTS_FILE" not in text and "FLEX_TEMPLATE_PYTHON_SETUP_FILE" not in text
+    assert re.search(r'pip install --no-cache-dir "\.\[tpu\]"', text)
+    for line in re.findall(r"^COPY (?!--from)(.+)$", text, re.M):
+        *sources, _ = shlex.split(line)
+        for source in sources:
+            assert (ROOT / source).exists(), f"COPY source {source} is missing"
+
+
+def test_metadata_is_generated_from_the_options():
+    assert METADATA.read_text() == render(), "run python -m beam_extract.template"
+    names = [p["name"] for p in template_metadata()["parameters"]]
+    assert names == list(extract_options(PipelineOptions([]))) and "model" in names and "resume" in names
+    examples = {"output": "gs://bucket/out", "input": "gs://bucket/in/*.jsonl", "include_answer": "true",
+                "resume": "true"}
+    for parameter in template_metadata()["parameters"]:
+        name = parameter["name"]
+        value = parameter.get("defaultValue") or examples[name]
+        for regex in parameter.get("regexes", []):
+            assert re.match(regex, value), (name, value, regex)
+        parsed = getattr(PipelineOptions([f"--{name}={value}"]).view_as(ExtractOptions), name)
+        assert parsed is True if value == "true" else str(parsed) == value, (name, value, parsed)
+
+
+def documented_launch_flags():
+    """Every --flag of the python launch commands in the README's Dataflow section."""
+    section = (ROOT / "README.md").read_text().split("## Running on Dataflow", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```bash\n(.*?)```", section, re.S)
+    commands = [c for block in blocks for c in block.replace("\\\n", " ").splitlines() if "beam_extract" in c]
+    return [flag for c in commands for flag in re.findall(r"(--[a-z_]+)(?==|\s|$)", c)]
+
+
+def test_documented_launch_flags_are_real_options():
+    flags = documented_launch_flags()
+    assert {"--runner", "--dataflow_service_options", "--worker_machine_type", "--experiments",
+            "--sdk_container_image", "--number_of_worker_harness_threads", "--mesh"} <= set(flags)
+    dests = PipelineOptions([]).get_all_options()
+
+    def known(flag):  # an unknown flag is kept under its own name; an alias sets its destination
+        name = flag.lstrip("-")
+        return name in dests or name not in PipelineOptions([f"{flag}=x"]).get_all_options(retain_unknown_options=True)
+
+    assert not [f for f in flags if not known(f)]
+    assert not known("--worker_machine_typo")  # the check itself can fail
+
+
+@pytest.mark.slow
+def test_extraction_through_a_local_worker_pool(tmp_path):
+    from beam_extract.__main__ import main
+    from beam_extract.output.reader import read_records
+    from beam_extract.output.writer import read_commits
+    from beam_extract.portable_local import local_worker_pool
+
+    with local_worker_pool() as (runner_args, pool):
+        main(runner_args + [f"--output={tmp_path / 'out'}", "--views_per_task=1", "--layers=1"])
+        commits = read_commits(str(tmp_path / "out"))
+        assert commits and all(c["worker"]["parent_pid"] == pool.pid for c in commits)  # DoFns ran in the pool
+    manifest = json.loads((tmp_path / "out/manifest.json").read_text())
+    assert manifest["counts"]["samples"] == 11 and manifest["counts"]["lines_unaccounted"] == 0
+    records = list(read_records(str(tmp_path / "out/resid_post/layer_01/*.tfrecord")))
+    assert len(records) == 11 and all(r["activations"].shape == (r["n_tokens"], 64) for r in records)
