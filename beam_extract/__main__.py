@@ -31,8 +31,8 @@ def summary(manifest: dict, seconds: float) -> str:
         f"  dead letters: {counts['dead_lettered']} ({reasons})",
         f"  wrote {files} TFRecord files for {len(hooks)} hooks ({stored} token activations) under {output}/",
         f"  manifest: {output}/manifest.json",
-        "  read back: from beam_extract.output.reader import read_records",
-        f"             for r in read_records('{output}/{manifest['sites'][0]}/layer_*/*.tfrecord'): "
+        "  read back: from beam_extract.output.reader import read_activations",
+        f"             for r in read_activations('{output}', '{next(iter(hooks))}'): "
         "r['activations']  # [n_tokens, d_model]",
     ])
 

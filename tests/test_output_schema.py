@@ -1,18 +1,20 @@
 """Records built without TensorFlow parse with TensorFlow, and both readers give back what was written."""
 
+import json
+
 import ml_dtypes
 import numpy as np
 import pytest
 
-from beam_extract.output.reader import read_records, tf_dataset
+from beam_extract.output.reader import read_activations, read_records, tf_dataset, token_batches
 from beam_extract.output.tfrecord import iter_tfrecord, write_record
 from beam_extract.output.schema import OUTPUT_DTYPES, decode_record, encode_record, tf_feature_spec
 
 RNG = np.random.default_rng(0)
 
 
-def record_args(n_tokens=5, d_model=8, dtype="float32", **overrides):
-    return dict(sample_id="doc#w0", hook_name="blocks.2.hook_mlp_out", layer=2,
+def record_args(n_tokens=5, d_model=8, dtype="float32", sample_id="doc#w0", **overrides):
+    return dict(sample_id=sample_id, hook_name="blocks.2.hook_mlp_out", layer=2,
                 activations=RNG.standard_normal((n_tokens, d_model)).astype(np.float32) * 30,
                 token_ids=np.arange(100, 100 + n_tokens), positions=np.arange(n_tokens) + 3,
                 output_dtype=dtype, source="in.jsonl:4", **overrides)
@@ -31,9 +33,12 @@ def test_round_trip_through_tensorflow_and_numpy_readers(tmp_path, dtype):
     args = record_args(dtype=dtype, task_id="task-1", augmentation='{"k": 1}')
     expected = args["activations"].astype(OUTPUT_DTYPES[dtype]).astype(np.float32)
     write_tfrecord(tmp_path / "a.tfrecord", [encode_record(**args)] * 2)
+    manifest = {"output_dtype": dtype, "hooks": {"blocks.2.hook_mlp_out": {"files": ["a.tfrecord"]}}}
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
 
-    numpy_records = list(read_records(str(tmp_path / "*.tfrecord")))
-    tf_records = list(tf_dataset(str(tmp_path / "*.tfrecord"), dtype=dtype).as_numpy_iterator())
+    numpy_records = list(read_activations(str(tmp_path), "blocks.2.hook_mlp_out"))
+    assert [r["sample_id"] for r in read_records(str(tmp_path / "*.tfrecord"))] == ["doc#w0"] * 2
+    tf_records = list(tf_dataset(str(tmp_path), "blocks.2.hook_mlp_out").as_numpy_iterator())
     assert len(numpy_records) == len(tf_records) == 2
     for ours, theirs in zip(numpy_records, tf_records):
         np.testing.assert_array_equal(ours["activations"], expected)
@@ -93,3 +98,26 @@ def test_our_framing_is_read_by_tensorflow(tmp_path):
             write_record(handle, payload)
     assert [r.numpy() for r in tf.data.TFRecordDataset(str(tmp_path / "ours.tfrecord"))] == payloads
     assert list(iter_tfrecord(str(tmp_path / "ours.tfrecord"))) == payloads
+
+
+def test_token_batches_shuffle_every_token_once(tmp_path):
+    payloads, expected = [], []
+    for i in range(12):
+        args = record_args(n_tokens=5 + i, d_model=3, sample_id=f"s{i}")
+        payloads.append(encode_record(**args))
+        expected.append(args["activations"])
+    for part in range(3):
+        write_tfrecord(tmp_path / f"p{part}.tfrecord", payloads[part::3])
+    files = [f"p{part}.tfrecord" for part in range(3)]
+    (tmp_path / "manifest.json").write_text(json.dumps({"output_dtype": "float32", "hooks": {"h": {"files": files}}}))
+    batches = list(token_batches(str(tmp_path), "h", batch_tokens=7, shuffle_buffer=20, seed=1))
+    assert all(b.shape == (7, 3) and b.dtype == np.float32 for b in batches)
+    everything = np.concatenate(expected)
+    assert len(batches) == len(everything) // 7
+    got = np.concatenate(batches)
+    in_order = np.concatenate([expected[i] for i in sorted(range(12), key=lambda i: (i % 3, i))])[: len(got)]
+    assert not np.array_equal(got, in_order)  # shuffled
+    rows = {tuple(r) for r in everything}
+    assert all(tuple(r) in rows for r in got) and len({tuple(r) for r in got}) == len(got)  # each token at most once
+    again = list(token_batches(str(tmp_path), "h", batch_tokens=7, shuffle_buffer=20, seed=1))
+    assert all(np.array_equal(a, b) for a, b in zip(batches, again))  # seeded

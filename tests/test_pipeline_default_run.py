@@ -118,3 +118,27 @@ def test_arc_records_carry_their_view(default_run):
         assert f"/v{view['view']}/t{view['test_index']}" in record["sample_id"]
         assert (view["hflip"], view["k"]) == (view["view"] >= 4, view["view"] % 4)
         assert sorted(view["color_map"]) == list(range(10)) and view["prompt_template"] == "output-from-examples-v1"
+
+
+@pytest.mark.slow
+def test_inspect_prints_a_table_and_writes_plots(default_run, capsys):
+    from beam_extract import inspect
+
+    workdir, _, _ = default_run
+    inspect.main([str(workdir / "activations")])
+    out = capsys.readouterr().out
+    assert "blocks.3.hook_resid_post" in out and "dead letters none" in out
+    for name in ("inspect_norms.png", "inspect_tokens.png"):
+        assert (workdir / "activations" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_sae_example_trains_on_the_default_output(default_run):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_sae", TESTS.parent / "examples/train_sae.py")
+    train_sae = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train_sae)
+    workdir, _, _ = default_run
+    losses = train_sae.train(str(workdir / "activations"), "blocks.2.hook_resid_post", steps=300)
+    assert len(losses) == 300 and np.mean(losses[-20:]) < 0.5 * losses[0]

@@ -1,35 +1,84 @@
-"""Reading activation records back: a numpy iterator (no TensorFlow) and a tf.data pipeline."""
+"""Reading activations back: by output directory and hook (local or gs://), through the manifest.
+
+- `read_activations(path, hook)`: records as dicts with numpy arrays; never imports TensorFlow.
+- `tf_dataset(path, hook)`: a tf.data.Dataset of parsed records.
+- `token_batches(path, hook, batch_tokens, shuffle_buffer, seed)`: shuffled float32
+  [batch_tokens, d_model] arrays of single tokens, for SAE training.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 
+import numpy as np
 from apache_beam.io.filesystems import FileSystems
 
+from beam_extract.output.manifest import MANIFEST_NAME, read_manifest
 from beam_extract.output.schema import OUTPUT_DTYPES, decode_record, tf_feature_spec
 from beam_extract.output.tfrecord import iter_tfrecord
+from beam_extract.output.writer import read_commits
 
 
-def match_files(pattern: str) -> list[str]:
-    return sorted(m.path for m in FileSystems.match([pattern])[0].metadata_list)
+def hook_files(path: str, hook: str) -> list[str]:
+    """The files of one hook: from the manifest of a finished run, else from the commits so far
+    (an interrupted run's committed work is complete and readable)."""
+    path = path.rstrip("/")
+    if FileSystems.exists(f"{path}/{MANIFEST_NAME}"):
+        hooks = read_manifest(path)["hooks"]
+        if hook not in hooks:
+            raise KeyError(f"{path} has no hook {hook!r}; it has {', '.join(hooks)}")
+        files = hooks[hook]["files"]
+    else:
+        files = sorted(f for commit in read_commits(path) for f in commit["hooks"].get(hook, {}).get("files", []))
+    return [f"{path}/{f}" for f in files]
 
 
 def read_records(pattern: str) -> Iterator[dict]:
-    """Every record of every file matching `pattern`, decoded (activations as float32 numpy)."""
-    for path in match_files(pattern):
+    """Every record of every file matching a glob, decoded (activations as float32 numpy)."""
+    for path in sorted(m.path for m in FileSystems.match([pattern])[0].metadata_list):
         for data in iter_tfrecord(path):
             yield decode_record(data)
 
 
-def tf_dataset(pattern: str, dtype: str = "float32"):
-    """A tf.data.Dataset of parsed records; `activations` decoded to float32 [n_tokens, d_model].
+def read_activations(path: str, hook: str) -> Iterator[dict]:
+    """Every record of `hook` under the output directory `path`, decoded."""
+    for file in hook_files(path, hook):
+        for data in iter_tfrecord(file):
+            yield decode_record(data)
 
-    `dtype` is the stored dtype (manifest.json's `output_dtype`).
-    """
+
+def token_batches(path: str, hook: str, batch_tokens: int, shuffle_buffer: int = 65536, seed: int = 0,
+                  epochs: int = 1) -> Iterator[np.ndarray]:
+    """Float32 [batch_tokens, d_model] batches of tokens drawn through a shuffle buffer of
+    `shuffle_buffer` tokens, from files visited in a seeded random order. A final partial batch is
+    dropped."""
+    rng = np.random.default_rng(seed)
+    files = hook_files(path, hook)
+    pending: list[np.ndarray] = []
+    held = 0
+    for _ in range(epochs):
+        for index in rng.permutation(len(files)):
+            for data in iter_tfrecord(files[index]):
+                tokens = decode_record(data)["activations"]
+                pending.append(tokens)
+                held += len(tokens)
+                if held >= shuffle_buffer + batch_tokens:
+                    pool = np.concatenate(pending)[rng.permutation(held)]
+                    ready = (held - shuffle_buffer) // batch_tokens * batch_tokens
+                    yield from np.split(pool[:ready], ready // batch_tokens)
+                    pending, held = [pool[ready:]], held - ready
+    if held >= batch_tokens:
+        pool = np.concatenate(pending)[rng.permutation(held)]
+        ready = held // batch_tokens * batch_tokens
+        yield from np.split(pool[:ready], ready // batch_tokens)
+
+
+def tf_dataset(path: str, hook: str):
+    """A tf.data.Dataset of parsed records of `hook`; `activations` decoded to float32 [n_tokens, d_model]."""
     import tensorflow as tf
 
     spec = tf_feature_spec()
-    stored = tf.dtypes.as_dtype(OUTPUT_DTYPES[dtype].name)
+    stored = tf.dtypes.as_dtype(OUTPUT_DTYPES[read_manifest(path)["output_dtype"]].name)
 
     def parse(serialized):
         record = tf.io.parse_single_example(serialized, spec)
@@ -38,4 +87,4 @@ def tf_dataset(pattern: str, dtype: str = "float32"):
         record["activations"] = tf.cast(tf.reshape(values, [record["n_tokens"], record["d_model"]]), tf.float32)
         return record
 
-    return tf.data.TFRecordDataset(match_files(pattern)).map(parse)
+    return tf.data.TFRecordDataset(hook_files(path, hook)).map(parse)

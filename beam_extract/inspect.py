@@ -1,0 +1,85 @@
+"""`python -m beam_extract.inspect OUT`: what an output directory holds, as a table and two plots.
+
+Prints per hook the records, stored tokens, dtype, bytes and mean token norm, and the dead letters
+by reason; writes OUT/inspect_norms.png (token L2 norms per hook) and OUT/inspect_tokens.png
+(tokens per record).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import itertools
+
+import numpy as np
+from apache_beam.io.filesystems import FileSystems
+
+from beam_extract.output.manifest import read_manifest
+from beam_extract.output.reader import read_activations
+
+SAMPLED_RECORDS = 2000  # per hook, for the plots
+
+
+def table(output: str, manifest: dict) -> str:
+    lines = [f"{'hook':<28} {'records':>9} {'tokens':>11} {'dtype':>9} {'MiB':>9} {'mean L2 norm':>13}"]
+    for name, hook in manifest["hooks"].items():
+        files = [f"{output}/{f}" for f in hook["files"]]
+        size = sum(m.size_in_bytes for r in FileSystems.match(files) for m in r.metadata_list) if files else 0
+        norm = f"{hook['mean_l2_norm']:.3f}" if hook["mean_l2_norm"] is not None else "-"
+        lines.append(f"{name:<28} {hook['records']:>9} {hook['tokens']:>11} {manifest['output_dtype']:>9} "
+                     f"{size / 2**20:>9.2f} {norm:>13}")
+    counts = manifest["counts"]
+    reasons = ", ".join(f"{k}: {v}" for k, v in counts["dead_letters"].items()) or "none"
+    lines.append(f"lines read {counts['lines_read']}, samples {counts['samples']}, dead letters {reasons}")
+    return "\n".join(lines)
+
+
+def save_png(figure, path: str) -> None:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100)
+    with FileSystems.create(path) as handle:
+        handle.write(buffer.getvalue())
+
+
+def plots(output: str, manifest: dict) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    norms, lengths = {}, {}
+    for name in manifest["hooks"]:
+        records = list(itertools.islice(read_activations(output, name), SAMPLED_RECORDS))
+        norms[name] = np.concatenate([np.linalg.norm(r["activations"], axis=-1) for r in records]) if records else []
+        lengths[name] = [r["n_tokens"] for r in records]
+    written = []
+    figure, axis = plt.subplots(figsize=(8, 5))
+    for name, values in norms.items():
+        axis.hist(values, bins=60, histtype="step", label=name)
+    axis.set(xlabel="token L2 norm", ylabel="tokens", title="Activation norms per hook")
+    axis.legend(fontsize="small")
+    written.append(f"{output}/inspect_norms.png")
+    save_png(figure, written[-1])
+    figure, axis = plt.subplots(figsize=(8, 5))
+    axis.hist(next(iter(lengths.values()), []), bins=40)
+    axis.set(xlabel="stored tokens per record", ylabel="records", title="Tokens per record")
+    written.append(f"{output}/inspect_tokens.png")
+    save_png(figure, written[-1])
+    plt.close("all")
+    return written
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m beam_extract.inspect", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("output", help="An output directory (local or gs://) with a manifest.json")
+    args = parser.parse_args(argv)
+    output = args.output.rstrip("/")
+    manifest = read_manifest(output)
+    print(table(output, manifest))
+    for path in plots(output, manifest):
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
