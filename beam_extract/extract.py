@@ -54,17 +54,18 @@ def pad_rows(batch: Batch, multiple: int) -> Batch:
 
 def batch_records(model_out: dict[Hook, np.ndarray], batch: Batch, hooks: tuple[Hook, ...],
                   output_dtype: str) -> Iterator[ActivationRecord]:
-    """One record per (sample, hook), holding only the sample's own tokens."""
+    """One record per (sample, hook), holding only the sample's selected tokens (never padding)."""
     for placement in batch.placements:
         sample, row, start = placement.sample, placement.row, placement.start
-        stop = start + len(sample.token_ids)
+        stored = slice(None) if sample.stored is None else sample.stored
+        columns = np.arange(start, start + len(sample.token_ids))[stored]
         for index, hook in enumerate(hooks):
-            values = model_out[hook][row, start:stop]
+            values = model_out[hook][row, columns]
             as_float = values.astype(np.float32)
             squared = np.einsum("td,td->t", as_float, as_float)
             example = encode_record(
                 sample_id=sample.sample_id, hook_name=hook_name(*hook), layer=hook[0], activations=values,
-                token_ids=sample.token_ids, positions=batch.positions[row, start:stop],
+                token_ids=sample.token_ids[stored], positions=batch.positions[row, columns],
                 output_dtype=output_dtype, source=f"{sample.source}:{sample.line_number}",
                 task_id=sample.task_id, augmentation=sample.augmentation,
             )

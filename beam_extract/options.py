@@ -90,6 +90,13 @@ class ExtractOptions(PipelineOptions):
         out.add_argument("--output", default="activations", help="Output directory, local or gs://")
         out.add_argument("--output_dtype", default="float32", choices=tuple(OUTPUT_DTYPES),
                          help="Storage dtype of the activations")
+        out.add_argument("--exclude_special_tokens", type=flag, nargs="?", const=True, default=True,
+                         help="Do not store <|endoftext|>, <|im_start|>, <|im_end|> and pad tokens "
+                              "(they still run through the model)")
+        out.add_argument("--positions", default=":",
+                         help="Python-style slice of each sequence's positions to store, e.g. -64: or 0:512")
+        out.add_argument("--arc_tokens", default="all", choices=("all", "test"),
+                         help="ARC: store every prompt token, or only the test input and the answer part")
         out.add_argument("--shard_size_mb", type=int, default=256,
                          help="Start a new TFRecord file once one reaches this size")
         out.add_argument("--resume", type=flag, nargs="?", const=True, default=False,

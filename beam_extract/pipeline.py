@@ -27,6 +27,7 @@ from beam_extract.output.manifest import SummarizeBatches, build_manifest, line_
 from beam_extract.output.writer import WriteCommitted, WriteDeadLetters, read_commits, remove_uncommitted
 from beam_extract.stages import (RESUMED, DropDuplicateTasks, ParseDoFn, SkipCommitted, TokenizeDoFn,
                                  expand_views)
+from beam_extract.tokenize import parse_positions
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,7 +50,8 @@ def make_job(options: PipelineOptions) -> Job:
     if "://" not in ours["output"]:
         ours["output"] = os.path.abspath(ours["output"])
     ours["output"] = ours["output"].rstrip("/")
-    load_template(ours["prompt_template"]), parse_encoder(ours["grid_encoder"])  # fail here, not on workers
+    # Fail here, not on the workers.
+    load_template(ours["prompt_template"]), parse_encoder(ours["grid_encoder"]), parse_positions(ours["positions"])
     for name in ("views_per_task", "batch_size", "max_seq_len", "shard_size_mb"):
         if ours[name] < 1:
             raise ValueError(f"--{name} must be at least 1")
@@ -90,9 +92,7 @@ def build(pipeline: beam.Pipeline, job: Job) -> None:
     tokenized = (
         records
         | "Augment" >> beam.FlatMap(expand_views, o["seed"], o["views_per_task"])
-        | "Tokenize" >> beam.ParDo(TokenizeDoFn(o["model"], o["max_seq_len"], o["prompt_template"],
-                                                o["grid_encoder"], o["include_answer"])).with_outputs(
-            DEAD_LETTER, main="samples")
+        | "Tokenize" >> beam.ParDo(TokenizeDoFn(o)).with_outputs(DEAD_LETTER, main="samples")
     )
     samples = tokenized.samples | "SkipCommitted" >> beam.ParDo(SkipCommitted(o["output"])).with_outputs(
         RESUMED, main="todo")

@@ -18,7 +18,7 @@ from beam_extract.model.weights import resolve_model_dir
 from beam_extract.options import DEFAULT_MODEL, sample_input
 from beam_extract.records import DeadLetter, parse_line
 from beam_extract.records.arc import ArcTask
-from beam_extract.tokenize import PromptSettings, Sample, load_tokenizer, to_samples
+from beam_extract.tokenize import PromptSettings, Sample, TokenSelection, load_tokenizer, to_samples
 
 
 def preview_samples(args: argparse.Namespace, tokenizer) -> Iterator[Sample | DeadLetter]:
@@ -33,7 +33,7 @@ def preview_samples(args: argparse.Namespace, tokenizer) -> Iterator[Sample | De
                 continue
             if isinstance(record, ArcTask):
                 record = ArcView(*augment(record, args.seed, args.view))
-            yield from to_samples(record, tokenizer, settings, args.max_seq_len)
+            yield from to_samples(record, tokenizer, settings, args.max_seq_len, TokenSelection())
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -16,7 +16,8 @@ from beam_extract.output.writer import read_commits
 from beam_extract.model.weights import resolve_model_dir
 from beam_extract.records import DeadLetter, parse_line
 from beam_extract.records.arc import ArcTask
-from beam_extract.tokenize import PromptSettings, Sample, load_tokenizer, to_samples
+from beam_extract.tokenize import (PromptSettings, Sample, TokenSelection, load_tokenizer, parse_positions,
+                                   special_token_ids, to_samples)
 
 
 def route(results: Iterable, stage: str):
@@ -44,9 +45,12 @@ def expand_views(record, seed: int, views_per_task: int) -> list:
 
 
 class TokenizeDoFn(beam.DoFn):
-    def __init__(self, model: str, max_seq_len: int, prompt_template: str, grid_encoder: str, include_answer: bool):
-        self._model, self._max_seq_len = model, max_seq_len
-        self._prompt = (prompt_template, grid_encoder, include_answer)
+    """Records -> samples; the tokenizer and prompt settings are loaded once per DoFn instance."""
+
+    def __init__(self, options: dict):
+        self._model, self._max_seq_len = options["model"], options["max_seq_len"]
+        self._prompt = (options["prompt_template"], options["grid_encoder"], options["include_answer"])
+        self._selection = (options["exclude_special_tokens"], options["positions"], options["arc_tokens"] == "test")
         self._dropped = Metrics.counter("arc", "train_examples_dropped")
         self._fitted = Metrics.counter("arc", "prompts_fitted_by_dropping")
 
@@ -54,9 +58,12 @@ class TokenizeDoFn(beam.DoFn):
         self._tokenizer = load_tokenizer(resolve_model_dir(self._model, weights=False))
         template, encoder, include_answer = self._prompt
         self._settings = PromptSettings(load_template(template), encoder, parse_encoder(encoder), include_answer)
+        exclude_special, positions, arc_test_only = self._selection
+        self._tokens = TokenSelection(special_token_ids(self._tokenizer) if exclude_special else frozenset(),
+                                      parse_positions(positions), arc_test_only)
 
     def process(self, record):
-        results = to_samples(record, self._tokenizer, self._settings, self._max_seq_len)
+        results = to_samples(record, self._tokenizer, self._settings, self._max_seq_len, self._tokens)
         for result in results:
             if isinstance(result, Sample) and result.train_dropped:
                 self._dropped.inc(result.train_dropped)

@@ -45,7 +45,9 @@ def template_metadata() -> dict:
             "helpText": action.help,
             "isOptional": action.dest not in GCS_PARAMETERS,
         }
-        if action.default is not None and action.default is not False and action.dest not in GCS_PARAMETERS:
+        if action.type is flag:
+            parameter["defaultValue"] = str(action.default).lower()
+        elif action.default is not None and action.dest not in GCS_PARAMETERS:
             parameter["defaultValue"] = str(action.default)
         if regexes := _regexes(action):
             parameter["regexes"] = regexes

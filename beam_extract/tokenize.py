@@ -25,6 +25,7 @@ class Sample:
     task_id: str = ""
     augmentation: str = ""  # JSON: the ARC view's parameters and how its prompt was fitted
     train_dropped: int = 0  # ARC train examples dropped to fit max_seq_len
+    stored: np.ndarray | None = None  # indices of the tokens whose activations are stored (None: all)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,20 +36,67 @@ class PromptSettings:
     include_answer: bool
 
 
+@dataclasses.dataclass(frozen=True)
+class TokenSelection:
+    """Which tokens of a sample are stored: a position slice, minus excluded special tokens, and for
+    ARC optionally only the test part (test input and answer)."""
+
+    excluded_ids: frozenset[int] = frozenset()
+    positions: slice = dataclasses.field(default_factory=lambda: slice(None))
+    arc_test_only: bool = False
+
+    def indices(self, token_ids: np.ndarray, test_start: int = 0) -> np.ndarray | None:
+        keep = np.zeros(len(token_ids), bool)
+        keep[self.positions] = True
+        if self.excluded_ids:
+            keep &= ~np.isin(token_ids, list(self.excluded_ids))
+        if self.arc_test_only:
+            keep[:test_start] = False
+        return None if keep.all() else np.flatnonzero(keep).astype(np.int32)
+
+
+def parse_positions(spec: str) -> slice:
+    """A Python-style slice of token positions: `-64:`, `:128`, `10:20`, `::2`."""
+    parts = spec.split(":")
+    try:
+        if len(parts) not in (2, 3):
+            raise ValueError
+        return slice(*(int(p) if p.strip() else None for p in parts))
+    except ValueError:
+        raise ValueError(f"--positions {spec!r}: expected a slice like -64: or 0:128") from None
+
+
+def special_token_ids(tokenizer) -> frozenset[int]:
+    """The chat and end-of-text markers and the pad token."""
+    names = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+    ids = {tokenizer.convert_tokens_to_ids(name) for name in names if name in tokenizer.get_vocab()}
+    return frozenset(ids | ({tokenizer.pad_token_id} if tokenizer.pad_token_id is not None else set()))
+
+
+def select(sample: Sample, selection: TokenSelection, test_start: int = 0) -> Sample | DeadLetter:
+    stored = selection.indices(sample.token_ids, test_start)
+    if stored is not None and not len(stored):
+        return DeadLetter(sample.source, sample.line_number, "tokenize", "no_tokens_selected",
+                          f"{sample.sample_id}: --positions and token exclusions leave no token")
+    return dataclasses.replace(sample, stored=stored)
+
+
 def load_tokenizer(model_dir: str | Path) -> transformers.PreTrainedTokenizerBase:
     return transformers.AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
 
 
-def text_samples(doc: TextDoc, tokenizer, max_seq_len: int) -> list[Sample]:
+def text_samples(doc: TextDoc, tokenizer, max_seq_len: int, selection: TokenSelection) -> list[Sample | DeadLetter]:
     """One sample per window of at most `max_seq_len` tokens (non-overlapping)."""
     ids = token_ids(tokenizer, doc.text)
     return [
-        Sample(f"{doc.doc_id}#w{start // max_seq_len}", ids[start : start + max_seq_len], doc.source, doc.line_number)
+        select(Sample(f"{doc.doc_id}#w{start // max_seq_len}", ids[start : start + max_seq_len], doc.source,
+                      doc.line_number), selection)
         for start in range(0, len(ids), max_seq_len)
     ]
 
 
-def arc_samples(view: ArcView, tokenizer, settings: PromptSettings, max_seq_len: int) -> list[Sample | DeadLetter]:
+def arc_samples(view: ArcView, tokenizer, settings: PromptSettings, max_seq_len: int,
+                selection: TokenSelection) -> list[Sample | DeadLetter]:
     """One sample per test input of the view; a prompt that cannot fit is a `too_long` dead letter."""
     task, results = view.task, []
     for prompt in build_prompts(task, tokenizer, settings.template, settings.encoder, max_seq_len,
@@ -64,18 +112,18 @@ def arc_samples(view: ArcView, tokenizer, settings: PromptSettings, max_seq_len:
             "prompt_template": settings.template.name, "grid_encoder": settings.encoder_name,
             "include_answer": settings.include_answer,
         }
-        results.append(Sample(f"{task.task_id}/v{view.params.view}/t{prompt.test_index}", prompt.token_ids,
-                              task.source, task.line_number, task_id=task.task_id,
-                              augmentation=json.dumps(augmentation, sort_keys=True),
-                              train_dropped=prompt.train_dropped))
+        sample = Sample(f"{task.task_id}/v{view.params.view}/t{prompt.test_index}", prompt.token_ids,
+                        task.source, task.line_number, task_id=task.task_id,
+                        augmentation=json.dumps(augmentation, sort_keys=True), train_dropped=prompt.train_dropped)
+        results.append(select(sample, selection, prompt.test_start))
     return results
 
 
-def to_samples(record: TextDoc | ArcView, tokenizer, settings: PromptSettings,
-               max_seq_len: int) -> list[Sample | DeadLetter]:
+def to_samples(record: TextDoc | ArcView, tokenizer, settings: PromptSettings, max_seq_len: int,
+               selection: TokenSelection) -> list[Sample | DeadLetter]:
     try:
         if isinstance(record, ArcView):
-            return arc_samples(record, tokenizer, settings, max_seq_len)
-        return text_samples(record, tokenizer, max_seq_len)
+            return arc_samples(record, tokenizer, settings, max_seq_len, selection)
+        return text_samples(record, tokenizer, max_seq_len, selection)
     except Exception as error:  # a tokenizer failure on one record must not stop the job
         return [DeadLetter(record.source, record.line_number, "tokenize", "tokenizer_error", repr(error)[:500])]

@@ -49,7 +49,7 @@ def test_metadata_is_generated_from_the_options():
         for regex in parameter.get("regexes", []):
             assert re.match(regex, value), (name, value, regex)
         parsed = getattr(PipelineOptions([f"--{name}={value}"]).view_as(ExtractOptions), name)
-        assert parsed is True if value == "true" else str(parsed) == value, (name, value, parsed)
+        assert parsed is (value == "true") if value in ("true", "false") else str(parsed) == value, (name, parsed)
 
 
 def documented_launch_flags():

@@ -75,6 +75,7 @@ def test_pipeline_on_an_eight_device_mesh(tmp_path):
 
     log = tmp_path / "connections.log"
     result = run_guarded(["--mesh=data:4,model:2", "--output=out", "--sites=resid_mid", "--layers=0,3",
+                          "--exclude_special_tokens=false",
                           "--views_per_task=2"], tmp_path, log,
                          XLA_FLAGS="--xla_force_host_platform_device_count=8")
     assert result.returncode == 0, result.stderr[-5000:]

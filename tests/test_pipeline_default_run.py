@@ -72,8 +72,34 @@ def test_manifest_describes_the_run(default_run):
         assert on_disk == hook["files"]  # nothing but committed files (no temporaries left)
     assert counts["lines_unaccounted"] == 0 and counts["samples_committed_twice"] == 0
     batching = manifest["batching"]
-    assert batching["real_tokens"] == manifest["hooks"]["blocks.0.hook_resid_post"]["tokens"]
+    sequences = full_sequences()
+    assert batching["real_tokens"] == sum(len(s) for s in sequences.values())  # every token ran, padding aside
+    specials = sum(int(np.isin(s, [151643, 151644, 151645]).sum()) for s in sequences.values())
+    assert manifest["hooks"]["blocks.0.hook_resid_post"]["tokens"] == batching["real_tokens"] - specials
     assert batching["compilations"] == len(batching["row_lengths"])  # one compile per row length, one process
+
+
+@pytest.mark.slow
+def full_sequences() -> dict:
+    """sample id -> every token of the sequence the model saw, rebuilt from the packaged input."""
+    from beam_extract.arc.encoders import DEFAULT_ENCODER, parse_encoder
+    from beam_extract.arc.prompt import DEFAULT_TEMPLATE, load_template
+    from beam_extract.io.sources import match_paths, read_lines
+    from beam_extract.model.weights import resolve_model_dir
+    from beam_extract.options import sample_input
+    from beam_extract.records import parse_line
+    from beam_extract.stages import expand_views
+    from beam_extract.tokenize import PromptSettings, TokenSelection, load_tokenizer, to_samples
+
+    tokenizer = load_tokenizer(resolve_model_dir("tiny-random-qwen2", weights=False))
+    settings = PromptSettings(load_template(DEFAULT_TEMPLATE), DEFAULT_ENCODER, parse_encoder(DEFAULT_ENCODER), False)
+    sequences = {}
+    for path in match_paths(sample_input()):
+        for line in read_lines(path):
+            for record in expand_views(parse_line(line, "auto"), 0, 8):
+                for sample in to_samples(record, tokenizer, settings, 8192, TokenSelection()):
+                    sequences[sample.sample_id] = sample.token_ids
+    return sequences
 
 
 @pytest.mark.slow
@@ -86,6 +112,8 @@ def test_records_read_back_with_tensorflow_equal_a_direct_forward(default_run):
     workdir, _, _ = default_run
     model = load_model("tiny-random-qwen2")
     spec = tf_feature_spec()
+    sequences = full_sequences()
+    specials = {151643, 151644, 151645}
     for layer in range(4):
         files = sorted((workdir / f"activations/resid_post/layer_{layer:02d}").glob("*.tfrecord"))
         records = [tf.io.parse_single_example(raw, spec) for raw in tf.data.TFRecordDataset([str(f) for f in files])]
@@ -97,9 +125,12 @@ def test_records_read_back_with_tensorflow_equal_a_direct_forward(default_run):
             n, d = int(record["n_tokens"]), int(record["d_model"])
             token_ids = tf.sparse.to_dense(record["token_ids"]).numpy()
             positions = tf.sparse.to_dense(record["positions"]).numpy()
-            assert len(token_ids) == n and d == 64 and list(positions) == list(range(n))
+            full = sequences[record["sample_id"].numpy().decode()]
+            # Special tokens are not stored by default; every other token is, at its position.
+            assert list(positions) == [i for i, t in enumerate(full) if t not in specials]
+            assert len(token_ids) == n and d == 64 and list(token_ids) == list(full[positions])
             stored = tf.io.decode_raw(record["activations"], tf.float32).numpy().reshape(n, d)
-            direct = model.run_with_cache(token_ids[None], [hook])[hook][0]
+            direct = model.run_with_cache(full[None], [hook])[hook][0][positions]
             np.testing.assert_allclose(stored, direct, rtol=0, atol=1e-5 * max(1.0, np.abs(direct).max()))
 
 

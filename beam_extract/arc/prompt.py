@@ -74,12 +74,21 @@ class Prompt:
     text: str
     token_ids: np.ndarray  # int32
     train_dropped: int  # train examples dropped from the end to fit max_seq_len
+    test_start: int  # index of the first token of the test input: the test part runs from here to the end
 
 
 @dataclasses.dataclass(frozen=True)
 class PromptTooLong:
     test_index: int
     tokens_with_one_example: int
+
+
+def _test_start(tokenizer, text: str, messages: list[dict[str, str]], encoded_input: str) -> int:
+    """The token where the test input begins: its last occurrence before the assistant's answer."""
+    answer_at = text.rindex(messages[-1]["content"])
+    char = text.rindex(encoded_input, 0, answer_at) if encoded_input in text[:answer_at] else answer_at
+    offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    return next(i for i, (_, end) in enumerate(offsets) if end > char)
 
 
 def token_ids(tokenizer, text: str) -> np.ndarray:
@@ -95,11 +104,14 @@ def build_prompts(task: ArcTask, tokenizer, template: PromptTemplate, encoder: E
     results: list[Prompt | PromptTooLong] = []
     for test_index, (test_input, test_output) in enumerate(task.test):
         answer = encoder.encode(test_output) if include_answer and test_output is not None else ANSWER_PREFIX
+        encoded_input = encoder.encode(test_input)
         for kept in range(len(pairs), 0, -1):
-            text = render_chat(tokenizer, template.render(pairs[:kept], encoder.encode(test_input), answer))
+            messages = template.render(pairs[:kept], encoded_input, answer)
+            text = render_chat(tokenizer, messages)
             ids = token_ids(tokenizer, text)
             if len(ids) <= max_seq_len:
-                results.append(Prompt(test_index, text, ids, len(pairs) - kept))
+                results.append(Prompt(test_index, text, ids, len(pairs) - kept,
+                                      _test_start(tokenizer, text, messages, encoded_input)))
                 break
         else:
             results.append(PromptTooLong(test_index, len(ids)))
