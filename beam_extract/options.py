@@ -11,6 +11,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from beam_extract.arc.encoders import DEFAULT_ENCODER
 from beam_extract.arc.prompt import BUILTIN_TEMPLATES, DEFAULT_TEMPLATE
 from beam_extract.batching import PACKING_MODES
+from beam_extract.legacy import add_legacy_arguments
 from beam_extract.model.qwen2 import SITES
 from beam_extract.output.schema import OUTPUT_DTYPES
 
@@ -102,6 +103,7 @@ class ExtractOptions(PipelineOptions):
         out.add_argument("--resume", type=flag, nargs="?", const=True, default=False,
                          help="Continue an interrupted run into the same --output: samples it already "
                               "committed are skipped, nothing is written twice")
+        add_legacy_arguments(parser)
 
 
 def parse_layers(spec: str, num_layers: int) -> tuple[int, ...]:
@@ -133,4 +135,9 @@ def extract_options(options: PipelineOptions) -> dict:
     parser = argparse.ArgumentParser()
     ExtractOptions._add_argparse_args(parser)
     view = options.view_as(ExtractOptions)
-    return {action.dest: getattr(view, action.dest) for action in parser._actions if action.dest != "help"}
+    return {action.dest: getattr(view, action.dest) for action in parser._actions if is_ours(action)}
+
+
+def is_ours(action: argparse.Action) -> bool:
+    """Our current options; not --help, and not the old scripts' hidden flags."""
+    return action.dest != "help" and action.help != argparse.SUPPRESS

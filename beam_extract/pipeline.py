@@ -18,7 +18,8 @@ from beam_extract.arc.encoders import parse_encoder
 from beam_extract.arc.prompt import load_template
 from beam_extract.batching import BatchPlan, BatchSamples, parse_buckets
 from beam_extract.extract import BATCH_STATS, DEAD_LETTER, ExtractDoFn
-from beam_extract.io.sources import ReadLines
+from beam_extract.io.sources import ReadLines, expand_input
+from beam_extract.legacy import legacy_rewrites
 from beam_extract.model.config import ModelConfig, config_from_hf, load_hf_config
 from beam_extract.model.qwen2 import Hook
 from beam_extract.model.weights import resolve_model_dir, weights_checksum
@@ -45,8 +46,8 @@ class Job:
 
 
 def make_job(options: PipelineOptions) -> Job:
-    ours = extract_options(options)
-    ours["input"] = ours["input"] or sample_input()
+    ours = legacy_rewrites(options, extract_options(options))
+    ours["input"] = expand_input(ours["input"] or sample_input())
     if "://" not in ours["output"]:
         ours["output"] = os.path.abspath(ours["output"])
     ours["output"] = ours["output"].rstrip("/")

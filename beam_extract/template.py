@@ -12,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-from beam_extract.options import ExtractOptions, flag
+from beam_extract.options import ExtractOptions, flag, is_ours
 
 METADATA = Path(__file__).resolve().parent.parent / "templates" / "metadata.json"
 GCS_PATH = r"^gs:\/\/[^\n\r]+$"
@@ -37,7 +37,7 @@ def template_metadata() -> dict:
     ExtractOptions._add_argparse_args(parser)
     parameters = []
     for action in parser._actions:
-        if action.dest == "help":
+        if not is_ours(action):
             continue
         parameter = {
             "name": action.dest,

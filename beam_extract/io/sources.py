@@ -24,6 +24,19 @@ def read_lines(path: str) -> Iterator[SourceLine]:
             yield SourceLine(path, number, line.rstrip(b"\r\n"))
 
 
+# The predecessor's sharded dataset: DIR/master_metadata.json and DIR/shard_NNN/chunk_*.jsonl.
+SHARDED_DATASET_MARKER = "master_metadata.json"
+SHARDED_DATASET_FILES = "shard_*/chunk_*.jsonl"
+
+
+def expand_input(pattern: str) -> str:
+    """A glob as given, or the chunk files of an old-layout sharded dataset directory."""
+    directory = pattern.rstrip("/")
+    if FileSystems.exists(f"{directory}/{SHARDED_DATASET_MARKER}"):
+        return f"{directory}/{SHARDED_DATASET_FILES}"
+    return pattern
+
+
 def match_paths(pattern: str) -> list[str]:
     """Sorted paths matching a glob; an error if none match."""
     paths = sorted(m.path for m in FileSystems.match([pattern])[0].metadata_list)
