@@ -9,6 +9,7 @@ those of an unpacked run. Padding is compute we pay for, never data we store.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import threading
 import uuid
 from collections.abc import Sequence
@@ -194,6 +195,27 @@ class BatchDoFn(beam.DoFn):
             buffer.add(sample)
         weight.write(sum(len(s.token_ids) for s in leftover) if packed else len(leftover))
         yield from batches
+
+
+def seeded_key(sample: Sample, seed: int) -> tuple[bytes, Sample]:
+    return hashlib.sha256(f"{seed}\x00{sample.sample_id}".encode()).digest()[:8], sample
+
+
+class ShuffleSamples(beam.PTransform):
+    """Redistributes samples by a seeded hash of their id, so batches (and the files written from
+    them) mix documents from all over the input instead of following input order."""
+
+    def __init__(self, seed: int):
+        super().__init__()
+        self._seed = seed
+
+    def expand(self, samples):
+        return (
+            samples
+            | "SeededKey" >> beam.Map(seeded_key, self._seed)
+            | "Group" >> beam.GroupByKey()
+            | "Ungroup" >> beam.FlatMap(lambda keyed: keyed[1])
+        )
 
 
 class BatchSamples(beam.PTransform):

@@ -98,6 +98,9 @@ class ExtractOptions(PipelineOptions):
                          help="Python-style slice of each sequence's positions to store, e.g. -64: or 0:512")
         out.add_argument("--arc_tokens", default="all", choices=("all", "test"),
                          help="ARC: store every prompt token, or only the test input and the answer part")
+        out.add_argument("--shuffle", type=flag, nargs="?", const=True, default=False,
+                         help="Shuffle samples across documents and files before batching, and records within "
+                              "each file (seeded by --seed), so consecutive records come from different documents")
         out.add_argument("--shard_size_mb", type=int, default=256,
                          help="Start a new TFRecord file once one reaches this size")
         out.add_argument("--resume", type=flag, nargs="?", const=True, default=False,

@@ -16,7 +16,7 @@ from apache_beam.runners.runner import PipelineResult
 
 from beam_extract.arc.encoders import parse_encoder
 from beam_extract.arc.prompt import load_template
-from beam_extract.batching import BatchPlan, BatchSamples, parse_buckets
+from beam_extract.batching import BatchPlan, BatchSamples, ShuffleSamples, parse_buckets
 from beam_extract.extract import BATCH_STATS, DEAD_LETTER, ExtractDoFn
 from beam_extract.io.sources import ReadLines, expand_input
 from beam_extract.legacy import legacy_rewrites
@@ -97,14 +97,15 @@ def build(pipeline: beam.Pipeline, job: Job) -> None:
     )
     samples = tokenized.samples | "SkipCommitted" >> beam.ParDo(SkipCommitted(o["output"])).with_outputs(
         RESUMED, main="todo")
+    todo = samples.todo | "Shuffle" >> ShuffleSamples(o["seed"]) if o["shuffle"] else samples.todo
     extracted = (
-        samples.todo
+        todo
         | "Batch" >> BatchSamples(job.plan)
         | "Extract" >> beam.ParDo(ExtractDoFn(o["model"], o["dtype"], o["mesh"], job.hooks, o["output_dtype"]))
         .with_outputs(DEAD_LETTER, BATCH_STATS, main="records")
     )
-    commits = extracted.records | "Write" >> beam.ParDo(WriteCommitted(o["output"], job.hooks,
-                                                                        o["shard_size_mb"] << 20))
+    commits = extracted.records | "Write" >> beam.ParDo(WriteCommitted(
+        o["output"], job.hooks, o["shard_size_mb"] << 20, o["seed"] if o["shuffle"] else None))
     dead = ((parsed[DEAD_LETTER], duplicates, tokenized[DEAD_LETTER], extracted[DEAD_LETTER])
             | "AllDeadLetters" >> beam.Flatten())
     dead_letter_files = dead | "WriteDeadLetters" >> WriteDeadLetters(o["output"])

@@ -80,3 +80,31 @@ def test_killed_run_resumes_to_the_same_output(tmp_path):
     assert got == expected  # same activation bytes, though batched differently
     assert not list((tmp_path / "resumed").rglob(".*.tmp"))  # the killed run's temporaries are gone
     assert not (tmp_path / "connections.log").exists()
+
+
+@pytest.mark.slow
+def test_shuffled_output_holds_the_same_records_in_another_order(tmp_path):
+    from beam_extract.output.reader import hook_files
+    from beam_extract.output.tfrecord import iter_tfrecord
+    from beam_extract.output.schema import decode_record
+
+    pattern = make_inputs(tmp_path, files=3, docs=20)
+    common = [f"--input={pattern}", "--input_format=text", "--max_seq_len=256", "--layers=1", "--batch_size=2"]
+    runs = {"plain": [], "shuffled": ["--shuffle", "--seed=5"], "again": ["--shuffle", "--seed=5"],
+            "other": ["--shuffle", "--seed=6"]}
+    for name, extra in runs.items():
+        process = start(common + [f"--output={name}"] + extra, tmp_path)
+        assert process.wait(timeout=600) == 0, process.stderr.read()[-3000:]
+
+    def order(name):
+        files = hook_files(str(tmp_path / name), "blocks.1.hook_resid_post")
+        return [[decode_record(data)["sample_id"] for data in iter_tfrecord(f)] for f in files]
+
+    plain, shuffled = order("plain"), order("shuffled")
+    assert sorted(s for f in plain for s in f) == sorted(s for f in shuffled for s in f)
+    ids = [s for f in plain for s in f]
+    assert len(set(ids)) == len(ids) >= 60  # every window of every document, once
+    assert plain != shuffled and order("again") == shuffled and order("other") != shuffled
+    # Consecutive records in a shuffled file seldom come from the same input file.
+    neighbours = [(a.split("d")[0], b.split("d")[0]) for f in shuffled for a, b in zip(f, f[1:])]
+    assert sum(a == b for a, b in neighbours) < 0.75 * len(neighbours)

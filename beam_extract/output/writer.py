@@ -16,6 +16,7 @@ import socket
 import uuid
 
 import apache_beam as beam
+import numpy as np
 from apache_beam.io.filesystems import FileSystems
 
 from beam_extract.model import hook_name
@@ -54,14 +55,18 @@ class WriteCommitted(beam.DoFn):
     """One batch's records -> files per hook (rolled over at `shard_bytes`) and a commit; yields the
     commit id. The commit id hashes the batch's sample ids: a retried batch rewrites the same names."""
 
-    def __init__(self, output: str, hooks: tuple[Hook, ...], shard_bytes: int):
+    def __init__(self, output: str, hooks: tuple[Hook, ...], shard_bytes: int, shuffle_seed: int | None = None):
         self._output, self._hooks, self._shard_bytes = output, hooks, shard_bytes
+        self._shuffle_seed = shuffle_seed  # None: records keep batch order
 
     def process(self, records: list):
         if not records:
             return
         samples = sorted({record.sample_id for record in records})
         commit = hashlib.sha256("\n".join(samples).encode()).hexdigest()[:20]
+        if self._shuffle_seed is not None:
+            rng = np.random.default_rng([self._shuffle_seed, int(commit, 16) % 2**63])
+            records = [records[i] for i in rng.permutation(len(records))]
         hooks = {}
         for index, hook in enumerate(self._hooks):
             mine = [record for record in records if record.hook_index == index]
