@@ -24,7 +24,7 @@ from beam_extract.model.config import ModelConfig, config_from_hf, load_hf_confi
 from beam_extract.model.qwen2 import Hook
 from beam_extract.model.weights import resolve_model_dir, weights_checksum
 from beam_extract.options import extract_options, parse_layers, parse_sites, sample_input
-from beam_extract.output.manifest import SummarizeBatches, build_manifest, line_outcome, write_manifest
+from beam_extract.output.manifest import CountLineOutcomes, SummarizeBatches, build_manifest, write_manifest
 from beam_extract.output.writer import WriteCommitted, WriteDeadLetters, read_commits, remove_uncommitted
 from beam_extract.stages import (RESUMED, DropDuplicateTasks, ParseDoFn, SkipCommitted, TokenizeDoFn,
                                  expand_views)
@@ -114,14 +114,15 @@ def build(pipeline: beam.Pipeline, job: Job) -> None:
     # dead-lettered; the manifest counts both and what is left over (which must be zero).
     outcomes = (
         (extracted.records
-         | "LineWithSample" >> beam.FlatMap(lambda rs: [((r.source, r.line_number), "sample") for r in rs
+         | "LineWithSample" >> beam.FlatMap(lambda rs: [(r.source, (r.line_number, True)) for r in rs
                                                         if r.hook_index == 0]),
-         samples[RESUMED] | "LineResumed" >> beam.Map(lambda s: ((s.source, s.line_number), "sample")),
-         dead | "LineDead" >> beam.Map(lambda d: ((d.source, d.line_number), "dead")))
+         samples[RESUMED] | "LineResumed" >> beam.Map(lambda s: (s.source, (s.line_number, True))),
+         dead | "LineDead" >> beam.Map(lambda d: (d.source, (d.line_number, False))))
         | "AllOutcomes" >> beam.Flatten()
-        | "ByLine" >> beam.GroupByKey()
-        | "Outcome" >> beam.MapTuple(line_outcome)
-        | "CountOutcomes" >> beam.combiners.Count.PerElement()
+        | "PerFile" >> beam.CombinePerKey(CountLineOutcomes())
+        | "FileCounts" >> beam.Values()
+        | "AllFiles" >> beam.CombineGlobally(lambda counts: {
+            kind: sum(c[kind] for c in counts) for kind in ("with_samples", "dead_lettered")})
     )
     (
         pipeline
@@ -129,7 +130,7 @@ def build(pipeline: beam.Pipeline, job: Job) -> None:
         | "Manifest" >> beam.Map(
             _finish, job,
             lines_read=count(lines, "CountLines"),
-            lines=beam.pvalue.AsDict(outcomes),
+            lines=beam.pvalue.AsSingleton(outcomes),
             samples=count(samples.todo, "CountSamples"),
             resumed=count(samples[RESUMED], "CountResumed"),
             dead_letters=beam.pvalue.AsDict(

@@ -7,6 +7,7 @@ import datetime
 from importlib import metadata
 
 import apache_beam as beam
+import numpy as np
 
 from beam_extract.model import hook_name
 from beam_extract.model.config import ModelConfig
@@ -18,9 +19,43 @@ FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 
 
-def line_outcome(line: tuple[str, int], outcomes) -> str:
-    """A line that produced any sample counts as such, even if some of its samples failed."""
-    return "with_samples" if "sample" in outcomes else "dead_lettered"
+class CountLineOutcomes(beam.CombineFn):
+    """(line number, produced a sample?) of one input file -> {with_samples, dead_lettered}.
+
+    A line that produced any sample counts as such, even if some of its samples failed. Lines are
+    bits in two bitmaps, so a file of millions of lines costs a few hundred kilobytes, not a shuffle
+    of one element per line."""
+
+    def create_accumulator(self):
+        return bytearray(), bytearray()  # lines with samples, lines with dead letters
+
+    @staticmethod
+    def _mark(bits: bytearray, line: int) -> None:
+        index = line >> 3
+        if index >= len(bits):
+            bits.extend(bytes(index + 1 - len(bits)))
+        bits[index] |= 1 << (line & 7)
+
+    def add_input(self, acc, outcome):
+        line, produced = outcome
+        self._mark(acc[0] if produced else acc[1], line)
+        return acc
+
+    def merge_accumulators(self, accumulators):
+        merged = [np.zeros(0, np.uint8), np.zeros(0, np.uint8)]
+        for acc in accumulators:
+            for i in range(2):
+                bits = np.frombuffer(bytes(acc[i]), np.uint8)
+                size = max(len(bits), len(merged[i]))
+                merged[i] = np.pad(merged[i], (0, size - len(merged[i]))) | np.pad(bits, (0, size - len(bits)))
+        return bytearray(merged[0].tobytes()), bytearray(merged[1].tobytes())
+
+    def extract_output(self, acc):
+        samples, dead = (np.frombuffer(bytes(b), np.uint8) for b in acc)
+        size = max(len(samples), len(dead))
+        samples, dead = np.pad(samples, (0, size - len(samples))), np.pad(dead, (0, size - len(dead)))
+        return {"with_samples": int(np.unpackbits(samples).sum()),
+                "dead_lettered": int(np.unpackbits(dead & ~samples).sum())}
 
 
 def build_manifest(*, options: dict, config: ModelConfig, weights_sha256: str, hooks: tuple[Hook, ...],

@@ -116,7 +116,8 @@ def remove_uncommitted(output: str, hooks: tuple[Hook, ...], commits: list[dict]
 
 
 class WriteDeadLetters(beam.PTransform):
-    """Dead letters as JSON lines under OUT/dead_letter/ (an empty file when there are none)."""
+    """Dead letters as JSON lines under OUT/dead_letter/. The runner picks the number of files, so
+    millions of dead letters are never gathered into one worker's memory."""
 
     def __init__(self, output: str):
         super().__init__()
@@ -126,6 +127,5 @@ class WriteDeadLetters(beam.PTransform):
         return (
             dead_letters
             | "ToJson" >> beam.Map(lambda letter: letter.to_json())
-            | "Write" >> beam.io.WriteToText(f"{self._output}/dead_letter/part", file_name_suffix=".jsonl",
-                                             num_shards=1)
+            | "Write" >> beam.io.WriteToText(f"{self._output}/dead_letter/part", file_name_suffix=".jsonl")
         )
