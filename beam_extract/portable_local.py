@@ -52,7 +52,7 @@ def local_worker_pool() -> Iterator[tuple[list[str], subprocess.Popen]]:
     try:
         wait_for_port(job_port, job_service)
         wait_for_port(pool_port, pool)
-        yield [f"--runner=PortableRunner", f"--job_endpoint=localhost:{job_port}", "--environment_type=EXTERNAL",
+        yield ["--runner=PortableRunner", f"--job_endpoint=localhost:{job_port}", "--environment_type=EXTERNAL",
                f"--environment_config=localhost:{pool_port}"], pool
     finally:
         for process in (pool, job_service):
