@@ -24,7 +24,8 @@ from beam_extract.model.config import ModelConfig, config_from_hf, load_hf_confi
 from beam_extract.model.qwen2 import Hook
 from beam_extract.model.weights import resolve_model_dir, weights_checksum
 from beam_extract.options import extract_options, parse_layers, parse_sites, sample_input
-from beam_extract.output.manifest import CountLineOutcomes, SummarizeBatches, build_manifest, write_manifest
+from beam_extract.output.manifest import (CountLineOutcomes, LineBitmaps, SummarizeBatches, build_manifest,
+                                          write_manifest)
 from beam_extract.output.writer import WriteCommitted, WriteDeadLetters, read_commits, remove_uncommitted
 from beam_extract.stages import (RESUMED, DropDuplicateTasks, ParseDoFn, SkipCommitted, TokenizeDoFn,
                                  expand_views)
@@ -86,8 +87,8 @@ def count(pcoll, label: str):
 
 def build(pipeline: beam.Pipeline, job: Job) -> None:
     o = job.options
-    lines = pipeline | "ReadLines" >> ReadLines(o["input"])
-    parsed = lines | "Parse" >> beam.ParDo(ParseDoFn(o["input_format"], o["text_field"])).with_outputs(
+    lines_read = pipeline | "ReadLines" >> ReadLines(o["input"])
+    parsed = lines_read | "Parse" >> beam.ParDo(ParseDoFn(o["input_format"], o["text_field"])).with_outputs(
         DEAD_LETTER, main="records")
     records, duplicates = parsed.records | "UniqueTaskIds" >> DropDuplicateTasks()
     tokenized = (
@@ -106,19 +107,30 @@ def build(pipeline: beam.Pipeline, job: Job) -> None:
     )
     commits = extracted.records | "Write" >> beam.ParDo(WriteCommitted(
         o["output"], job.hooks, o["shard_size_mb"] << 20, o["seed"] if o["shuffle"] else None))
-    dead = ((parsed[DEAD_LETTER], duplicates, tokenized[DEAD_LETTER], extracted[DEAD_LETTER])
-            | "AllDeadLetters" >> beam.Flatten())
-    dead_letter_files = dead | "WriteDeadLetters" >> WriteDeadLetters(o["output"])
-
-    # Accounting: every line read either produced samples (now or in the run being resumed) or was
-    # dead-lettered; the manifest counts both and what is left over (which must be zero).
-    outcomes = (
-        (extracted.records
-         | "LineWithSample" >> beam.FlatMap(lambda rs: [(r.source, (r.line_number, True)) for r in rs
-                                                        if r.hook_index == 0]),
-         samples[RESUMED] | "LineResumed" >> beam.Map(lambda s: (s.source, (s.line_number, True))),
-         dead | "LineDead" >> beam.Map(lambda d: (d.source, (d.line_number, False))))
-        | "AllOutcomes" >> beam.Flatten()
+    # Dead letters and the accounting of lines are handled per stage; only small results (file
+    # names, counts, per-file bitmaps) are flattened, so no runner gathers every dead letter.
+    dead_by_stage = {"parse": parsed[DEAD_LETTER], "dedup": duplicates, "tokenize": tokenized[DEAD_LETTER],
+                     "extract": extracted[DEAD_LETTER]}
+    dead_letter_files, reasons, line_bitmaps = [], [], []
+    for stage, letters in dead_by_stage.items():
+        dead_letter_files.append(letters | f"WriteDeadLetters[{stage}]" >> WriteDeadLetters(o["output"], stage))
+        reasons.append(letters | f"Reasons[{stage}]" >> beam.Map(lambda d: d.reason)
+                       | f"CountReasons[{stage}]" >> beam.combiners.Count.PerElement())
+        line_bitmaps.append(letters | f"LinesDead[{stage}]" >> beam.Map(lambda d: (d.source, (d.line_number, False)))
+                            | f"BitmapsDead[{stage}]" >> beam.CombinePerKey(LineBitmaps()))
+    # Every line read either produced samples (now or in the run being resumed) or was dead-lettered.
+    line_bitmaps += [
+        extracted.records
+        | "LinesWithSample" >> beam.FlatMap(lambda rs: [(r.source, (r.line_number, True)) for r in rs
+                                                        if r.hook_index == 0])
+        | "BitmapsWritten" >> beam.CombinePerKey(LineBitmaps()),
+        samples[RESUMED]
+        | "LinesResumed" >> beam.Map(lambda s: (s.source, (s.line_number, True)))
+        | "BitmapsResumed" >> beam.CombinePerKey(LineBitmaps()),
+    ]
+    lines = (
+        line_bitmaps
+        | "AllBitmaps" >> beam.Flatten()
         | "PerFile" >> beam.CombinePerKey(CountLineOutcomes())
         | "FileCounts" >> beam.Values()
         | "AllFiles" >> beam.CombineGlobally(lambda counts: {
@@ -129,16 +141,16 @@ def build(pipeline: beam.Pipeline, job: Job) -> None:
         | "Once" >> beam.Create([None])
         | "Manifest" >> beam.Map(
             _finish, job,
-            lines_read=count(lines, "CountLines"),
-            lines=beam.pvalue.AsSingleton(outcomes),
+            lines_read=count(lines_read, "CountLines"),
+            lines=beam.pvalue.AsSingleton(lines),
             samples=count(samples.todo, "CountSamples"),
             resumed=count(samples[RESUMED], "CountResumed"),
-            dead_letters=beam.pvalue.AsDict(
-                dead | "Reasons" >> beam.Map(lambda d: d.reason) | "CountReasons" >> beam.combiners.Count.PerElement()),
+            dead_letters=beam.pvalue.AsDict(reasons | "AllReasons" >> beam.Flatten()
+                                            | "SumReasons" >> beam.CombinePerKey(sum)),
             batching=beam.pvalue.AsSingleton(extracted[BATCH_STATS] | "SummarizeBatches" >> beam.CombineGlobally(
                 SummarizeBatches())),
             commits_this_run=count(commits, "CountCommits"),
-            dead_letter_files=beam.pvalue.AsList(dead_letter_files),
+            dead_letter_files=beam.pvalue.AsList(dead_letter_files | "AllDeadLetterFiles" >> beam.Flatten()),
         )
     )
 

@@ -19,41 +19,56 @@ FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 
 
-class CountLineOutcomes(beam.CombineFn):
-    """(line number, produced a sample?) of one input file -> {with_samples, dead_lettered}.
+def _union(a: bytes, b: bytes) -> bytes:
+    size = max(len(a), len(b))
+    return (np.pad(np.frombuffer(a, np.uint8), (0, size - len(a)))
+            | np.pad(np.frombuffer(b, np.uint8), (0, size - len(b)))).tobytes()
 
-    A line that produced any sample counts as such, even if some of its samples failed. Lines are
-    bits in two bitmaps, so a file of millions of lines costs a few hundred kilobytes, not a shuffle
-    of one element per line."""
+
+class LineBitmaps(beam.CombineFn):
+    """(line number, produced a sample?) of one input file -> two bitmaps of line numbers: lines
+    with a sample, lines with a dead letter. A file of millions of lines costs kilobytes."""
 
     def create_accumulator(self):
-        return bytearray(), bytearray()  # lines with samples, lines with dead letters
-
-    @staticmethod
-    def _mark(bits: bytearray, line: int) -> None:
-        index = line >> 3
-        if index >= len(bits):
-            bits.extend(bytes(index + 1 - len(bits)))
-        bits[index] |= 1 << (line & 7)
+        return bytearray(), bytearray()
 
     def add_input(self, acc, outcome):
         line, produced = outcome
-        self._mark(acc[0] if produced else acc[1], line)
+        bits = acc[0] if produced else acc[1]
+        if line >> 3 >= len(bits):
+            bits.extend(bytes((line >> 3) + 1 - len(bits)))
+        bits[line >> 3] |= 1 << (line & 7)
         return acc
 
     def merge_accumulators(self, accumulators):
-        merged = [np.zeros(0, np.uint8), np.zeros(0, np.uint8)]
+        samples, dead = b"", b""
         for acc in accumulators:
-            for i in range(2):
-                bits = np.frombuffer(bytes(acc[i]), np.uint8)
-                size = max(len(bits), len(merged[i]))
-                merged[i] = np.pad(merged[i], (0, size - len(merged[i]))) | np.pad(bits, (0, size - len(bits)))
-        return bytearray(merged[0].tobytes()), bytearray(merged[1].tobytes())
+            samples, dead = _union(samples, bytes(acc[0])), _union(dead, bytes(acc[1]))
+        return bytearray(samples), bytearray(dead)
 
     def extract_output(self, acc):
-        samples, dead = (np.frombuffer(bytes(b), np.uint8) for b in acc)
-        size = max(len(samples), len(dead))
-        samples, dead = np.pad(samples, (0, size - len(samples))), np.pad(dead, (0, size - len(dead)))
+        return bytes(acc[0]), bytes(acc[1])
+
+
+class CountLineOutcomes(beam.CombineFn):
+    """Bitmap pairs of one file (from several stages) -> {with_samples, dead_lettered}. A line that
+    produced any sample counts as such, even if some of its samples failed."""
+
+    def create_accumulator(self):
+        return b"", b""
+
+    def add_input(self, acc, bitmaps):
+        return _union(acc[0], bitmaps[0]), _union(acc[1], bitmaps[1])
+
+    def merge_accumulators(self, accumulators):
+        merged = self.create_accumulator()
+        for acc in accumulators:
+            merged = self.add_input(merged, acc)
+        return merged
+
+    def extract_output(self, acc):
+        size = max(len(acc[0]), len(acc[1]))
+        samples, dead = (np.pad(np.frombuffer(b, np.uint8), (0, size - len(b))) for b in acc)
         return {"with_samples": int(np.unpackbits(samples).sum()),
                 "dead_lettered": int(np.unpackbits(dead & ~samples).sum())}
 

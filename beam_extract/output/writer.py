@@ -116,16 +116,16 @@ def remove_uncommitted(output: str, hooks: tuple[Hook, ...], commits: list[dict]
 
 
 class WriteDeadLetters(beam.PTransform):
-    """Dead letters as JSON lines under OUT/dead_letter/. The runner picks the number of files, so
-    millions of dead letters are never gathered into one worker's memory."""
+    """One stage's dead letters as JSON lines, OUT/dead_letter/{stage}-SSSSS-of-NNNNN.jsonl. The runner
+    picks the number of files, so millions of dead letters are never gathered in one place."""
 
-    def __init__(self, output: str):
+    def __init__(self, output: str, stage: str):
         super().__init__()
-        self._output = output
+        self._output, self._stage = output, stage
 
     def expand(self, dead_letters):
         return (
             dead_letters
             | "ToJson" >> beam.Map(lambda letter: letter.to_json())
-            | "Write" >> beam.io.WriteToText(f"{self._output}/dead_letter/part", file_name_suffix=".jsonl")
+            | "Write" >> beam.io.WriteToText(f"{self._output}/dead_letter/{self._stage}", file_name_suffix=".jsonl")
         )
