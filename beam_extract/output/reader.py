@@ -33,18 +33,20 @@ def hook_files(path: str, hook: str) -> list[str]:
     return [f"{path}/{f}" for f in files]
 
 
+def _decoded(files: list[str]) -> Iterator[dict]:
+    for file in files:
+        for data in iter_tfrecord(file):
+            yield decode_record(data)
+
+
 def read_records(pattern: str) -> Iterator[dict]:
     """Every record of every file matching a glob, decoded (activations as float32 numpy)."""
-    for path in sorted(m.path for m in FileSystems.match([pattern])[0].metadata_list):
-        for data in iter_tfrecord(path):
-            yield decode_record(data)
+    return _decoded(sorted(m.path for m in FileSystems.match([pattern])[0].metadata_list))
 
 
 def read_activations(path: str, hook: str) -> Iterator[dict]:
     """Every record of `hook` under the output directory `path`, decoded."""
-    for file in hook_files(path, hook):
-        for data in iter_tfrecord(file):
-            yield decode_record(data)
+    return _decoded(hook_files(path, hook))
 
 
 def token_batches(path: str, hook: str, batch_tokens: int, shuffle_buffer: int = 65536, seed: int = 0,
