@@ -7,6 +7,8 @@ Numerics follow transformers' Qwen2: RMSNorm and softmax in float32, RoPE with r
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -24,6 +26,7 @@ BLOCK = 512
 MASKED = -1e30
 
 Hook = tuple[int, str]  # (layer, site)
+Attention = Callable[[jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]  # the contract of `attention`
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
@@ -87,7 +90,8 @@ def _attend_tile(state, q_blk, k_blk, v_blk, visible):
 
 
 def decoder_block(
-    x: jax.Array, layer: dict, positions: jax.Array, segment_ids: jax.Array, config: ModelConfig
+    x: jax.Array, layer: dict, positions: jax.Array, segment_ids: jax.Array, config: ModelConfig,
+    attend: Attention = attention,
 ) -> dict[str, jax.Array]:
     """One pre-norm decoder layer; returns every site's activation ([B, S, d] each)."""
     batch, seq, _ = x.shape
@@ -98,7 +102,7 @@ def decoder_block(
     v = (h @ layer["v_w"] + layer["v_b"]).reshape(batch, seq, kv, dim)
     q = apply_rope(q, positions, config.rope_theta).reshape(batch, seq, kv, groups, dim)
     k = apply_rope(k, positions, config.rope_theta)
-    attn = attention(q, k, v, segment_ids).reshape(batch, seq, kv * groups * dim)
+    attn = attend(q, k, v, segment_ids).reshape(batch, seq, kv * groups * dim)
     attn_out = attn @ layer["o_w"]
     resid_mid = x + attn_out
     h = rms_norm(resid_mid, layer["mlp_norm"], config.rms_norm_eps)
@@ -120,14 +124,16 @@ def forward(
     *,
     config: ModelConfig,
     hooks: tuple[Hook, ...],
+    attend: Attention = attention,
 ) -> dict[Hook, jax.Array]:
-    """Activations at `hooks` for tokens [B, S]; each value is [B, S, d] in the compute dtype."""
+    """Activations at `hooks` for tokens [B, S]; each value is [B, S, d] in the compute dtype.
+    `attend` may replace the portable attention with a kernel for the platform."""
     depth = max(layer for layer, _ in hooks) + 1
     sites = sorted({site for _, site in hooks})
     layers = jax.tree.map(lambda stacked: stacked[:depth], params["layers"])
 
     def step(x, layer):
-        acts = decoder_block(x, layer, positions, segment_ids, config)
+        acts = decoder_block(x, layer, positions, segment_ids, config, attend)
         return acts["resid_post"], {site: acts[site] for site in sites}
 
     _, per_layer = lax.scan(step, params["embed"][tokens], layers)
