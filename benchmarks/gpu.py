@@ -11,6 +11,7 @@ host memory (what extraction needs: the pipeline writes them to files).
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import tempfile
 import time
@@ -30,6 +31,13 @@ SHAPES = "16x512,8x2048,2x8192"
 LAYERS = QWEN25_05B["num_hidden_layers"]
 # Off a GPU it still runs (slowly): a smoke test of this script before spending GPU time.
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def gemm_peak_tflops(n: int = 8192) -> float:
+    """JAX's bf16 n^3 matmul rate (float32 accumulation, as the model's matmuls): the MFU denominator."""
+    a = jax.numpy.asarray(np.random.default_rng(0).standard_normal((n, n)), jax.numpy.bfloat16)
+    matmul = jax.jit(lambda x: jax.numpy.matmul(x, x, preferred_element_type=jax.numpy.float32))
+    return 2 * n**3 / timed(lambda: matmul(a).block_until_ready(), 10) / 1e12
 
 
 def timed(fn, repeats: int) -> float:
@@ -136,8 +144,10 @@ def main() -> None:
     parser.add_argument("--parity_shape", default="2x700")
     args = parser.parse_args()
     shapes = [tuple(int(n) for n in shape.split("x")) for shape in args.shapes.split(",")]
-    results = {"device": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu", "jax_devices": [str(d) for d in jax.devices()],
+    results = {"date": datetime.date.today().isoformat(),
+               "device": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu", "jax_devices": [str(d) for d in jax.devices()],
                "jax": jax.__version__, "torch": torch.__version__, "transformers": transformers.__version__}
+    results["gemm_peak_tflops"] = gemm_peak_tflops(8192 if DEVICE == "cuda" else 512)
     print(json.dumps(results), flush=True)
     with tempfile.TemporaryDirectory() as directory:
         config = transformers.Qwen2Config(**QWEN25_05B)

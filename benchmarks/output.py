@@ -1,12 +1,8 @@
 """Output cost: bytes written per stored token vs the raw activation bytes, and the numpy reader's
-tokens/s vs reading the same files' raw bytes, for Qwen2.5-0.5B-width (d=896) bfloat16 records.
-
-    python -m benchmarks.output [--records 400]
-"""
+tokens/s vs reading the same files' raw bytes, for Qwen2.5-0.5B-width (d=896) bfloat16 records."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import tempfile
 import time
@@ -17,16 +13,15 @@ import numpy as np
 from beam_extract.output.reader import read_activations
 from beam_extract.output.schema import OUTPUT_DTYPES, encode_record
 from beam_extract.output.tfrecord import write_record
+from benchmarks.report import Figure
 
 D_MODEL = 896
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--records", type=int, default=400)
-    args = parser.parse_args()
+def measure(quick: bool) -> tuple[list[Figure], dict]:
+    records = 100 if quick else 400
     rng = np.random.default_rng(0)
-    lengths = np.clip(rng.lognormal(np.log(600), 1.0, args.records).astype(int), 20, 8192)
+    lengths = np.clip(rng.lognormal(np.log(600), 1.0, records).astype(int), 20, 8192)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         (tmp / "h").mkdir()
@@ -38,22 +33,23 @@ def main() -> None:
                     activations=rng.standard_normal((n, D_MODEL), np.float32), token_ids=rng.integers(0, 151643, n),
                     positions=np.arange(n), output_dtype="bfloat16", source=f"data/web-00001.jsonl:{i + 1}")
                 written += write_record(handle, example)
-        raw = int(lengths.sum()) * D_MODEL * OUTPUT_DTYPES["bfloat16"].itemsize
+        raw_bytes = int(lengths.sum()) * D_MODEL * OUTPUT_DTYPES["bfloat16"].itemsize
         manifest = {"output_dtype": "bfloat16", "hooks": {"h": {"files": ["h/part.tfrecord"]}}}
         (tmp / "manifest.json").write_text(json.dumps(manifest))
-
         start = time.perf_counter()
-        raw_bytes = len((tmp / "h/part.tfrecord").read_bytes())
+        file_bytes = len((tmp / "h/part.tfrecord").read_bytes())
         raw_seconds = time.perf_counter() - start
         start = time.perf_counter()
         tokens = sum(r["n_tokens"] for r in read_activations(str(tmp), "h"))
         read_seconds = time.perf_counter() - start
-    print(f"{args.records} records, {lengths.sum()} tokens, d={D_MODEL} bfloat16: "
-          f"{written / raw:.4f} bytes written per raw activation byte")
-    print(f"numpy reader: {tokens / read_seconds:.0f} tokens/s ({raw_bytes / read_seconds / 2**20:.0f} MiB/s, decoded to "
-          f"float32) vs raw file read {raw_bytes / raw_seconds / 2**20:.0f} MiB/s: "
-          f"{raw_seconds / read_seconds:.2f} of raw speed")
-
-
-if __name__ == "__main__":
-    main()
+    mib = 2**20
+    raw = {"records": records, "tokens": tokens, "written_bytes": written, "raw_activation_bytes": raw_bytes,
+           "reader_tok_s": tokens / read_seconds, "raw_read_mib_s": file_bytes / raw_seconds / mib}
+    return [
+        Figure("output", "bytes written per raw activation byte",
+               f"{written / mib:.1f} MiB written for {raw_bytes / mib:.1f} MiB of bf16 activations ({tokens} tokens)",
+               written / raw_bytes, "<= 1.02"),
+        Figure("output", "numpy reader vs raw file read",
+               f"{tokens / read_seconds:,.0f} tok/s ({file_bytes / read_seconds / mib:.0f} MiB/s, decoded to float32) "
+               f"vs {file_bytes / raw_seconds / mib:.0f} MiB/s", raw_seconds / read_seconds, ""),
+    ], raw

@@ -1,16 +1,13 @@
-"""The pipeline against its own forward, and its memory against its input size.
+"""The pipeline against its own forward, its scaling over workers, and its memory against input size.
 
-1. End-to-end tokens/s of `python -m beam_extract` (FnApiRunner, in process) on web-text-like
-   input vs the bare compiled forward on the same batch shapes, on a 4-layer model with the
-   Qwen2.5-0.5B widths (random weights).
-2. Peak RSS of the whole job at 1x and 10x the input.
-
-    python -m benchmarks.pipeline [--docs 150]
+Jobs run `beam_extract.pipeline.run` in a subprocess (FnApiRunner), on a 4-layer model with the
+Qwen2.5-0.5B widths (random weights), for web-text-like input and for ARC tasks. The baseline is the
+bare compiled forward on the same batch shapes, in the same run: pipeline/forward = forward seconds
+for the job's batches / the job's wall seconds (start-up, model load and compiles included).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
@@ -21,8 +18,12 @@ from pathlib import Path
 import numpy as np
 import transformers
 
+from beam_extract.model import load_model
+from beam_extract.model.embedded import write_random_checkpoint
+from beam_extract.options import sample_input
 from benchmarks.forward import QWEN25_05B
 from benchmarks.padding import web_text_like
+from benchmarks.report import Figure
 
 MEASURE = """
 import json, resource, sys, time
@@ -32,56 +33,82 @@ run(sys.argv[1:])
 print(json.dumps({"seconds": time.perf_counter() - start,
                   "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
+LAYER = 3  # the model's last layer: every layer runs
 
 
 def run_job(args: list[str]) -> dict:
-    out = subprocess.run([sys.executable, "-c", MEASURE, *args], capture_output=True, text=True)
+    """One job in a fresh process: its wall seconds, peak RSS and manifest."""
+    out = subprocess.run([sys.executable, "-c", MEASURE, *args], capture_output=True, text=True, check=False)
     if out.returncode:
         raise RuntimeError(out.stderr[-3000:])
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    job = json.loads(out.stdout.strip().splitlines()[-1])
+    output = next(a.split("=", 1)[1] for a in args if a.startswith("--output="))
+    return {**job, "manifest": json.loads((Path(output) / "manifest.json").read_text())}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--docs", type=int, default=150)
-    args = parser.parse_args()
-    from beam_extract.model import load_model
-    from beam_extract.model.embedded import write_random_checkpoint
+def bare_forward_seconds(model, batch_shapes: dict[str, int]) -> float:
+    """The compiled forward alone over the same number of batches of each shape (compiled first)."""
+    seconds = 0.0
+    for shape, count in batch_shapes.items():
+        rows, length = map(int, shape.split("x"))
+        tokens = np.random.default_rng(0).integers(0, 150000, (rows, length)).astype(np.int32)
+        positions = np.broadcast_to(np.arange(length, dtype=np.int32), tokens.shape)
+        segments = np.ones_like(tokens)
+        model.forward(tokens, positions, segments, ((LAYER, "resid_post"),))
+        start = time.perf_counter()
+        for _ in range(count):
+            model.forward(tokens, positions, segments, ((LAYER, "resid_post"),))
+        seconds += time.perf_counter() - start
+    return seconds
 
+
+def measure(quick: bool) -> tuple[list[Figure], dict]:
+    docs, views = (40, 4) if quick else (300, 32)
+    figures, raw = [], {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        write_random_checkpoint(tmp / "model", transformers.Qwen2Config(**{**QWEN25_05B, "num_hidden_layers": 4}), 0)
-        web_text_like(tmp / "x1.jsonl", args.docs)
-        web_text_like(tmp / "x10.jsonl", 10 * args.docs, seed=1)
-        common = [f"--model={tmp / 'model'}", "--input_format=text", "--max_seq_len=1024", "--batch_size=4",
-                  "--layers=3", "--output_dtype=bfloat16"]
-        job = run_job([f"--input={tmp / 'x1.jsonl'}", f"--output={tmp / 'out1'}", *common])
-        manifest = json.loads((tmp / "out1/manifest.json").read_text())
-        batching = manifest["batching"]
-
-        model = load_model(str(tmp / "model"))
-        shape = (4, 1024)
-        tokens = np.random.default_rng(0).integers(0, 150000, shape).astype(np.int32)
-        positions = np.broadcast_to(np.arange(1024, dtype=np.int32), shape)
-        segments = np.ones(shape, np.int32)
-        model.forward(tokens, positions, segments, ((3, "resid_post"),))  # compile
-        start = time.perf_counter()
-        for _ in range(batching["batches"]):
-            model.forward(tokens, positions, segments, ((3, "resid_post"),))
-        forward_seconds = time.perf_counter() - start
-        forward_rate = batching["computed_tokens"] / forward_seconds
-        pipeline_rate = batching["real_tokens"] / job["seconds"]
-        print(f"pipeline: {batching['real_tokens']} real tokens ({batching['real_over_computed']:.3f} of computed) "
-              f"in {job['seconds']:.1f} s = {pipeline_rate:.0f} tok/s end to end (incl. start, load, compile)")
-        print(f"bare forward, same {batching['batches']} batches of {shape}: {forward_rate:.0f} computed tok/s; "
-              f"ratio pipeline/forward {pipeline_rate / forward_rate:.2f} "
-              f"(real tokens only: {batching['real_tokens'] / forward_seconds:.0f} tok/s -> "
-              f"{pipeline_rate / (batching['real_tokens'] / forward_seconds):.2f})")
-
-        big = run_job([f"--input={tmp / 'x10.jsonl'}", f"--output={tmp / 'out10'}", *common])
-        print(f"peak RSS: {job['peak_rss_mib']:.0f} MiB at 1x ({args.docs} docs), {big['peak_rss_mib']:.0f} MiB at "
-              f"10x (+{100 * (big['peak_rss_mib'] / job['peak_rss_mib'] - 1):.0f}%)")
-
-
-if __name__ == "__main__":
-    main()
+        model_dir = tmp / "model"
+        write_random_checkpoint(model_dir, transformers.Qwen2Config(**{**QWEN25_05B, "num_hidden_layers": 4}), 0)
+        model = load_model(str(model_dir))
+        web_text_like(tmp / "x1.jsonl", docs)
+        (tmp / "one.jsonl").write_text((tmp / "x1.jsonl").read_text().splitlines()[0] + "\n")
+        common = [f"--model={model_dir}", "--max_seq_len=1024", f"--layers={LAYER}", "--output_dtype=bfloat16"]
+        text = [f"--input={tmp / 'x1.jsonl'}", "--input_format=text", *common]
+        arc = [f"--input={Path(sample_input()).parent / 'sample_arc.jsonl'}", "--input_format=arc",
+               f"--views_per_task={views}", *common]
+        fixed = run_job([f"--input={tmp / 'one.jsonl'}", "--input_format=text", f"--output={tmp / 'one'}", *common])
+        raw["fixed_seconds"] = fixed["seconds"]
+        for label, args in (("text", text), ("ARC", arc)):
+            job = run_job([*args, f"--output={tmp / label}"])
+            batching = job["manifest"]["batching"]
+            forward = bare_forward_seconds(model, batching["batch_shapes"])
+            steady = forward / max(job["seconds"] - fixed["seconds"], 1e-9)
+            raw[label] = {"job_seconds": job["seconds"], "forward_seconds": forward, "batching": batching,
+                          "peak_rss_mib": job["peak_rss_mib"]}
+            real = batching["real_tokens"]
+            figures += [
+                Figure("pipeline", f"{label}: end to end vs bare forward",
+                       f"{real / job['seconds']:.0f} vs {real / forward:.0f} real tok/s ({real} tokens, "
+                       f"{job['seconds']:.1f} s)", forward / job["seconds"], ">= 0.9",
+                       note=f"without the {fixed['seconds']:.1f} s fixed cost of a 1-line job: {steady:.2f}"),
+                Figure("compiles", f"{label}: compilations vs batch shapes",
+                       f"{batching['compilations']} compilations, {batching['compile_seconds']:.1f} s, for "
+                       f"{len(batching['batch_shapes'])} shapes", batching["compilations"] / len(batching["batch_shapes"]),
+                       "<= 1"),
+            ]
+        if not quick:
+            two = run_job([*text, f"--output={tmp / 'two'}", "--direct_num_workers=2",
+                           "--direct_running_mode=multi_threading"])
+            one = raw["text"]["job_seconds"]
+            raw["two_workers_seconds"] = two["seconds"]
+            figures.append(Figure("scaling", "text: --direct_num_workers=2 vs 1 (threads)",
+                                  f"{two['seconds']:.1f} s vs {one:.1f} s", one / two["seconds"], "",
+                                  note="JAX already uses both cores inside each forward"))
+            web_text_like(tmp / "x10.jsonl", 10 * docs, seed=1)
+            big = run_job([f"--input={tmp / 'x10.jsonl'}", "--input_format=text", *common, f"--output={tmp / 'x10'}"])
+            small = raw["text"]["peak_rss_mib"]
+            raw["x10_peak_rss_mib"] = big["peak_rss_mib"]
+            figures.append(Figure("memory", f"text through the model: {10 * docs} vs {docs} docs",
+                                  f"peak RSS {big['peak_rss_mib']:.0f} vs {small:.0f} MiB",
+                                  big["peak_rss_mib"] / small - 1, "< 0.1", note="growth"))
+    return figures, raw

@@ -77,6 +77,9 @@ def test_manifest_describes_the_run(default_run):
     specials = sum(int(np.isin(s, [151643, 151644, 151645]).sum()) for s in sequences.values())
     assert manifest["hooks"]["blocks.0.hook_resid_post"]["tokens"] == batching["real_tokens"] - specials
     assert batching["compilations"] == len(batching["row_lengths"])  # one compile per row length, one process
+    shapes = {tuple(map(int, shape.split("x"))): n for shape, n in batching["batch_shapes"].items()}
+    assert sum(shapes.values()) == batching["batches"]
+    assert sum(rows * length * n for (rows, length), n in shapes.items()) == batching["computed_tokens"]
 
 
 @pytest.mark.slow

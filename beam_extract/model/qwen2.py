@@ -35,6 +35,13 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     return weight * normed.astype(x.dtype)
 
 
+def dense(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x @ w accumulated in float32, returned in x's dtype. For bfloat16 this is both the accurate
+    way (as PyTorch and the MXU do) and the fast one: on CPUs with AVX512-BF16 it is the native
+    bf16 GEMM (~2x float32 here), where a plain bf16 dot was slower than float32."""
+    return jnp.matmul(x, w, preferred_element_type=jnp.float32).astype(x.dtype)
+
+
 def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
     """x: [B, S, heads, head_dim]; positions: [B, S]. Half-split rotation (rotate_half)."""
     half = x.shape[-1] // 2
@@ -97,16 +104,16 @@ def decoder_block(
     batch, seq, _ = x.shape
     kv, groups, dim = config.num_kv_heads, config.kv_groups, config.head_dim
     h = rms_norm(x, layer["attn_norm"], config.rms_norm_eps)
-    q = (h @ layer["q_w"] + layer["q_b"]).reshape(batch, seq, kv * groups, dim)
-    k = (h @ layer["k_w"] + layer["k_b"]).reshape(batch, seq, kv, dim)
-    v = (h @ layer["v_w"] + layer["v_b"]).reshape(batch, seq, kv, dim)
+    q = (dense(h, layer["q_w"]) + layer["q_b"]).reshape(batch, seq, kv * groups, dim)
+    k = (dense(h, layer["k_w"]) + layer["k_b"]).reshape(batch, seq, kv, dim)
+    v = (dense(h, layer["v_w"]) + layer["v_b"]).reshape(batch, seq, kv, dim)
     q = apply_rope(q, positions, config.rope_theta).reshape(batch, seq, kv, groups, dim)
     k = apply_rope(k, positions, config.rope_theta)
     attn = attend(q, k, v, segment_ids).reshape(batch, seq, kv * groups * dim)
-    attn_out = attn @ layer["o_w"]
+    attn_out = dense(attn, layer["o_w"])
     resid_mid = x + attn_out
     h = rms_norm(resid_mid, layer["mlp_norm"], config.rms_norm_eps)
-    mlp_out = (jax.nn.silu(h @ layer["gate_w"]) * (h @ layer["up_w"])) @ layer["down_w"]
+    mlp_out = dense(jax.nn.silu(dense(h, layer["gate_w"])) * dense(h, layer["up_w"]), layer["down_w"])
     return {
         "resid_pre": x,
         "attn_out": attn_out,

@@ -133,26 +133,32 @@ class SummarizeBatches(beam.CombineFn):
     """BatchStats of every forward -> the manifest's `batching` section."""
 
     def create_accumulator(self):
-        return 0, 0, 0, frozenset(), 0, 0.0
+        return 0, 0, 0, {}, 0, 0.0
 
     def add_input(self, acc, stats):
-        batches, real, computed, lengths, compilations, seconds = acc
+        batches, real, computed, shapes, compilations, seconds = acc
+        shape = f"{stats.computed_tokens // stats.row_length}x{stats.row_length}"
         return (batches + 1, real + stats.real_tokens, computed + stats.computed_tokens,
-                lengths | {stats.row_length}, compilations + bool(stats.compile_seconds),
+                {**shapes, shape: shapes.get(shape, 0) + 1}, compilations + bool(stats.compile_seconds),
                 seconds + stats.compile_seconds)
 
     def merge_accumulators(self, accumulators):
-        batches, real, computed, lengths, compilations, seconds = zip(*accumulators)
-        return sum(batches), sum(real), sum(computed), frozenset().union(*lengths), sum(compilations), sum(seconds)
+        batches, real, computed, shapes, compilations, seconds = zip(*accumulators)
+        merged = {}
+        for counts in shapes:
+            for shape, n in counts.items():
+                merged[shape] = merged.get(shape, 0) + n
+        return sum(batches), sum(real), sum(computed), merged, sum(compilations), sum(seconds)
 
     def extract_output(self, acc):
-        batches, real, computed, lengths, compilations, seconds = acc
+        batches, real, computed, shapes, compilations, seconds = acc
         return {
             "batches": batches,
             "real_tokens": real,
             "computed_tokens": computed,
             "real_over_computed": real / computed if computed else None,
-            "row_lengths": sorted(lengths),
+            "row_lengths": sorted({int(shape.split("x")[1]) for shape in shapes}),
+            "batch_shapes": dict(sorted(shapes.items())),  # "rows x length" -> batches of that shape
             "compilations": compilations,
             "compile_seconds": round(seconds, 3),
         }
