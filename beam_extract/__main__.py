@@ -54,7 +54,9 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     result, job = run(argv)
     if not is_local(PipelineOptions(argv)):
-        print(f"beam-extract: submitted ({result.state}); the manifest will be at {job.output}/manifest.json")
+        progress = (f"an index per window under {job.output}/_windows/" if job.streaming
+                    else f"the manifest will be at {job.output}/manifest.json")
+        print(f"beam-extract: submitted ({result.state}); {progress}")
         return
     print(summary(read_manifest(job.output), time.perf_counter() - start))
 
