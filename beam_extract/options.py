@@ -29,6 +29,19 @@ def flag(value: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, not {value!r}")
 
 
+def template_switches(argv: list[str]) -> list[str]:
+    """Beam's own on/off --streaming as a template passes it, `--streaming=true|false`, rewritten
+    to the form Beam parses (`--streaming`, or nothing)."""
+    rewritten = []
+    for arg in argv:
+        name, equals, value = arg.partition("=")
+        if name != "--streaming" or not equals:
+            rewritten.append(arg)
+        elif flag(value):
+            rewritten.append(name)
+    return rewritten
+
+
 def sample_input() -> str:
     """The glob of the sample data shipped in the package (ARC tasks and text documents)."""
     return str(resources.files("beam_extract").joinpath("data")) + "/sample_*.jsonl"

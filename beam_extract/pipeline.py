@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
@@ -26,7 +27,7 @@ from beam_extract.legacy import legacy_rewrites
 from beam_extract.model.config import ModelConfig, config_from_hf, load_hf_config
 from beam_extract.model.qwen2 import Hook
 from beam_extract.model.weights import resolve_model_dir, weights_checksum
-from beam_extract.options import extract_options, parse_layers, parse_sites, sample_input
+from beam_extract.options import extract_options, parse_layers, parse_sites, sample_input, template_switches
 from beam_extract.output.manifest import (CountLineOutcomes, LineBitmaps, SumCounts, SummarizeBatches,
                                           SummarizeCommits, build_manifest, write_manifest)
 from beam_extract.output.windows import WriteWindowIndex
@@ -77,12 +78,13 @@ def make_job(options: PipelineOptions) -> Job:
 
 
 def _finish(_, job: Job, lines_read: int, lines: dict, samples: int, resumed: int, dead_letters: dict,
-            batching: dict, commits: dict, dead_letter_files: list) -> str:
-    """Runs once every write has finished (its side inputs depend on all of them)."""
-    commits = read_commits(job.output)  # this run's and those of any run it resumed
-    remove_uncommitted(job.output, job.hooks, commits)
+            batching: dict, commits: int, dead_letter_files: list) -> str:
+    """Runs once every write has finished (its side inputs depend on all of them). The manifest
+    lists the commits on disk: this run's `commits` and those of any run it resumed."""
+    every_commit = read_commits(job.output)
+    remove_uncommitted(job.output, job.hooks, every_commit)
     manifest = build_manifest(
-        options=job.options, config=job.config, hooks=job.hooks, commits=commits, lines_read=lines_read,
+        options=job.options, config=job.config, hooks=job.hooks, commits=every_commit, lines_read=lines_read,
         lines=lines, samples=samples, resumed=resumed, dead_letters=dead_letters, batching=batching,
         dead_letter_files=dead_letter_files, weights_sha256=weights_checksum(resolve_model_dir(job.options["model"])),
     )
@@ -165,7 +167,9 @@ def build(paths, job: Job) -> None:
         "resumed": total(samples[RESUMED], "CountResumed", count(), job.streaming),
         "dead_letters": total(reasons | "AllReasons" >> beam.Flatten(), "SumReasons", SumCounts(), job.streaming),
         "batching": total(extracted[BATCH_STATS], "SummarizeBatches", SummarizeBatches(), job.streaming),
-        "commits": total(commits, "SummarizeCommits", SummarizeCommits(), job.streaming),
+        # A window's index lists its commits; the batch manifest reads them from disk instead.
+        "commits": total(commits, "SummarizeCommits", SummarizeCommits() if job.streaming else count(),
+                         job.streaming),
         "dead_letter_files": total(dead_letter_files | "AllDeadLetterFiles" >> beam.Flatten(), "DeadLetterFiles",
                                    beam.combiners.ToListCombineFn(), job.streaming),
     }
@@ -212,7 +216,7 @@ def _refuse_local_streaming(options: PipelineOptions) -> None:
 def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = None) -> tuple[PipelineResult, Job]:
     """Builds and runs the job. Local and portable runs are waited for; a Dataflow job (or a Flex
     Template launch) returns once submitted."""
-    options = PipelineOptions(argv)
+    options = PipelineOptions(template_switches(sys.argv[1:] if argv is None else argv))
     _refuse_local_streaming(options)
     job = make_job(options)
     _local_runner_without_download(options)

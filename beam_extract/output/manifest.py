@@ -150,7 +150,8 @@ class SummarizeBatches(beam.CombineFn):
                 seconds + stats.compile_seconds)
 
     def merge_accumulators(self, accumulators):
-        batches, real, computed, lengths, compilations, seconds = zip(*accumulators)
+        # The BundleBasedDirectRunner merges empty groups too.
+        batches, real, computed, lengths, compilations, seconds = zip(self.create_accumulator(), *accumulators)
         return sum(batches), sum(real), sum(computed), frozenset().union(*lengths), sum(compilations), sum(seconds)
 
     def extract_output(self, acc):
