@@ -15,6 +15,7 @@ Two things about that runner shape these tests:
 
 import argparse
 import json
+import shutil
 import socket
 import time
 from collections import Counter
@@ -24,13 +25,14 @@ import apache_beam as beam
 import network_guard
 import numpy as np
 import pytest
+from apache_beam.io import fileio
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+from apache_beam.pipeline import PipelineVisitor
 from apache_beam.testing import test_stream
 from apache_beam.testing.util import assert_that, equal_to
 from apache_beam.transforms.window import FixedWindows, TimestampedValue
 
 from beam_extract.batching import BatchDoFn, BatchPlan
-from beam_extract.io.sources import MatchPaths
 from beam_extract.model.hooks import parse_hook_name
 from beam_extract.options import template_switches
 from beam_extract.output.writer import hook_dir
@@ -92,14 +94,33 @@ def test_a_partial_batch_is_flushed_once_its_first_sample_waited_flush_seconds()
 
 # -- wiring ---------------------------------------------------------------------------------------
 
+def transforms(pipeline: beam.Pipeline, kind: type) -> list:
+    """The transforms of a kind applied in a pipeline, composites included."""
+    found = []
+
+    class Visitor(PipelineVisitor):
+        def enter_composite_transform(self, node):
+            self.visit_transform(node)
+
+        def visit_transform(self, node):
+            if isinstance(node.transform, kind):
+                found.append(node.transform)
+
+    pipeline.visit(Visitor())
+    return found
+
+
 def test_streaming_watches_the_input_and_local_runners_are_refused(tmp_path):
     job = make_job(PipelineOptions([*STREAMING, f"--output={tmp_path}/out", "--poll_interval=17",
                                     "--window_seconds=120", "--flush_seconds=9"]))
     assert job.streaming and job.plan.flush_seconds == 9
     pipeline = beam.Pipeline(options=PipelineOptions(STREAMING))
     read_input(pipeline, job)
-    watched = [t.transform for t in pipeline.transforms_stack[0].parts if isinstance(t.transform, MatchPaths)]
-    assert [(w._pattern, w._watch_seconds) for w in watched] == [(job.options["input"], 17)]
+    watches = transforms(pipeline, fileio.MatchContinuously)
+    assert [(w.file_pattern, w.interval, w.has_deduplication) for w in watches] == [(job.options["input"], 17, True)]
+    batch_pipeline = beam.Pipeline()
+    read_input(batch_pipeline, make_job(PipelineOptions([f"--output={tmp_path}/out4"])))
+    assert not transforms(batch_pipeline, fileio.MatchContinuously) and transforms(batch_pipeline, fileio.MatchFiles)
     batch = make_job(PipelineOptions([f"--output={tmp_path}/out2", "--flush_seconds=9"]))
     assert not batch.streaming and batch.plan.flush_seconds == 0
     for runner in ("DirectRunner", "FnApiRunner", "BundleBasedDirectRunner"):
@@ -168,23 +189,18 @@ def records_by_key(records) -> dict:
     return found
 
 
-@pytest.fixture(scope="module")
-def streamed(tmp_path_factory):
-    """A streaming run over files arriving in three windows, and a batch run over the same files."""
-    directory = tmp_path_factory.mktemp("streaming")
-    (directory / "in").mkdir()
-    files = make_inputs(directory / "in")
-    run([f"--input={directory}/in/*.jsonl", f"--output={directory}/batch", "--runner=DirectRunner",
-                           *OPTIONS])
-    # Nothing of the streaming run reaches the network (the guard is removed after this fixture).
+def run_streaming(directory: Path, files: dict, output: str, *extra: str) -> float:
+    """The streaming job over `files` arriving, into directory/output; returns its seconds. Nothing
+    of it reaches the network (the guard is removed afterwards)."""
+    log = directory / f"{output}-connections.log"
     patch = pytest.MonkeyPatch()
     for name in ("connect", "connect_ex"):
         patch.setattr(socket.socket, name, getattr(socket.socket, name))
     patch.setattr(socket, "getaddrinfo", socket.getaddrinfo)
-    network_guard.install(str(directory / "connections.log"))
+    network_guard.install(str(log))
     try:
-        options = PipelineOptions([*STREAMING, f"--input={directory}/in/*.jsonl", f"--output={directory}/stream",
-                                   *OPTIONS])
+        options = PipelineOptions([*STREAMING, f"--input={directory}/in/*.jsonl", f"--output={directory}/{output}",
+                                   *OPTIONS, *extra])
         job = make_job(options)
         pipeline = beam.Pipeline(options=options)
         build(pipeline | "Arrivals" >> stream_of(files), job)
@@ -193,8 +209,18 @@ def streamed(tmp_path_factory):
         seconds = time.perf_counter() - started
     finally:
         patch.undo()
-    assert not (directory / "connections.log").exists(), (directory / "connections.log").read_text()
-    return directory, files, seconds
+    assert not log.exists(), log.read_text()
+    return seconds
+
+
+@pytest.fixture(scope="module")
+def streamed(tmp_path_factory):
+    """A streaming run over files arriving in three windows, and a batch run over the same files."""
+    directory = tmp_path_factory.mktemp("streaming")
+    (directory / "in").mkdir()
+    files = make_inputs(directory / "in")
+    run([f"--input={directory}/in/*.jsonl", f"--output={directory}/batch", "--runner=DirectRunner", *OPTIONS])
+    return directory, files, run_streaming(directory, files, "stream")
 
 
 def window_of(at: float) -> int:
@@ -300,3 +326,19 @@ def test_windowed_output_reads_back_with_the_normal_readers(streamed):
         everything = np.concatenate([r["activations"] for r in numpy_records.values()])
         drawn = np.concatenate(batches)
         assert np.isin(drawn[:, 0], everything[:, 0]).all()
+
+
+@pytest.mark.slow
+def test_a_restarted_streaming_job_resumes_without_writing_twice(streamed):
+    from beam_extract.output.reader import read_windows
+
+    directory, files, _ = streamed
+    shutil.copytree(directory / "stream", directory / "restarted")
+    committed = sorted(p.name for p in (directory / "restarted/_committed").glob("*.json"))
+    run_streaming(directory, files, "restarted", "--resume")
+    assert sorted(p.name for p in (directory / "restarted/_committed").glob("*.json")) == committed
+    for before, after in zip(read_windows(str(directory / "stream")), read_windows(str(directory / "restarted"))):
+        assert after["counts"]["samples_resumed"] == after["counts"]["samples"] == before["counts"]["samples"]
+        assert after["counts"]["samples_extracted_now"] == 0 and not after["commits"]
+        assert after["counts"]["lines_with_samples"] == before["counts"]["lines_with_samples"]
+        assert after["counts"]["lines_unaccounted"] == 0
