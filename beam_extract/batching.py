@@ -17,8 +17,8 @@ from collections.abc import Sequence
 import apache_beam as beam
 import numpy as np
 from apache_beam import coders
-from apache_beam.transforms.timeutil import TimeDomain
 from apache_beam.metrics import Metrics
+from apache_beam.transforms.timeutil import TimeDomain
 from apache_beam.transforms.userstate import BagStateSpec, ReadModifyWriteStateSpec, TimerSpec, on_timer
 from apache_beam.utils.timestamp import Timestamp
 

@@ -55,7 +55,8 @@ def test_metadata_is_generated_from_the_options():
 def documented_launch_flags():
     """Every --flag of the python launch commands in the README's Dataflow and Streaming sections."""
     readme = (ROOT / "README.md").read_text()
-    sections = [readme.split(f"## {title}", 1)[1].split("\n## ", 1)[0] for title in ("Running on Dataflow", "Streaming")]
+    sections = [readme.split(f"## {title}", 1)[1].split("\n## ", 1)[0]
+                for title in ("Running on Dataflow", "Streaming")]
     blocks = [block for section in sections for block in re.findall(r"```bash\n(.*?)```", section, re.S)]
     commands = [c for block in blocks for c in block.replace("\\\n", " ").splitlines() if "beam_extract" in c]
     return [flag for c in commands for flag in re.findall(r"(--[a-z_]+)(?==|\s|$)", c)]

@@ -1,11 +1,12 @@
 """Activation records -> TFRecord files per hook, committed per bundle so finished work survives a kill.
 
 Layout: OUT/{site}/layer_{LL}/part-{commit}-{NNN}.tfrecord, or in streaming, where every batch
-belongs to a time window, part-w{window start}-{commit}-{NNN}.tfrecord. Each forward batch is written to
-temporary files beside its final ones, renamed, then recorded in OUT/_committed/{commit}.json with
-its sample ids, files and statistics. The commit id is a hash of the batch's sample ids, so a retried
-batch rewrites the same names; a killed one leaves only files no commit lists, which the end of the
-next run removes. Readers use the manifest (or the commits).
+belongs to a time window, part-w{window start}-{commit}-{NNN}.tfrecord. Each forward batch is
+written to temporary files beside its final ones, renamed, then recorded in
+OUT/_committed/{commit}.json with its sample ids, files, statistics and window. The commit id is a
+hash of the batch's sample ids, so a retried batch rewrites the same names; a killed one leaves only
+files no commit lists, which the end of the next run removes. Readers use the manifest (or the
+commits).
 """
 
 from __future__ import annotations
