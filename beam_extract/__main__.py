@@ -9,7 +9,7 @@ import time
 
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from beam_extract.options import ExtractOptions
+from beam_extract.options import ExtractOptions, template_switches
 from beam_extract.output.manifest import read_manifest
 from beam_extract.pipeline import is_local, run
 
@@ -48,13 +48,15 @@ def argument_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
+    argv = template_switches(sys.argv[1:] if argv is None else argv)
     argument_parser().parse_known_args(argv)  # --help, or an error naming a bad option value
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     start = time.perf_counter()
     result, job = run(argv)
     if not is_local(PipelineOptions(argv)):
-        print(f"beam-extract: submitted ({result.state}); the manifest will be at {job.output}/manifest.json")
+        progress = (f"an index per window under {job.output}/_windows/" if job.streaming
+                    else f"the manifest will be at {job.output}/manifest.json")
+        print(f"beam-extract: submitted ({result.state}); {progress}")
         return
     print(summary(read_manifest(job.output), time.perf_counter() - start))
 

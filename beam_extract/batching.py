@@ -17,8 +17,10 @@ from collections.abc import Sequence
 import apache_beam as beam
 import numpy as np
 from apache_beam import coders
+from apache_beam.metrics import Metrics
 from apache_beam.transforms.timeutil import TimeDomain
 from apache_beam.transforms.userstate import BagStateSpec, ReadModifyWriteStateSpec, TimerSpec, on_timer
+from apache_beam.utils.timestamp import Timestamp
 
 from beam_extract.tokenize import Sample
 
@@ -135,6 +137,7 @@ class BatchPlan:
     tokens_per_batch: int  # 0: use batch_size
     packing: str  # one of PACKING_MODES
     pack_length: int
+    flush_seconds: int = 0  # streaming: emit a partial batch this long after its first sample; 0: never
 
     def key(self, sample: Sample) -> tuple[int, bool]:
         """(row length, packed?) for a sample."""
@@ -159,19 +162,28 @@ def shard_key(sample: Sample, plan: BatchPlan) -> tuple[tuple[int, bool, str], S
 
 class BatchDoFn(beam.DoFn):
     """Buffers a key's samples in state; emits full batches as they fill, and the rest when the
-    window's input is complete (end of a batch job)."""
+    window's input is complete (end of a batch job or of a streaming window) or, in streaming, when
+    the buffer's first sample has waited `plan.flush_seconds`."""
 
     BUFFER = BagStateSpec("buffer", coders.PickleCoder())
     WEIGHT = ReadModifyWriteStateSpec("weight", coders.VarIntCoder())  # buffered tokens if packed, else samples
     END_OF_WINDOW = TimerSpec("end_of_window", TimeDomain.WATERMARK)
+    # Processing time, set from the wall clock as Beam's GroupIntoBatches does. Batch jobs leave it
+    # unset: their one window ends when the input does (and the FnApiRunner fired such a timer
+    # seconds early when its input ran out).
+    FLUSH = TimerSpec("flush", TimeDomain.REAL_TIME)
 
     def __init__(self, plan: BatchPlan):
         self._plan = plan
+        self._flushed = Metrics.counter("batching", "partial_batches_flushed_after_timeout")
 
     def process(self, element, window=beam.DoFn.WindowParam, buffer=beam.DoFn.StateParam(BUFFER),
-                weight=beam.DoFn.StateParam(WEIGHT), end_of_window=beam.DoFn.TimerParam(END_OF_WINDOW)):
+                weight=beam.DoFn.StateParam(WEIGHT), end_of_window=beam.DoFn.TimerParam(END_OF_WINDOW),
+                flush=beam.DoFn.TimerParam(FLUSH)):
         (row_length, packed, _), sample = element
         end_of_window.set(window.max_timestamp())
+        if self._plan.flush_seconds and not weight.read():
+            flush.set(Timestamp.now() + self._plan.flush_seconds)
         buffer.add(sample)
         weight.write((weight.read() or 0) + (len(sample.token_ids) if packed else 1))
         rows = self._plan.rows(row_length)
@@ -179,10 +191,18 @@ class BatchDoFn(beam.DoFn):
             yield from self._emit(buffer, weight, row_length, packed, final=False)
 
     @on_timer(END_OF_WINDOW)
-    def flush(self, key=beam.DoFn.KeyParam, buffer=beam.DoFn.StateParam(BUFFER),
-              weight=beam.DoFn.StateParam(WEIGHT)):
+    def flush_at_end_of_window(self, key=beam.DoFn.KeyParam, buffer=beam.DoFn.StateParam(BUFFER),
+                               weight=beam.DoFn.StateParam(WEIGHT)):
         row_length, packed, _ = key
         yield from self._emit(buffer, weight, row_length, packed, final=True)
+
+    @on_timer(FLUSH)
+    def flush_after_timeout(self, key=beam.DoFn.KeyParam, buffer=beam.DoFn.StateParam(BUFFER),
+                            weight=beam.DoFn.StateParam(WEIGHT)):
+        row_length, packed, _ = key
+        for batch in self._emit(buffer, weight, row_length, packed, final=True):
+            self._flushed.inc()
+            yield batch
 
     def _emit(self, buffer, weight, row_length: int, packed: bool, final: bool):
         samples = list(buffer.read())

@@ -29,6 +29,19 @@ def flag(value: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, not {value!r}")
 
 
+def template_switches(argv: list[str]) -> list[str]:
+    """Beam's own on/off --streaming as a template passes it, `--streaming=true|false`, rewritten
+    to the form Beam parses (`--streaming`, or nothing)."""
+    rewritten = []
+    for arg in argv:
+        name, equals, value = arg.partition("=")
+        if name != "--streaming" or not equals:
+            rewritten.append(arg)
+        elif flag(value):
+            rewritten.append(name)
+    return rewritten
+
+
 def sample_input() -> str:
     """The glob of the sample data shipped in the package (ARC tasks and text documents)."""
     return str(resources.files("beam_extract").joinpath("data")) + "/sample_*.jsonl"
@@ -106,6 +119,16 @@ class ExtractOptions(PipelineOptions):
         out.add_argument("--resume", type=flag, nargs="?", const=True, default=False,
                          help="Continue an interrupted run into the same --output: samples it already "
                               "committed are skipped, nothing is written twice")
+
+        streaming = parser.add_argument_group("beam-extract: streaming (with Beam's --streaming)")
+        streaming.add_argument("--poll_interval", type=int, default=60,
+                               help="Seconds between listings of --input for new files; each file is read once")
+        streaming.add_argument("--window_seconds", type=int, default=600,
+                               help="Output is grouped into fixed windows of this many seconds of arrival time: "
+                                    "each window gets its own files and an index in OUT/_windows/")
+        streaming.add_argument("--flush_seconds", type=int, default=60,
+                               help="A partial batch is extracted once its first sample has waited this long, so "
+                                    "a trickle of input does not wait for the end of its window")
         add_legacy_arguments(parser)
 
 

@@ -53,9 +53,11 @@ def test_metadata_is_generated_from_the_options():
 
 
 def documented_launch_flags():
-    """Every --flag of the python launch commands in the README's Dataflow section."""
-    section = (ROOT / "README.md").read_text().split("## Running on Dataflow", 1)[1].split("\n## ", 1)[0]
-    blocks = re.findall(r"```bash\n(.*?)```", section, re.S)
+    """Every --flag of the python launch commands in the README's Dataflow and Streaming sections."""
+    readme = (ROOT / "README.md").read_text()
+    sections = [readme.split(f"## {title}", 1)[1].split("\n## ", 1)[0]
+                for title in ("Running on Dataflow", "Streaming")]
+    blocks = [block for section in sections for block in re.findall(r"```bash\n(.*?)```", section, re.S)]
     commands = [c for block in blocks for c in block.replace("\\\n", " ").splitlines() if "beam_extract" in c]
     return [flag for c in commands for flag in re.findall(r"(--[a-z_]+)(?==|\s|$)", c)]
 
@@ -63,7 +65,8 @@ def documented_launch_flags():
 def test_documented_launch_flags_are_real_options():
     flags = documented_launch_flags()
     assert {"--runner", "--dataflow_service_options", "--worker_machine_type", "--experiments",
-            "--sdk_container_image", "--number_of_worker_harness_threads", "--mesh"} <= set(flags)
+            "--sdk_container_image", "--number_of_worker_harness_threads", "--mesh", "--streaming",
+            "--poll_interval", "--window_seconds", "--flush_seconds"} <= set(flags)
     dests = PipelineOptions([]).get_all_options()
 
     def known(flag):  # an unknown flag is kept under its own name; an alias sets its destination

@@ -45,17 +45,27 @@ def match_paths(pattern: str) -> list[str]:
     return paths
 
 
-class ReadLines(beam.PTransform):
-    """Files matching a glob (local or gs://) -> SourceLine per line. A glob matching nothing fails."""
+class MatchPaths(beam.PTransform):
+    """Paths of the files matching a glob (local or gs://): matched once, or with `watch_seconds`
+    listed again every so many seconds for new files (streaming). A watched file is emitted once,
+    stamped with the time of the listing that found it: its arrival."""
 
-    def __init__(self, pattern: str):
+    def __init__(self, pattern: str, watch_seconds: int = 0):
         super().__init__()
-        self._pattern = pattern
+        self._pattern, self._watch_seconds = pattern, watch_seconds
 
     def expand(self, pbegin):
+        match = (fileio.MatchContinuously(self._pattern, interval=self._watch_seconds, has_deduplication=True)
+                 if self._watch_seconds else fileio.MatchFiles(self._pattern))
+        return pbegin | "Match" >> match | "Paths" >> beam.Map(lambda metadata: metadata.path)
+
+
+class ReadLines(beam.PTransform):
+    """File paths -> SourceLine per line; each line keeps its file's timestamp and window."""
+
+    def expand(self, paths):
         return (
-            pbegin
-            | "Match" >> fileio.MatchFiles(self._pattern)
+            paths
             | "SpreadFiles" >> beam.Reshuffle()
-            | "Lines" >> beam.FlatMap(lambda metadata: read_lines(metadata.path))
+            | "Lines" >> beam.FlatMap(read_lines)
         )

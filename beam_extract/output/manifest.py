@@ -73,6 +73,23 @@ class CountLineOutcomes(beam.CombineFn):
                 "dead_lettered": int(np.unpackbits(dead & ~samples).sum())}
 
 
+def line_and_sample_counts(lines_read: int, lines: dict[str, int], samples: int, resumed: int,
+                           dead_letters: dict[str, int]) -> dict:
+    """The accounting of a run (manifest) or of a streaming window (its index)."""
+    with_samples, dead_lettered = lines.get("with_samples", 0), lines.get("dead_lettered", 0)
+    return {
+        "lines_read": lines_read,
+        "lines_with_samples": with_samples,
+        "lines_dead_lettered": dead_lettered,
+        "lines_unaccounted": lines_read - with_samples - dead_lettered,
+        "samples": samples + resumed,
+        "samples_extracted_now": samples,
+        "samples_resumed": resumed,
+        "dead_letters": dict(sorted(dead_letters.items())),
+        "dead_lettered": sum(dead_letters.values()),
+    }
+
+
 def build_manifest(*, options: dict, config: ModelConfig, weights_sha256: str, hooks: tuple[Hook, ...],
                    commits: list[dict], lines_read: int, lines: dict[str, int], samples: int, resumed: int,
                    dead_letters: dict[str, int], batching: dict, dead_letter_files: list[str]) -> dict:
@@ -94,7 +111,6 @@ def build_manifest(*, options: dict, config: ModelConfig, weights_sha256: str, h
             "files": sorted(f for p in parts for f in p["files"]),
         }
     committed = [sample for c in commits for sample in c["samples"]]
-    with_samples, dead_lettered = lines.get("with_samples", 0), lines.get("dead_lettered", 0)
     return {
         "format_version": FORMAT_VERSION,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -110,17 +126,9 @@ def build_manifest(*, options: dict, config: ModelConfig, weights_sha256: str, h
                          for name, (kind, shape, meaning) in FEATURES.items()},
         "options": options,
         "counts": {
-            "lines_read": lines_read,
-            "lines_with_samples": with_samples,
-            "lines_dead_lettered": dead_lettered,
-            "lines_unaccounted": lines_read - with_samples - dead_lettered,
-            "samples": samples + resumed,
-            "samples_extracted_now": samples,
-            "samples_resumed": resumed,
+            **line_and_sample_counts(lines_read, lines, samples, resumed, dead_letters),
             "samples_committed": len(committed),
             "samples_committed_twice": len(committed) - len(set(committed)),
-            "dead_letters": dict(sorted(dead_letters.items())),
-            "dead_lettered": sum(dead_letters.values()),
         },
         "hooks": per_hook,
         "batching": batching,
@@ -143,7 +151,8 @@ class SummarizeBatches(beam.CombineFn):
                 seconds + stats.compile_seconds)
 
     def merge_accumulators(self, accumulators):
-        batches, real, computed, shapes, compilations, seconds = zip(*accumulators)
+        # The BundleBasedDirectRunner merges empty groups too.
+        batches, real, computed, shapes, compilations, seconds = zip(self.create_accumulator(), *accumulators)
         merged = {}
         for counts in shapes:
             for shape, n in counts.items():
@@ -162,6 +171,60 @@ class SummarizeBatches(beam.CombineFn):
             "compilations": compilations,
             "compile_seconds": round(seconds, 3),
         }
+
+
+class SumCounts(beam.CombineFn):
+    """(name, count) pairs -> {name: total}."""
+
+    def create_accumulator(self):
+        return {}
+
+    def add_input(self, acc, pair):
+        name, n = pair
+        acc[name] = acc.get(name, 0) + n
+        return acc
+
+    def merge_accumulators(self, accumulators):
+        merged = {}
+        for acc in accumulators:
+            for name, n in acc.items():
+                merged[name] = merged.get(name, 0) + n
+        return merged
+
+    def extract_output(self, acc):
+        return acc
+
+
+class SummarizeCommits(beam.CombineFn):
+    """Commits -> their ids and, per hook, records, tokens and files (not their sample ids)."""
+
+    def create_accumulator(self):
+        return [], {}
+
+    @staticmethod
+    def _add_hooks(total: dict, hooks: dict) -> None:
+        for name, part in hooks.items():
+            into = total.setdefault(name, {"records": 0, "tokens": 0, "files": []})
+            into["records"] += part["records"]
+            into["tokens"] += part["tokens"]
+            into["files"] += part["files"]
+
+    def add_input(self, acc, commit):
+        acc[0].append(commit["commit"])
+        self._add_hooks(acc[1], commit["hooks"])
+        return acc
+
+    def merge_accumulators(self, accumulators):
+        ids, hooks = self.create_accumulator()
+        for more_ids, more_hooks in accumulators:
+            ids += more_ids
+            self._add_hooks(hooks, more_hooks)
+        return ids, hooks
+
+    def extract_output(self, acc):
+        ids, hooks = acc
+        return {"commits": sorted(ids),
+                "hooks": {name: {**h, "files": sorted(h["files"])} for name, h in sorted(hooks.items())}}
 
 
 def write_manifest(output: str, manifest: dict) -> str:

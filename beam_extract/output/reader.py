@@ -1,9 +1,11 @@
-"""Reading activations back: by output directory and hook (local or gs://), through the manifest.
+"""Reading activations back: by output directory and hook (local or gs://), through the manifest
+(or the commits, for a run still going: an interrupted or a streaming one).
 
 - `read_activations(path, hook)`: records as dicts with numpy arrays; never imports TensorFlow.
 - `tf_dataset(path, hook)`: a tf.data.Dataset of parsed records.
 - `token_batches(path, hook, batch_tokens, shuffle_buffer, seed)`: shuffled float32
   [batch_tokens, d_model] arrays of single tokens, for SAE training.
+- `read_windows(path)`: a streaming job's progress, one index per closed time window.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from apache_beam.io.filesystems import FileSystems
 from beam_extract.output.manifest import MANIFEST_NAME, read_manifest
 from beam_extract.output.schema import OUTPUT_DTYPES, decode_record, tf_feature_spec
 from beam_extract.output.tfrecord import iter_tfrecord
-from beam_extract.output.writer import read_commits
+from beam_extract.output.windows import WINDOWS
+from beam_extract.output.writer import read_commits, read_json
 
 
 def hook_files(path: str, hook: str) -> list[str]:
@@ -31,6 +34,13 @@ def hook_files(path: str, hook: str) -> list[str]:
     else:
         files = sorted(f for commit in read_commits(path) for f in commit["hooks"].get(hook, {}).get("files", []))
     return [f"{path}/{f}" for f in files]
+
+
+def read_windows(path: str) -> list[dict]:
+    """The indexes of a streaming job's closed windows (counts, per hook records, tokens and files,
+    commits), oldest first."""
+    matches = FileSystems.match([f"{path.rstrip('/')}/{WINDOWS}/*.json"])[0].metadata_list
+    return [read_json(m.path) for m in sorted(matches, key=lambda m: m.path)]
 
 
 def _decoded(files: list[str]) -> Iterator[dict]:
@@ -80,7 +90,10 @@ def tf_dataset(path: str, hook: str):
     import tensorflow as tf
 
     spec = tf_feature_spec()
-    stored = tf.dtypes.as_dtype(OUTPUT_DTYPES[read_manifest(path)["output_dtype"]].name)
+    files = hook_files(path, hook)
+    # Records name their dtype; a run still going has no manifest to say it.
+    dtype = decode_record(next(iter_tfrecord(files[0])))["dtype"] if files else "float32"
+    stored = tf.dtypes.as_dtype(OUTPUT_DTYPES[dtype].name)
 
     def parse(serialized):
         record = tf.io.parse_single_example(serialized, spec)
@@ -89,4 +102,4 @@ def tf_dataset(path: str, hook: str):
         record["activations"] = tf.cast(tf.reshape(values, [record["n_tokens"], record["d_model"]]), tf.float32)
         return record
 
-    return tf.data.TFRecordDataset(hook_files(path, hook)).map(parse)
+    return tf.data.TFRecordDataset(files).map(parse)

@@ -1,14 +1,18 @@
 """Activation records -> TFRecord files per hook, committed per bundle so finished work survives a kill.
 
-Layout: OUT/{site}/layer_{LL}/part-{commit}-{NNN}.tfrecord. Each forward batch is written to
-temporary files beside its final ones, renamed, then recorded in OUT/_committed/{commit}.json with
-its sample ids, files and statistics. The commit id is a hash of the batch's sample ids, so a retried
-batch rewrites the same names; a killed one leaves only files no commit lists, which the end of the
-next run removes. Readers use the manifest (or the commits).
+Layout: OUT/{site}/layer_{LL}/part-{commit}-{NNN}.tfrecord, or in streaming, where every batch
+belongs to a time window, part-w{window start}-{commit}-{NNN}.tfrecord. Each forward batch is
+written to temporary files beside its final ones, renamed, then recorded in
+OUT/_committed/{commit}.json with its sample ids, files, statistics and window. The commit id is a
+hash of the batch's sample ids, so a retried batch rewrites the same names; a killed one leaves only
+files no commit lists, which the end of the next run removes. Readers use the manifest (or the
+commits).
 """
 
 from __future__ import annotations
 
+import datetime
+import functools
 import hashlib
 import json
 import os
@@ -17,7 +21,9 @@ import uuid
 
 import apache_beam as beam
 import numpy as np
+from apache_beam.io import fileio
 from apache_beam.io.filesystems import FileSystems
+from apache_beam.transforms.window import GlobalWindows, IntervalWindow
 
 from beam_extract.model import hook_name
 from beam_extract.model.qwen2 import Hook
@@ -46,6 +52,14 @@ def read_json(path: str) -> dict:
         return json.loads(handle.read())
 
 
+def window_span(window) -> tuple[str, str] | None:
+    """(start, end) of a time window as UTC names like 20250101T120000Z; None for the global window."""
+    if not isinstance(window, IntervalWindow):
+        return None
+    return tuple(datetime.datetime.fromtimestamp(float(t), datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
+                 for t in (window.start, window.end))
+
+
 def read_commits(output: str) -> list[dict]:
     matches = FileSystems.match([f"{output}/{COMMITS}/*.json"])[0].metadata_list
     return [read_json(m.path) for m in sorted(matches, key=lambda m: m.path)]
@@ -53,17 +67,19 @@ def read_commits(output: str) -> list[dict]:
 
 class WriteCommitted(beam.DoFn):
     """One batch's records -> files per hook (rolled over at `shard_bytes`) and a commit; yields the
-    commit id. The commit id hashes the batch's sample ids: a retried batch rewrites the same names."""
+    commit. The commit id hashes the batch's sample ids: a retried batch rewrites the same names."""
 
     def __init__(self, output: str, hooks: tuple[Hook, ...], shard_bytes: int, shuffle_seed: int | None = None):
         self._output, self._hooks, self._shard_bytes = output, hooks, shard_bytes
         self._shuffle_seed = shuffle_seed  # None: records keep batch order
 
-    def process(self, records: list):
+    def process(self, records: list, window=beam.DoFn.WindowParam):
         if not records:
             return
         samples = sorted({record.sample_id for record in records})
         commit = hashlib.sha256("\n".join(samples).encode()).hexdigest()[:20]
+        span = window_span(window)
+        part = f"part-w{span[0]}-{commit}" if span else f"part-{commit}"
         if self._shuffle_seed is not None:
             rng = np.random.default_rng([self._shuffle_seed, int(commit, 16) % 2**63])
             records = [records[i] for i in rng.permutation(len(records))]
@@ -71,7 +87,7 @@ class WriteCommitted(beam.DoFn):
         for index, hook in enumerate(self._hooks):
             mine = [record for record in records if record.hook_index == index]
             temporaries = self._write(hook, mine)
-            finals = [f"{hook_dir(self._output, hook)}/part-{commit}-{n:03d}.tfrecord" for n in range(len(temporaries))]
+            finals = [f"{hook_dir(self._output, hook)}/{part}-{n:03d}.tfrecord" for n in range(len(temporaries))]
             if finals:
                 FileSystems.rename(temporaries, finals)
             hooks[hook_name(*hook)] = {
@@ -83,9 +99,10 @@ class WriteCommitted(beam.DoFn):
             }
         # Which process wrote it: provenance for debugging a worker (and how tests see where DoFns ran).
         worker = {"host": socket.gethostname(), "pid": os.getpid(), "parent_pid": os.getppid()}
-        write_json(f"{self._output}/{COMMITS}/{commit}.json",
-                   {"commit": commit, "samples": samples, "hooks": hooks, "worker": worker})
-        yield commit
+        record = {"commit": commit, "samples": samples, "hooks": hooks, "worker": worker,
+                  "window": dict(zip(("start", "end"), span)) if span else None}
+        write_json(f"{self._output}/{COMMITS}/{commit}.json", record)
+        yield record
 
     def _write(self, hook: Hook, records: list) -> list[str]:
         """Temporary files beside the final ones, each up to shard_bytes."""
@@ -115,17 +132,29 @@ def remove_uncommitted(output: str, hooks: tuple[Hook, ...], commits: list[dict]
     return stray
 
 
+def _window_file_name(stage: str, window, pane, shard_index: int, total_shards: int, compression, destination) -> str:
+    return f"{stage}-w{window_span(window)[0]}-{shard_index:05d}-of-{total_shards:05d}.jsonl"
+
+
 class WriteDeadLetters(beam.PTransform):
-    """One stage's dead letters as JSON lines, OUT/dead_letter/{stage}-SSSSS-of-NNNNN.jsonl. The runner
-    picks the number of files, so millions of dead letters are never gathered in one place."""
+    """One stage's dead letters as JSON lines, OUT/dead_letter/{stage}-SSSSS-of-NNNNN.jsonl, or per time
+    window {stage}-w{window start}-SSSSS-of-NNNNN.jsonl. The runner picks the number of files, so
+    millions of dead letters are never gathered in one place. Yields the paths written."""
 
     def __init__(self, output: str, stage: str):
         super().__init__()
         self._output, self._stage = output, stage
 
     def expand(self, dead_letters):
+        lines = dead_letters | "ToJson" >> beam.Map(lambda letter: letter.to_json())
+        directory = f"{self._output}/dead_letter"
+        if isinstance(dead_letters.windowing.windowfn, GlobalWindows):
+            return lines | "Write" >> beam.io.WriteToText(f"{directory}/{self._stage}", file_name_suffix=".jsonl")
+        # Not WriteToText: in a time window it names files by str(window), and stamps the names it
+        # returns with the window's end, which is the next window.
         return (
-            dead_letters
-            | "ToJson" >> beam.Map(lambda letter: letter.to_json())
-            | "Write" >> beam.io.WriteToText(f"{self._output}/dead_letter/{self._stage}", file_name_suffix=".jsonl")
+            lines
+            | "WritePerWindow" >> fileio.WriteToFiles(directory, file_naming=functools.partial(_window_file_name,
+                                                                                               self._stage))
+            | "Paths" >> beam.Map(lambda written: f"{directory}/{written.file_name}")
         )

@@ -1,0 +1,58 @@
+"""Streaming progress: OUT/_windows/{start}-{end}.json for each time window, written atomically when
+the window closes (the watermark passes its end), after the window's last commit.
+
+A streaming job never ends, so it has no manifest: each window's index holds that window's counts
+(lines, samples, dead letters by reason), per hook its records, tokens and files, and its commits.
+"""
+
+from __future__ import annotations
+
+import datetime
+
+import apache_beam as beam
+
+from beam_extract.model import hook_name
+from beam_extract.model.qwen2 import Hook
+from beam_extract.output.manifest import line_and_sample_counts
+from beam_extract.output.writer import window_span, write_json
+
+WINDOWS = "_windows"
+
+
+def window_index(span: tuple[str, str], output: str, hooks: tuple[Hook, ...], totals: dict) -> dict:
+    """`totals`: the window's combined results by name; a name is missing when nothing of that kind
+    happened in the window (e.g. no dead letters)."""
+    committed = totals.get("commits", {"commits": [], "hooks": {}})
+    empty = {"records": 0, "tokens": 0, "files": []}
+    return {
+        "window": {"start": span[0], "end": span[1]},
+        "written": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "counts": line_and_sample_counts(totals.get("lines_read", 0), totals.get("lines", {}),
+                                         totals.get("samples", 0), totals.get("resumed", 0),
+                                         totals.get("dead_letters", {})),
+        "hooks": {hook_name(*hook): committed["hooks"].get(hook_name(*hook), empty) for hook in hooks},
+        "commits": committed["commits"],
+        "batching": totals.get("batching"),
+        "dead_letter_files": sorted(f.removeprefix(f"{output}/") for f in totals.get("dead_letter_files", [])),
+    }
+
+
+class WriteWindowIndex(beam.DoFn):
+    """(None, {name: [the window's total]}) from a CoGroupByKey -> the window's index; yields its path."""
+
+    def __init__(self, output: str, hooks: tuple[Hook, ...]):
+        self._output, self._hooks = output, hooks
+
+    def process(self, grouped, window=beam.DoFn.WindowParam):
+        _, parts = grouped
+        totals = {}
+        for name, values in parts.items():
+            values = list(values)
+            if len(values) > 1:  # a window fires once (no late panes): more would be a wiring error
+                raise ValueError(f"window {window}: {len(values)} totals of {name}")
+            if values:
+                totals[name] = values[0]
+        span = window_span(window)
+        path = f"{self._output}/{WINDOWS}/{span[0]}-{span[1]}.json"
+        write_json(path, window_index(span, self._output, self._hooks, totals))
+        yield path
