@@ -19,8 +19,10 @@ SITES = ("resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post")
 
 # Attention runs over [BLOCK x BLOCK] tiles of (queries, keys) with an online softmax, so no
 # score tensor is larger than one tile, and tiles no query may see (above the causal diagonal, or
-# between different packed documents) are skipped.
-BLOCK = 512
+# between different packed documents) are skipped. Tiles are loops, not unrolled code, so compile
+# time does not grow with the sequence. 128 keeps a tile's scores in cache on CPUs: at S=1024 it
+# ran the 0.5B forward 1.18x faster than 512 tiles (2-core EPYC).
+BLOCK = 128
 # A finite floor instead of -inf keeps fully masked tiles finite; they are corrected away as soon
 # as a visible key arrives (every query sees at least itself).
 MASKED = -1e30
@@ -61,39 +63,53 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array) 
     statistics are float32.
     """
     batch, seq, kv_heads, groups, dim = q.shape
-    outputs = []
-    for q_start in range(0, seq, BLOCK):
-        q_stop = min(seq, q_start + BLOCK)
-        q_blk, q_seg = q[:, q_start:q_stop] * jnp.asarray(dim**-0.5, q.dtype), segment_ids[:, q_start:q_stop]
-        rows = q_stop - q_start
-        state = (jnp.full((batch, kv_heads, groups, rows), MASKED, jnp.float32),  # running max
-                 jnp.zeros((batch, kv_heads, groups, rows), jnp.float32),  # running sum of exp
-                 jnp.zeros((batch, rows, kv_heads, groups, dim), jnp.float32))  # running weighted values
-        for k_start in range(0, q_stop, BLOCK):
-            k_stop = min(seq, k_start + BLOCK)
-            q_index, k_index = jnp.arange(q_start, q_stop)[:, None], jnp.arange(k_start, k_stop)[None, :]
-            k_seg = segment_ids[:, None, k_start:k_stop]
+    block = min(BLOCK, seq)
+    pad = -seq % block  # appended positions are padding (segment 0): no real token sees them
+    # Heads-major layouts, transposed once: every tile is then a plain batched matmul over (B, KV).
+    q = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0), (0, 0))).transpose(0, 2, 3, 1, 4) * jnp.asarray(
+        dim**-0.5, q.dtype)  # [B, KV, G, S, D]
+    k, v = (jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))).transpose(0, 2, 1, 3) for x in (k, v))  # [B, KV, S, D]
+    segment_ids = jnp.pad(segment_ids, ((0, 0), (0, pad)))
+
+    def query_block(start):
+        q_blk = lax.dynamic_slice_in_dim(q, start, block, axis=3)
+        q_seg = lax.dynamic_slice_in_dim(segment_ids, start, block, axis=1)
+        q_index = start + jnp.arange(block)[:, None]
+
+        def key_block(j, state):
+            k_start = j * block
+            k_index = k_start + jnp.arange(block)[None, :]
+            k_seg = lax.dynamic_slice_in_dim(segment_ids, k_start, block, axis=1)[:, None, :]
             # Padding (segment 0) sees only itself, so tiles of pure padding are skipped too.
             visible = (q_index >= k_index)[None] & (q_seg[:, :, None] == k_seg) & ((k_seg > 0) | (q_index == k_index))
-            tile = (k[:, k_start:k_stop], v[:, k_start:k_stop], visible)
-            state = lax.cond(jnp.any(visible), _attend_tile, lambda state, *_: state, state, q_blk, *tile)
-        _, total, weighted = state
-        outputs.append((weighted / jnp.moveaxis(total, 3, 1)[..., None]).astype(v.dtype))
-    return jnp.concatenate(outputs, axis=1)
+            tile = (lax.dynamic_slice_in_dim(k, k_start, block, axis=2),
+                    lax.dynamic_slice_in_dim(v, k_start, block, axis=2), visible)
+            return lax.cond(jnp.any(visible), _attend_tile, lambda state, *_: state, state, q_blk, *tile)
+
+        stats = (batch, kv_heads, groups, block)
+        state = (jnp.full(stats, MASKED, jnp.float32),  # running max
+                 jnp.zeros(stats, jnp.float32),  # running sum of exp
+                 jnp.zeros((*stats, dim), jnp.float32))  # running weighted values
+        # Causal: key blocks past this query block's last position are never visited.
+        _, total, weighted = lax.fori_loop(0, start // block + 1, key_block, state)
+        return (weighted / total[..., None]).astype(v.dtype)
+
+    blocks = lax.map(query_block, jnp.arange(0, seq + pad, block))  # [n_blocks, B, KV, G, block, D]
+    out = blocks.transpose(1, 0, 4, 2, 3, 5).reshape(batch, seq + pad, kv_heads, groups, dim)
+    return out[:, :seq]
 
 
 def _attend_tile(state, q_blk, k_blk, v_blk, visible):
     """Folds one tile of keys into the online-softmax state of a query block."""
     running_max, total, weighted = state
-    scores = jnp.einsum("btkgd,bskd->bkgts", q_blk, k_blk, preferred_element_type=jnp.float32)
+    scores = jnp.einsum("bkgtd,bksd->bkgts", q_blk, k_blk, preferred_element_type=jnp.float32)
     scores = jnp.where(visible[:, None, None], scores, MASKED)
     new_max = jnp.maximum(running_max, scores.max(axis=-1))
     probs = jnp.exp(scores - new_max[..., None])
     rescale = jnp.exp(running_max - new_max)
     total = total * rescale + probs.sum(axis=-1)
-    update = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v_blk.dtype), v_blk, preferred_element_type=jnp.float32)
-    weighted = weighted * jnp.moveaxis(rescale, 3, 1)[..., None] + update
-    return new_max, total, weighted
+    update = jnp.einsum("bkgts,bksd->bkgtd", probs.astype(v_blk.dtype), v_blk, preferred_element_type=jnp.float32)
+    return new_max, total, weighted * rescale[..., None] + update
 
 
 def decoder_block(
