@@ -90,7 +90,7 @@ class ExtractOptions(PipelineOptions):
                               help="Rows per forward batch (fixed, so each row length compiles once)")
         batching.add_argument("--tokens_per_batch", type=int, default=0,
                               help="If set, rows per batch = tokens_per_batch // row length instead of batch_size")
-        batching.add_argument("--buckets", default="multiples:128",
+        batching.add_argument("--buckets", default="multiples:32",
                               help="Row lengths of unpacked samples: multiples:N, pow2, or a list like 512,2048,8192 "
                                    "(max_seq_len is always the last)")
         batching.add_argument("--packing", default="text", choices=PACKING_MODES,
