@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 import logging
 from collections.abc import Iterator
 
@@ -40,6 +41,7 @@ class BatchStats:
     real_tokens: int
     computed_tokens: int
     compile_seconds: float  # > 0 only for the batch that compiled its shape in this process
+    forward_seconds: float  # wall seconds of the forward and the copy to the host, compiling aside
 
 
 def pad_rows(batch: Batch, multiple: int) -> Batch:
@@ -96,6 +98,7 @@ class ExtractDoFn(beam.DoFn):
         batch = pad_rows(batch, self._model.mesh.shape["data"])
         try:
             used_rows = max(p.row for p in batch.placements) + 1
+            start = time.perf_counter()
             out, compile_seconds = self._model.forward(batch.tokens, batch.positions, batch.segment_ids,
                                                        self._hooks, OUTPUT_DTYPES[self._output_dtype], used_rows)
         except Exception as error:  # e.g. device OOM: the samples are reported, the job goes on
@@ -104,10 +107,11 @@ class ExtractDoFn(beam.DoFn):
                 yield beam.pvalue.TaggedOutput(DEAD_LETTER, DeadLetter(
                     sample.source, sample.line_number, "extract", "model_error", repr(error)[:500]))
             return
+        forward_seconds = time.perf_counter() - start - compile_seconds
         if compile_seconds:
             self._compilations.inc()
         self._real_tokens.inc(batch.real_tokens)
         self._computed_tokens.inc(batch.tokens.size)
         yield beam.pvalue.TaggedOutput(BATCH_STATS, BatchStats(batch.tokens.shape[1], batch.real_tokens,
-                                                               batch.tokens.size, compile_seconds))
+                                                               batch.tokens.size, compile_seconds, forward_seconds))
         yield list(batch_records(out, batch, self._hooks, self._output_dtype))  # written and committed together

@@ -190,6 +190,13 @@ def build(paths, job: Job) -> None:
         )
 
 
+def remove_leftovers_before_streaming(job: Job) -> None:
+    """A batch job removes a killed run's leftovers (files no commit lists) when it ends; a streaming
+    job never ends, so a resumed one removes them before it starts."""
+    if job.streaming and job.options["resume"]:
+        remove_uncommitted(job.output, job.hooks, read_commits(job.output))
+
+
 def _local_runner_without_download(options: PipelineOptions) -> None:
     """Beam 2.77's DirectRunner first tries to download the Prism runner, then falls back to the
     in-process FnApiRunner. We go to the FnApiRunner directly: no network, same semantics, and it
@@ -219,6 +226,7 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
     options = PipelineOptions(template_switches(sys.argv[1:] if argv is None else argv))
     _refuse_local_streaming(options)
     job = make_job(options)
+    remove_leftovers_before_streaming(job)
     _local_runner_without_download(options)
     pipeline = test_pipeline or beam.Pipeline(options=options)
     build(read_input(pipeline, job), job)

@@ -25,30 +25,12 @@ from safetensors.numpy import save_file
 
 from beam_extract.model import load_model
 from beam_extract.model.embedded import random_qwen2_tensors
-from benchmarks.forward import QWEN25_05B, flops_per_token
+from benchmarks.forward import QWEN25_05B, best_time, flops_per_token, gemm_peak_gflops
 
 SHAPES = "16x512,8x2048,2x8192"
 LAYERS = QWEN25_05B["num_hidden_layers"]
 # Off a GPU it still runs (slowly): a smoke test of this script before spending GPU time.
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def gemm_peak_tflops(n: int = 8192) -> float:
-    """JAX's bf16 n^3 matmul rate (float32 accumulation, as the model's matmuls): the MFU denominator."""
-    a = jax.numpy.asarray(np.random.default_rng(0).standard_normal((n, n)), jax.numpy.bfloat16)
-    matmul = jax.jit(lambda x: jax.numpy.matmul(x, x, preferred_element_type=jax.numpy.float32))
-    return 2 * n**3 / timed(lambda: matmul(a).block_until_ready(), 10) / 1e12
-
-
-def timed(fn, repeats: int) -> float:
-    """Best wall seconds of `repeats` calls after one warm-up (compile) call."""
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 class TorchQwen2:
@@ -120,10 +102,10 @@ def throughput(directory: str, shapes: list[tuple[int, int]], repeats: int) -> l
 
         tokens = batch * seq
         row = {"batch": batch, "seq": seq, "compile_s": compile_s,
-               "torch_bf16_device_tok_s": tokens / timed(lambda: torch_model.layers(ids, False), repeats),
-               "torch_bf16_host_tok_s": tokens / timed(lambda: torch_model.layers(ids, True), repeats),
-               "ours_bf16_device_tok_s": tokens / timed(ours_on_device, repeats),
-               "ours_bf16_host_tok_s": tokens / timed(ours_to_host, repeats)}
+               "torch_bf16_device_tok_s": tokens / best_time(lambda: torch_model.layers(ids, False), repeats),
+               "torch_bf16_host_tok_s": tokens / best_time(lambda: torch_model.layers(ids, True), repeats),
+               "ours_bf16_device_tok_s": tokens / best_time(ours_on_device, repeats),
+               "ours_bf16_host_tok_s": tokens / best_time(ours_to_host, repeats)}
         row["ratio_device"] = row["ours_bf16_device_tok_s"] / row["torch_bf16_device_tok_s"]
         row["ratio_host"] = row["ours_bf16_host_tok_s"] / row["torch_bf16_host_tok_s"]
         row["ours_device_tflops"] = row["ours_bf16_device_tok_s"] * flops_per_token(config, seq) / 1e12
@@ -147,7 +129,7 @@ def main() -> None:
     results = {"date": datetime.date.today().isoformat(),
                "device": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu", "jax_devices": [str(d) for d in jax.devices()],
                "jax": jax.__version__, "torch": torch.__version__, "transformers": transformers.__version__}
-    results["gemm_peak_tflops"] = gemm_peak_tflops(8192 if DEVICE == "cuda" else 512)
+    results["gemm_peak_tflops"] = gemm_peak_gflops(jax.numpy.bfloat16, 8192 if DEVICE == "cuda" else 512, 10) / 1e3
     print(json.dumps(results), flush=True)
     with tempfile.TemporaryDirectory() as directory:
         config = transformers.Qwen2Config(**QWEN25_05B)

@@ -4,7 +4,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from beam_extract.model.gpu_attention import flash_attention
+import pytest
+
+from beam_extract.model.gpu_attention import flash_attention, padded_length
 from beam_extract.model.mesh import parse_mesh
 from beam_extract.model.qwen2 import attention
 
@@ -23,3 +25,9 @@ def test_flash_attention_matches_portable_attention_with_packing_and_padding():
     real = segments > 0
     assert got.shape == expected.shape
     np.testing.assert_allclose(got[real], expected[real], atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize(("seq", "padded"), [(1, 16), (16, 16), (50, 64), (96, 128), (128, 128), (129, 256),
+                                             (300, 384), (512, 512)])
+def test_sequences_pad_to_lengths_triton_tiles_divide(seq, padded):
+    assert padded_length(seq) == padded

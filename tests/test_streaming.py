@@ -36,7 +36,7 @@ from beam_extract.batching import BatchDoFn, BatchPlan
 from beam_extract.model.hooks import parse_hook_name
 from beam_extract.options import template_switches
 from beam_extract.output.writer import hook_dir
-from beam_extract.pipeline import build, make_job, read_input, run
+from beam_extract.pipeline import build, make_job, read_input, remove_leftovers_before_streaming, run
 from beam_extract.tokenize import Sample
 
 WORDS = ["river", "valley", "stone", "water", "flood", "sea", "hill", "sand", "wind", "rain"]
@@ -202,6 +202,7 @@ def run_streaming(directory: Path, files: dict, output: str, *extra: str) -> flo
         options = PipelineOptions([*STREAMING, f"--input={directory}/in/*.jsonl", f"--output={directory}/{output}",
                                    *OPTIONS, *extra])
         job = make_job(options)
+        remove_leftovers_before_streaming(job)
         pipeline = beam.Pipeline(options=options)
         build(pipeline | "Arrivals" >> stream_of(files), job)
         started = time.perf_counter()
@@ -335,7 +336,10 @@ def test_a_restarted_streaming_job_resumes_without_writing_twice(streamed):
     directory, files, _ = streamed
     shutil.copytree(directory / "stream", directory / "restarted")
     committed = sorted(p.name for p in (directory / "restarted/_committed").glob("*.json"))
+    stray = next((directory / "restarted").glob("*/layer_*")) / "part-w19700101T000000-killed-000.tfrecord"
+    stray.write_bytes(b"half a record")  # as a job killed between its rename and its commit leaves it
     run_streaming(directory, files, "restarted", "--resume")
+    assert not stray.exists()
     assert sorted(p.name for p in (directory / "restarted/_committed").glob("*.json")) == committed
     for before, after in zip(read_windows(str(directory / "stream")), read_windows(str(directory / "restarted"))):
         assert after["counts"]["samples_resumed"] == after["counts"]["samples"] == before["counts"]["samples"]

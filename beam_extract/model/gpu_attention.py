@@ -23,15 +23,21 @@ with warnings.catch_warnings():  # deprecated for tokamax, which is not a JAX de
 BLOCK = pallas_attention.BlockSizes.get_default().block_q
 
 
+def padded_length(seq: int) -> int:
+    """The kernel's tiles must divide the sequence, and Triton tiles are powers of two of at least 16:
+    a short sequence pads to the next power of two, a longer one to a multiple of BLOCK."""
+    if seq <= BLOCK:
+        return max(16, 1 << (seq - 1).bit_length())
+    return -(-seq // BLOCK) * BLOCK
+
+
 def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, *, mesh: Mesh,
                     interpret: bool = False) -> jax.Array:
     """Same contract as qwen2.attention: q [B, S, KV, G, D], k/v [B, S, KV, D] -> [B, S, KV, G, D].
     `interpret` runs the kernel in Pallas' interpreter (any platform; how tests check it on CPU)."""
     batch, seq, kv_heads, groups, dim = q.shape
     heads = kv_heads * groups
-    # The kernel's tiles must divide the sequence; appended positions are padding (segment 0),
-    # which no real token sees.
-    pad = -seq % BLOCK if seq > BLOCK else 0
+    pad = padded_length(seq) - seq  # appended positions are padding (segment 0): no real token sees them
     q = jnp.pad(q.reshape(batch, seq, heads, dim), ((0, 0), (0, pad), (0, 0), (0, 0)))
     k, v = (jnp.pad(jnp.repeat(x, groups, axis=2), ((0, 0), (0, pad), (0, 0), (0, 0))) for x in (k, v))
     segment_ids = jnp.pad(segment_ids, ((0, 0), (0, pad)))

@@ -141,35 +141,39 @@ class SummarizeBatches(beam.CombineFn):
     """BatchStats of every forward -> the manifest's `batching` section."""
 
     def create_accumulator(self):
-        return 0, 0, 0, {}, 0, 0.0
+        return {"batches": 0, "real_tokens": 0, "computed_tokens": 0, "batch_shapes": {}, "compilations": 0,
+                "compile_seconds": 0.0, "forward_seconds": 0.0}
 
     def add_input(self, acc, stats):
-        batches, real, computed, shapes, compilations, seconds = acc
         shape = f"{stats.computed_tokens // stats.row_length}x{stats.row_length}"
-        return (batches + 1, real + stats.real_tokens, computed + stats.computed_tokens,
-                {**shapes, shape: shapes.get(shape, 0) + 1}, compilations + bool(stats.compile_seconds),
-                seconds + stats.compile_seconds)
+        return self.merge_accumulators([acc, {
+            "batches": 1, "real_tokens": stats.real_tokens, "computed_tokens": stats.computed_tokens,
+            "batch_shapes": {shape: 1}, "compilations": int(bool(stats.compile_seconds)),
+            "compile_seconds": stats.compile_seconds, "forward_seconds": stats.forward_seconds}])
 
     def merge_accumulators(self, accumulators):
-        # The BundleBasedDirectRunner merges empty groups too.
-        batches, real, computed, shapes, compilations, seconds = zip(self.create_accumulator(), *accumulators)
-        merged = {}
-        for counts in shapes:
-            for shape, n in counts.items():
-                merged[shape] = merged.get(shape, 0) + n
-        return sum(batches), sum(real), sum(computed), merged, sum(compilations), sum(seconds)
+        merged = self.create_accumulator()  # the BundleBasedDirectRunner merges empty groups too
+        for acc in accumulators:
+            for name, value in acc.items():
+                if name == "batch_shapes":
+                    for shape, n in value.items():
+                        merged[name][shape] = merged[name].get(shape, 0) + n
+                else:
+                    merged[name] += value
+        return merged
 
     def extract_output(self, acc):
-        batches, real, computed, shapes, compilations, seconds = acc
+        shapes = acc["batch_shapes"]
         return {
-            "batches": batches,
-            "real_tokens": real,
-            "computed_tokens": computed,
-            "real_over_computed": real / computed if computed else None,
+            "batches": acc["batches"],
+            "real_tokens": acc["real_tokens"],
+            "computed_tokens": acc["computed_tokens"],
+            "real_over_computed": acc["real_tokens"] / acc["computed_tokens"] if acc["computed_tokens"] else None,
             "row_lengths": sorted({int(shape.split("x")[1]) for shape in shapes}),
             "batch_shapes": dict(sorted(shapes.items())),  # "rows x length" -> batches of that shape
-            "compilations": compilations,
-            "compile_seconds": round(seconds, 3),
+            "compilations": acc["compilations"],
+            "compile_seconds": round(acc["compile_seconds"], 3),
+            "forward_seconds": round(acc["forward_seconds"], 3),  # compiling aside
         }
 
 

@@ -1,4 +1,4 @@
-"""Activation records -> TFRecord files per hook, committed per bundle so finished work survives a kill.
+"""Activation records -> TFRecord files per hook, committed per forward batch so finished work survives a kill.
 
 Layout: OUT/{site}/layer_{LL}/part-{commit}-{NNN}.tfrecord, or in streaming, where every batch
 belongs to a time window, part-w{window start}-{commit}-{NNN}.tfrecord. Each forward batch is
