@@ -11,7 +11,7 @@ from benchmarks.report import Figure
 
 
 def measure(quick: bool) -> tuple[list[Figure], dict]:
-    small = 20_000 if quick else 100_000
+    small = 5_000 if quick else 100_000
     raw = {}
     with tempfile.TemporaryDirectory() as tmp:
         for lines in (small, 10 * small):
