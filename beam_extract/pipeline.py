@@ -168,7 +168,7 @@ def build(paths, job: Job) -> None:
         "dead_letters": total(reasons | "AllReasons" >> beam.Flatten(), "SumReasons", SumCounts(), job.streaming),
         "batching": total(extracted[BATCH_STATS], "SummarizeBatches", SummarizeBatches(), job.streaming),
         # A window's index lists its commits; the batch manifest reads them from disk instead.
-        "commits": total(commits, "SummarizeCommits", SummarizeCommits() if job.streaming else count(),
+        "commits": total(commits, "SummarizeCommits", SummarizeCommits(job.hooks) if job.streaming else count(),
                          job.streaming),
         "dead_letter_files": total(dead_letter_files | "AllDeadLetterFiles" >> beam.Flatten(), "DeadLetterFiles",
                                    beam.combiners.ToListCombineFn(), job.streaming),

@@ -95,21 +95,6 @@ def build_manifest(*, options: dict, config: ModelConfig, weights_sha256: str, h
                    dead_letters: dict[str, int], batching: dict, dead_letter_files: list[str]) -> dict:
     """Output files and activation statistics come from the commits (of this run and any run it
     resumed); counts of lines and dead letters from this run, which re-reads every line."""
-    output = options["output"]
-    per_hook = {}
-    for layer, site in hooks:
-        name = hook_name(layer, site)
-        parts = [c["hooks"][name] for c in commits if name in c["hooks"]]
-        tokens = sum(p["tokens"] for p in parts)
-        per_hook[name] = {
-            "site": site,
-            "layer": layer,
-            "records": sum(p["records"] for p in parts),
-            "tokens": tokens,
-            "mean_l2_norm": sum(p["sum_l2_norm"] for p in parts) / tokens if tokens else None,
-            "mean_squared_norm": sum(p["sum_squared_norm"] for p in parts) / tokens if tokens else None,
-            "files": sorted(f for p in parts for f in p["files"]),
-        }
     committed = [sample for c in commits for sample in c["samples"]]
     return {
         "format_version": FORMAT_VERSION,
@@ -130,11 +115,34 @@ def build_manifest(*, options: dict, config: ModelConfig, weights_sha256: str, h
             "samples_committed": len(committed),
             "samples_committed_twice": len(committed) - len(set(committed)),
         },
-        "hooks": per_hook,
+        "hooks": summarize_hooks(hooks, commits),
         "batching": batching,
         "commits": len(commits),
-        "dead_letter_files": sorted(f.removeprefix(f"{output}/") for f in dead_letter_files),
+        "dead_letter_files": relative_paths(options["output"], dead_letter_files),
     }
+
+
+def summarize_hooks(hooks: tuple[Hook, ...], commits: list[dict]) -> dict:
+    """Per hook: records, tokens, mean norms and files, summed over commits."""
+    per_hook = {}
+    for layer, site in hooks:
+        name = hook_name(layer, site)
+        parts = [c["hooks"][name] for c in commits if name in c["hooks"]]
+        tokens = sum(p["tokens"] for p in parts)
+        per_hook[name] = {
+            "site": site,
+            "layer": layer,
+            "records": sum(p["records"] for p in parts),
+            "tokens": tokens,
+            "mean_l2_norm": sum(p["sum_l2_norm"] for p in parts) / tokens if tokens else None,
+            "mean_squared_norm": sum(p["sum_squared_norm"] for p in parts) / tokens if tokens else None,
+            "files": sorted(f for p in parts for f in p["files"]),
+        }
+    return per_hook
+
+
+def relative_paths(output: str, paths: list[str]) -> list[str]:
+    return sorted(path.removeprefix(f"{output}/") for path in paths)
 
 
 class SummarizeBatches(beam.CombineFn):
@@ -200,35 +208,23 @@ class SumCounts(beam.CombineFn):
 
 
 class SummarizeCommits(beam.CombineFn):
-    """Commits -> their ids and, per hook, records, tokens and files (not their sample ids)."""
+    """Commits -> their ids and the per-hook summary (not their sample ids)."""
+
+    def __init__(self, hooks: tuple[Hook, ...]):
+        self._hooks = hooks
 
     def create_accumulator(self):
-        return [], {}
-
-    @staticmethod
-    def _add_hooks(total: dict, hooks: dict) -> None:
-        for name, part in hooks.items():
-            into = total.setdefault(name, {"records": 0, "tokens": 0, "files": []})
-            into["records"] += part["records"]
-            into["tokens"] += part["tokens"]
-            into["files"] += part["files"]
+        return []
 
     def add_input(self, acc, commit):
-        acc[0].append(commit["commit"])
-        self._add_hooks(acc[1], commit["hooks"])
+        acc.append({"commit": commit["commit"], "hooks": commit["hooks"]})
         return acc
 
     def merge_accumulators(self, accumulators):
-        ids, hooks = self.create_accumulator()
-        for more_ids, more_hooks in accumulators:
-            ids += more_ids
-            self._add_hooks(hooks, more_hooks)
-        return ids, hooks
+        return [commit for acc in accumulators for commit in acc]
 
     def extract_output(self, acc):
-        ids, hooks = acc
-        return {"commits": sorted(ids),
-                "hooks": {name: {**h, "files": sorted(h["files"])} for name, h in sorted(hooks.items())}}
+        return {"commits": sorted(c["commit"] for c in acc), "hooks": summarize_hooks(self._hooks, acc)}
 
 
 def write_manifest(output: str, manifest: dict) -> str:

@@ -11,9 +11,8 @@ import datetime
 
 import apache_beam as beam
 
-from beam_extract.model import hook_name
 from beam_extract.model.qwen2 import Hook
-from beam_extract.output.manifest import line_and_sample_counts
+from beam_extract.output.manifest import line_and_sample_counts, relative_paths, summarize_hooks
 from beam_extract.output.writer import window_span, write_json
 
 WINDOWS = "_windows"
@@ -22,18 +21,17 @@ WINDOWS = "_windows"
 def window_index(span: tuple[str, str], output: str, hooks: tuple[Hook, ...], totals: dict) -> dict:
     """`totals`: the window's combined results by name; a name is missing when nothing of that kind
     happened in the window (e.g. no dead letters)."""
-    committed = totals.get("commits", {"commits": [], "hooks": {}})
-    empty = {"records": 0, "tokens": 0, "files": []}
+    committed = totals.get("commits") or {"commits": [], "hooks": summarize_hooks(hooks, [])}
     return {
         "window": {"start": span[0], "end": span[1]},
         "written": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "counts": line_and_sample_counts(totals.get("lines_read", 0), totals.get("lines", {}),
                                          totals.get("samples", 0), totals.get("resumed", 0),
                                          totals.get("dead_letters", {})),
-        "hooks": {hook_name(*hook): committed["hooks"].get(hook_name(*hook), empty) for hook in hooks},
+        "hooks": committed["hooks"],
         "commits": committed["commits"],
         "batching": totals.get("batching"),
-        "dead_letter_files": sorted(f.removeprefix(f"{output}/") for f in totals.get("dead_letter_files", [])),
+        "dead_letter_files": relative_paths(output, totals.get("dead_letter_files", [])),
     }
 
 
