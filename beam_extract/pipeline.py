@@ -79,8 +79,9 @@ def make_job(options: PipelineOptions) -> Job:
 
 def _finish(_, job: Job, lines_read: int, lines: dict, samples: int, resumed: int, dead_letters: dict,
             batching: dict, commits: int, dead_letter_files: list) -> str:
-    """Runs once every write has finished (its side inputs depend on all of them). The manifest
-    lists the commits on disk: this run's `commits` and those of any run it resumed."""
+    """Runs once every write has finished (its side inputs depend on all of them; `commits`, this
+    run's count, is there for that). The manifest lists the commits on disk: this run's and those of
+    any run it resumed."""
     every_commit = read_commits(job.output)
     remove_uncommitted(job.output, job.hooks, every_commit)
     manifest = build_manifest(
@@ -91,20 +92,20 @@ def _finish(_, job: Job, lines_read: int, lines: dict, samples: int, resumed: in
     return write_manifest(job.output, manifest)
 
 
-def total(pcoll, label: str, combine: beam.CombineFn, streaming: bool):
+def total(pcoll: beam.PCollection, label: str, combine: beam.CombineFn, streaming: bool) -> beam.PCollection:
     """The whole run's result in batch (the combine's empty result if there was no input), each
     window's in streaming (none for a window without input)."""
     combined = beam.CombineGlobally(combine)
     return pcoll | label >> (combined.without_defaults() if streaming else combined)
 
 
-def read_input(pipeline: beam.Pipeline, job: Job):
+def read_input(pipeline: beam.Pipeline, job: Job) -> beam.PCollection:
     """Paths of the input files: matched once, or in streaming watched for new ones."""
     o = job.options
     return pipeline | "MatchInput" >> MatchPaths(o["input"], o["poll_interval"] if job.streaming else 0)
 
 
-def build(paths, job: Job) -> None:
+def build(paths: beam.PCollection, job: Job) -> None:
     """Every stage after the source, for batch and streaming alike: `paths` is a PCollection of input
     file paths (from read_input, or a TestStream). In streaming they are timestamped by arrival and
     go into fixed windows; everything derived from a line stays in its window."""

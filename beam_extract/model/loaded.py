@@ -39,7 +39,8 @@ class Model:
     def weights_sha256(self) -> str:
         return weights_checksum(self.model_dir)
 
-    def compiled(self, shape: tuple[int, int], hooks: tuple[Hook, ...], out_dtype: np.dtype):
+    def compiled(self, shape: tuple[int, int], hooks: tuple[Hook, ...],
+                 out_dtype: np.dtype) -> tuple[jax.stages.Compiled, float]:
         """The compiled forward for this batch shape; returns (executable, seconds spent compiling
         now, 0.0 when it was compiled before)."""
         key = (shape, hooks, np.dtype(out_dtype).name)
