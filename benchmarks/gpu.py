@@ -4,8 +4,9 @@ the Qwen2.5-0.5B architecture, resid_post of all 24 layers; plus parity on the G
 Needs only jax (with CUDA), torch, transformers, safetensors and ml_dtypes -- no Beam -- so it runs
 on a bare GPU image: `bash benchmarks/gpu.sh [results.json]`.
 
-Throughput is reported twice: with the activations left on the GPU (compute only), and copied to
-host memory (what extraction needs: the pipeline writes them to files).
+Throughput is reported twice: the forward alone (torch's outputs stay in GPU memory; ours are
+written into pinned host memory by the program itself), and with the activations in host memory as
+numpy arrays (what extraction needs: the pipeline writes them to files).
 """
 
 from __future__ import annotations

@@ -56,7 +56,7 @@ class Model:
                     forward(params, tokens, positions, segments, config=self.config, hooks=hooks,
                             attend=attend).items()},
                 in_shardings=(param_shardings(self.params, self.mesh), data, data, data),
-                out_shardings=batch_sharding(self.mesh, 3),
+                out_shardings=batch_sharding(self.mesh, 3, memory_kind=self._output_memory),
             )
             arg = jax.ShapeDtypeStruct(shape, jnp.int32)
             # float32 means float32: GPUs would otherwise run float32 matmuls in TF32 and TPUs in
@@ -65,6 +65,16 @@ class Model:
             with jax.default_matmul_precision("highest"):
                 self._compiled[key] = fn.lower(self.params, arg, arg, arg).compile()
             return self._compiled[key], time.perf_counter() - start
+
+    @functools.cached_property
+    def _output_memory(self) -> str | None:
+        """On NVIDIA GPUs the forward writes its outputs straight into pinned host memory: 3.1x the
+        rate of copying them out of device memory afterwards (24 layers, B=8 S=2048, an H200).
+        Elsewhere outputs stay in device memory (on CPUs that is host memory already)."""
+        device = self.mesh.devices.flat[0]
+        if device.platform == "gpu" and "pinned_host" in {m.kind for m in device.addressable_memories()}:
+            return "pinned_host"
+        return None
 
     def _attention(self) -> Attention:
         """The fused kernel on NVIDIA GPUs for 16-bit compute; else the portable tiled attention
@@ -81,8 +91,8 @@ class Model:
         """Host arrays [rows, S, d] in `out_dtype` per (layer, site), and the seconds spent compiling.
 
         Segment ids: tokens attend to earlier tokens with the same id (0 marks padding); positions
-        restart per packed document. Only the first `rows` rows (default all) leave the device:
-        trailing rows of pure padding are never transferred.
+        restart per packed document. Only the first `rows` rows (default all) are returned; where
+        outputs stay in device memory, the trailing rows of pure padding never leave it.
         """
         bad = [hook for hook in hooks if not (0 <= hook[0] < self.config.num_layers and hook[1] in SITES)]
         if bad:  # checked here: indexing past the last layer inside jit would silently clamp
@@ -94,11 +104,11 @@ class Model:
         data = batch_sharding(self.mesh, 2)
         args = [jax.device_put(np.asarray(a, np.int32), data) for a in (tokens, positions, segment_ids)]
         out = executable(self.params, *args)
-        if rows is not None and rows < tokens.shape[0]:
-            out = {hook: value[:rows] for hook, value in out.items()}
+        if rows is not None and rows < tokens.shape[0] and self._output_memory is None:
+            out = {hook: value[:rows] for hook, value in out.items()}  # padding rows stay on the device
         # One call for all hooks: their copies overlap. (One stacked [hooks, B, S, d] array copied
         # 3x slower on an H100.)
-        return jax.device_get(out), seconds
+        return {hook: value[:rows] for hook, value in jax.device_get(out).items()}, seconds
 
     def run_with_cache(
         self, input_ids: np.ndarray, names: Sequence[str], lengths: Sequence[int] | None = None

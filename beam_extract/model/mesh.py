@@ -100,9 +100,10 @@ def param_shardings(params: dict, mesh: Mesh) -> dict:
                         is_leaf=lambda node: isinstance(node, tuple))
 
 
-def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
-    """Batch-major arrays: rows split over "data", everything else whole."""
-    return NamedSharding(mesh, PartitionSpec("data", *([None] * (ndim - 1))))
+def batch_sharding(mesh: Mesh, ndim: int, memory_kind: str | None = None) -> NamedSharding:
+    """Batch-major arrays: rows split over "data", everything else whole (in `memory_kind`, default
+    the devices' own memory)."""
+    return NamedSharding(mesh, PartitionSpec("data", *([None] * (ndim - 1))), memory_kind=memory_kind)
 
 
 def tree_bytes(params: dict) -> int:
