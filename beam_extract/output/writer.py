@@ -5,8 +5,8 @@ belongs to a time window, part-w{window start}-{commit}-{NNN}.tfrecord. Each for
 written to temporary files beside its final ones, renamed, then recorded in
 OUT/_committed/{commit}.json with its sample ids, files, statistics and window. The commit id is a
 hash of the batch's sample ids, so a retried batch rewrites the same names; a killed one leaves only
-files no commit lists, which the end of the next run removes. Readers use the manifest (or the
-commits).
+files no commit lists, which the next run removes (a batch run when it ends, a resumed streaming run
+before it starts). Readers use the manifest (or the commits).
 """
 
 from __future__ import annotations
