@@ -16,10 +16,9 @@ from beam_extract.batching import Batch
 from beam_extract.model import Model, hook_name, load_model
 from beam_extract.model.qwen2 import Hook
 from beam_extract.output.schema import OUTPUT_DTYPES, encode_record
-from beam_extract.records.dead_letter import DeadLetter
+from beam_extract.records.dead_letter import DEAD_LETTER, DeadLetter
 
 _LOG = logging.getLogger(__name__)
-DEAD_LETTER = "dead_letter"
 BATCH_STATS = "batch_stats"
 
 

@@ -21,7 +21,7 @@ from apache_beam.transforms.window import FixedWindows
 from beam_extract.arc.encoders import parse_encoder
 from beam_extract.arc.prompt import load_template
 from beam_extract.batching import BatchPlan, BatchSamples, ShuffleSamples, parse_buckets
-from beam_extract.extract import BATCH_STATS, DEAD_LETTER, ExtractDoFn
+from beam_extract.extract import BATCH_STATS, ExtractDoFn
 from beam_extract.io.sources import MatchPaths, ReadLines, expand_input
 from beam_extract.legacy import legacy_rewrites
 from beam_extract.model.config import ModelConfig, config_from_hf, load_hf_config
@@ -31,6 +31,7 @@ from beam_extract.options import extract_options, parse_layers, parse_sites, sam
 from beam_extract.output.manifest import (CountLineOutcomes, LineBitmaps, SumCounts, SummarizeBatches,
                                           SummarizeCommits, build_manifest, write_manifest)
 from beam_extract.output.windows import WriteWindowIndex
+from beam_extract.records.dead_letter import DEAD_LETTER
 from beam_extract.output.writer import WriteCommitted, WriteDeadLetters, read_commits, remove_uncommitted
 from beam_extract.stages import (RESUMED, DropDuplicateTasks, ParseDoFn, SkipCommitted, TokenizeDoFn,
                                  expand_views)

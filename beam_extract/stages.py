@@ -10,11 +10,11 @@ from apache_beam.metrics import Metrics
 from beam_extract.arc.augment import views
 from beam_extract.arc.encoders import parse_encoder
 from beam_extract.arc.prompt import load_template
-from beam_extract.extract import DEAD_LETTER
 from beam_extract.io.sources import SourceLine
 from beam_extract.output.writer import read_commits
 from beam_extract.model.weights import resolve_model_dir
 from beam_extract.records import DeadLetter, parse_line
+from beam_extract.records.dead_letter import DEAD_LETTER
 from beam_extract.records.arc import ArcTask
 from beam_extract.tokenize import (PromptSettings, Sample, TokenSelection, load_tokenizer, parse_positions,
                                    special_token_ids, to_samples)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import json
 
+# The tagged output every stage sends its dead letters to.
+DEAD_LETTER = "dead_letter"
 # Raw input kept in a dead letter is cut to this many bytes: enough to find and fix the line.
 MAX_RAW_BYTES = 4096
 
