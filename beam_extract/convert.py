@@ -15,6 +15,7 @@ from pathlib import Path
 
 from beam_extract.io.sources import match_paths, read_lines
 from beam_extract.records.arc import ArcTask, validate_task
+from beam_extract.records.dead_letter import DeadLetter
 from beam_extract.records.errors import InvalidRecord
 from beam_extract.records.parse import decode_json_object
 
@@ -31,6 +32,9 @@ def barc_rows(path: str) -> Iterator[tuple[int, object]]:
                 row += 1
         return
     for line in read_lines(path):
+        if isinstance(line, DeadLetter):  # the file failed after line.line_number lines
+            yield line.line_number, InvalidRecord(line.reason, line.detail)
+            continue
         try:
             yield line.line_number - 1, decode_json_object(line.data).get("examples")
         except InvalidRecord as error:

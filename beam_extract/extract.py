@@ -8,6 +8,7 @@ import logging
 from collections.abc import Iterator
 
 import apache_beam as beam
+import jax
 import numpy as np
 from apache_beam.metrics import Metrics
 from apache_beam.utils import shared
@@ -74,9 +75,49 @@ def batch_records(model_out: dict[Hook, np.ndarray], batch: Batch, hooks: tuple[
                                    float(np.sqrt(squared).sum()), float(squared.sum()), example)
 
 
+def is_device_oom(error: BaseException) -> bool:
+    """True for XLA's out-of-memory error: a `jax.errors.JaxRuntimeError` (jaxlib's
+    `_jax.JaxRuntimeError`, a RuntimeError subclass; XlaRuntimeError in older jaxlibs) whose status
+    is RESOURCE_EXHAUSTED, e.g. "RESOURCE_EXHAUSTED: Out of memory while trying to allocate ..."."""
+    return isinstance(error, jax.errors.JaxRuntimeError) and "RESOURCE_EXHAUSTED" in str(error)
+
+
+def used_rows(batch: Batch) -> int:
+    """Rows up to the last one holding a sample; the rest are padding."""
+    return max(p.row for p in batch.placements) + 1
+
+
+def batch_rows(batch: Batch, first: int, stop: int, multiple: int) -> Batch:
+    """Rows [first, stop) of a batch as a batch of their own, with their placements re-indexed,
+    padded to a multiple of `multiple` rows."""
+    placements = tuple(dataclasses.replace(p, row=p.row - first) for p in batch.placements
+                       if first <= p.row < stop)
+    return pad_rows(Batch(placements, batch.tokens[first:stop], batch.positions[first:stop],
+                          batch.segment_ids[first:stop]), multiple)
+
+
+def split_batch(batch: Batch, multiple: int) -> list[Batch]:
+    """The used rows in two halves (one batch when only one row is used), each padded to a multiple
+    of `multiple` rows."""
+    used = used_rows(batch)
+    if used == 1:
+        return [batch_rows(batch, 0, 1, multiple)]
+    half = (used + 1) // 2
+    return [batch_rows(batch, 0, half, multiple), batch_rows(batch, half, used, multiple)]
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"
+
+
 class ExtractDoFn(beam.DoFn):
-    """Batch -> its list of ActivationRecords (+ BatchStats on a tagged output); a failing batch sends
-    each of its samples to the dead letters."""
+    """Batch -> its list of ActivationRecords (+ BatchStats on a tagged output).
+
+    A batch that runs out of device memory is split by rows into halves, recursively; each forward
+    that succeeds yields its own list and BatchStats. The samples of a row that does not fit even
+    alone are `model_oom` dead letters. Any other forward error fails the job: it is a bug or a
+    broken device, and dead-lettering every sample would hide it behind a job that succeeds."""
 
     def __init__(self, model: str, dtype: str, mesh: str, hooks: tuple[Hook, ...], output_dtype: str):
         self._load = (model, dtype, mesh)
@@ -87,6 +128,7 @@ class ExtractDoFn(beam.DoFn):
         self._compilations = Metrics.counter("extract", "compilations")
         self._real_tokens = Metrics.counter("extract", "real_tokens")
         self._computed_tokens = Metrics.counter("extract", "computed_tokens")
+        self._oom_splits = Metrics.counter("extract", "oom_splits")  # batches re-run smaller after an OOM
 
     def setup(self):
         self._model = self._shared.acquire(lambda: load_model(*self._load), tag="|".join(self._load))
@@ -94,17 +136,27 @@ class ExtractDoFn(beam.DoFn):
                   self._model.mesh.devices.flat[0].platform)
 
     def process(self, batch: Batch):
-        batch = pad_rows(batch, self._model.mesh.shape["data"])
+        yield from self._extract(pad_rows(batch, self._model.mesh.shape["data"]))
+
+    def _extract(self, batch: Batch):
+        rows = used_rows(batch)
+        oom = ""
+        start = time.perf_counter()
         try:
-            used_rows = max(p.row for p in batch.placements) + 1
-            start = time.perf_counter()
             out, compile_seconds = self._model.forward(batch.tokens, batch.positions, batch.segment_ids,
-                                                       self._hooks, OUTPUT_DTYPES[self._output_dtype], used_rows)
-        except Exception as error:  # e.g. device OOM: the samples are reported, the job goes on
-            for placement in batch.placements:
-                sample = placement.sample
-                yield beam.pvalue.TaggedOutput(DEAD_LETTER, DeadLetter(
-                    sample.source, sample.line_number, "extract", "model_error", repr(error)[:500]))
+                                                       self._hooks, OUTPUT_DTYPES[self._output_dtype], rows)
+        except Exception as error:
+            if not is_device_oom(error):
+                ids = [p.sample.sample_id for p in batch.placements]
+                raise RuntimeError(
+                    f"the forward failed on a batch of shape {tuple(batch.tokens.shape)} with {len(ids)} "
+                    f"samples ({', '.join(ids[:3])}{', ...' if len(ids) > 3 else ''}): {_first_line(error)}"
+                ) from error
+            # Only its text: retrying inside this block would keep the failed forward's frames (and
+            # any device buffers they hold) alive, and chain later errors to this one.
+            oom = _first_line(error)
+        if oom:
+            yield from self._after_oom(batch, rows, oom)
             return
         forward_seconds = time.perf_counter() - start - compile_seconds
         if compile_seconds:
@@ -114,3 +166,24 @@ class ExtractDoFn(beam.DoFn):
         yield beam.pvalue.TaggedOutput(BATCH_STATS, BatchStats(batch.tokens.shape[1], batch.real_tokens,
                                                                batch.tokens.size, compile_seconds, forward_seconds))
         yield list(batch_records(out, batch, self._hooks, self._output_dtype))  # written and committed together
+
+    def _after_oom(self, batch: Batch, rows: int, oom: str):
+        """Re-runs an out-of-memory batch in smaller pieces; a lone row that still does not fit (in
+        a batch no larger than one row padded for the mesh) dead-letters its samples."""
+        multiple = self._model.mesh.shape["data"]
+        if rows > 1 or batch.tokens.shape[0] > multiple:  # the smallest batch: one row, padded for the mesh
+            pieces = split_batch(batch, multiple)
+            self._oom_splits.inc()
+            _LOG.warning("out of device memory on a batch of shape %s (%d used rows): re-running it as %s",
+                         tuple(batch.tokens.shape), rows, [tuple(p.tokens.shape) for p in pieces])
+            for piece in pieces:
+                yield from self._extract(piece)
+            return
+        row_length = batch.tokens.shape[1]
+        for placement in batch.placements:
+            sample = placement.sample
+            yield beam.pvalue.TaggedOutput(DEAD_LETTER, DeadLetter(
+                sample.source, sample.line_number, "extract", "model_oom",
+                f"sample {sample.sample_id} ({len(sample.token_ids)} tokens) in a row of {row_length} tokens "
+                f"does not fit in device memory even as a batch of {batch.tokens.shape[0]} row(s): "
+                f"{oom}"[:500]))

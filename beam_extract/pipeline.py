@@ -10,32 +10,49 @@ accounted for.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import sys
+import uuid
 
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 from apache_beam.runners.runner import PipelineResult
 from apache_beam.transforms.window import FixedWindows
 
+from beam_extract.accounting import AccountLines, files_losing_lines
 from beam_extract.arc.encoders import parse_encoder
 from beam_extract.arc.prompt import load_template
 from beam_extract.batching import BatchPlan, BatchSamples, ShuffleSamples, parse_buckets
 from beam_extract.extract import BATCH_STATS, ExtractDoFn
 from beam_extract.io.sources import MatchPaths, ReadLines, expand_input
 from beam_extract.legacy import legacy_rewrites
+from beam_extract.model import hook_name
 from beam_extract.model.config import ModelConfig, config_from_hf, load_hf_config
 from beam_extract.model.qwen2 import Hook
-from beam_extract.model.weights import resolve_model_dir, weights_checksum
+from beam_extract.model.weights import METADATA_FILES, resolve_model_dir, weights_checksum
 from beam_extract.options import extract_options, parse_layers, parse_sites, sample_input, template_switches
-from beam_extract.output.manifest import (CountLineOutcomes, LineBitmaps, SumCounts, SummarizeBatches,
-                                          SummarizeCommits, build_manifest, write_manifest)
+from beam_extract.output import ownership
+from beam_extract.output.commits import (RUN_SKIP_SUFFIX, read_groups_on_disk, read_sample_ids, select_groups,
+                                         without_samples, write_sample_ids)
+from beam_extract.output.manifest import SumCounts, SummarizeBatches, SummarizeCommits, build_manifest, write_manifest
 from beam_extract.output.windows import WriteWindowIndex
+from beam_extract.output.writer import WriteShards, remove_unlisted
 from beam_extract.records.dead_letter import DEAD_LETTER
-from beam_extract.output.writer import WriteCommitted, WriteDeadLetters, read_commits, remove_uncommitted
+from beam_extract.records.identity import input_root
 from beam_extract.stages import (RESUMED, DropDuplicateTasks, ParseDoFn, SkipCommitted, TokenizeDoFn,
                                  expand_views)
 from beam_extract.tokenize import parse_positions
+
+
+@dataclasses.dataclass(frozen=True)
+class Resumed:
+    """What a --resume run continues: the groups of the earlier run it keeps (without their sample
+    ids) and the file of those ids, which workers skip."""
+
+    groups: tuple[dict, ...] = ()
+    samples: int = 0
+    skip_path: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,16 +64,43 @@ class Job:
     hooks: tuple[Hook, ...]
     plan: BatchPlan
     streaming: bool = False  # Beam's --streaming: watch --input, output per time window
+    run_id: str = ""
+    fingerprint: dict = dataclasses.field(default_factory=dict)
+    lock: dict = dataclasses.field(default_factory=dict)  # the output's lock as this job holds it
+    resumed: Resumed = Resumed()
+    remote: bool = False  # the runner runs the job elsewhere: the job itself releases the lock
 
     @property
     def output(self) -> str:
         return self.options["output"]
 
 
+def _files_sha256(directory, names) -> str:
+    digest = hashlib.sha256()
+    for name in sorted(names):
+        path = os.path.join(directory, name)
+        if os.path.isfile(path):
+            with open(path, "rb") as handle:
+                digest.update(f"{name}\x00".encode() + hashlib.sha256(handle.read()).digest())
+    return digest.hexdigest()
+
+
+def run_fingerprint(options: dict, config: ModelConfig, hooks: tuple[Hook, ...]) -> dict:
+    """Everything that decides which samples exist and what their activations are."""
+    model_dir = resolve_model_dir(options["model"])
+    return ownership.fingerprint(
+        options, weights_sha256=weights_checksum(model_dir), config=dataclasses.asdict(config),
+        tokenizer_sha256=_files_sha256(model_dir, [n for n in METADATA_FILES if n != "config.json"]),
+        hooks=[hook_name(*hook) for hook in hooks],
+        template_sha256=hashlib.sha256(load_template(options["prompt_template"]).source.encode()).hexdigest())
+
+
 def make_job(options: PipelineOptions) -> Job:
     ours = legacy_rewrites(options, extract_options(options))
     streaming = bool(options.view_as(StandardOptions).streaming)
     ours["input"] = expand_input(ours["input"] or sample_input())
+    if "://" not in ours["input"]:
+        ours["input"] = os.path.abspath(ours["input"])
     if "://" not in ours["output"]:
         ours["output"] = os.path.abspath(ours["output"])
     ours["output"] = ours["output"].rstrip("/")
@@ -66,31 +110,83 @@ def make_job(options: PipelineOptions) -> Job:
                  "flush_seconds"):
         if ours[name] < 1:
             raise ValueError(f"--{name} must be at least 1")
-    if read_commits(ours["output"]) and not ours["resume"]:
-        raise ValueError(f"{ours['output']} holds results of an earlier run: pass --resume to continue it, "
-                         "or choose another --output")
     config = config_from_hf(load_hf_config(resolve_model_dir(ours["model"], weights=False)))
     layers, sites = parse_layers(ours["layers"], config.num_layers), parse_sites(ours["sites"])
+    hooks = tuple((layer, site) for site in sites for layer in layers)
     plan = BatchPlan(parse_buckets(ours["buckets"], ours["max_seq_len"]), ours["batch_size"],
                      ours["tokens_per_batch"], ours["packing"],
                      min(ours["pack_length"] or ours["max_seq_len"], ours["max_seq_len"]),
                      ours["flush_seconds"] if streaming else 0)
-    return Job(ours, config, tuple((layer, site) for site in sites for layer in layers), plan, streaming)
+    return Job(ours, config, hooks, plan, streaming, run_id=uuid.uuid4().hex[:12],
+               fingerprint=run_fingerprint(ours, config, hooks), remote=not is_local(options))
+
+
+def claim_output(job: Job) -> Job:
+    """Takes the output for this job: its lock, the check that it is ours and, with --resume, of the
+    same fingerprint, and what the run resumed left (kept groups; the rest removed). Nothing is
+    written or deleted before the lock is held and the checks pass."""
+    output = job.output
+    lock = ownership.take_lock(output, job.run_id, "remote" if job.remote else "local", job.remote)
+    try:
+        recorded = ownership.check_output(output, job.fingerprint, job.options["resume"],
+                                          {site for _, site in job.hooks})
+        if recorded is None:
+            ownership.record_fingerprint(output, job.fingerprint)
+            return dataclasses.replace(job, lock=lock)
+        kept, _ = select_groups(read_groups_on_disk(output))
+        remove_unlisted(output, job.hooks, kept)
+        ownership.remove_dead_letters(output)  # every line is read again, so its dead letters are written again
+        skip_path = f"{output}/{ownership.RUN_DIR}/{job.run_id}{RUN_SKIP_SUFFIX}"
+        write_sample_ids(skip_path, (s for g in kept for s in g["samples"]))
+        resumed = Resumed(tuple(without_samples(g) for g in kept), sum(len(g["samples"]) for g in kept), skip_path)
+        return dataclasses.replace(job, lock=lock, resumed=resumed)
+    except BaseException:
+        ownership.release_lock(output, lock)
+        raise
+
+
+def problems(counts: dict, dead_letters: dict) -> list[str]:
+    """The run's invariants, checked: each one that fails, in words (none: ok)."""
+    found = []
+    if counts["lines_unaccounted"]:
+        found.append(f"{counts['lines_unaccounted']} lines read are neither written nor dead-lettered")
+    if lost := files_losing_lines(dead_letters):
+        found.append(f"{lost} input files were not read to their end (see the read dead letters)")
+    if counts["samples_extracted_now"] != counts["samples_committed_now"]:
+        found.append(f"{counts['samples_extracted_now']} samples extracted but {counts['samples_committed_now']} "
+                     "committed by this run")
+    if counts["samples_committed_twice"]:
+        found.append(f"{counts['samples_committed_twice']} samples committed more than once")
+    if counts["samples_committed"] != counts["samples"]:
+        found.append(f"{counts['samples_committed']} samples committed for {counts['samples']} produced from this "
+                     "input (the resumed run committed samples of other input)")
+    if not counts["samples_committed"]:
+        found.append("no sample was written")
+    return found
 
 
 def _finish(_, job: Job, lines_read: int, lines: dict, samples: int, resumed: int, dead_letters: dict,
-            batching: dict, commits: int, dead_letter_files: list) -> str:
-    """Runs once every write has finished (its side inputs depend on all of them; `commits`, this
-    run's count, is there for that). The manifest lists the commits on disk: this run's and those of
-    any run it resumed."""
-    every_commit = read_commits(job.output)
-    remove_uncommitted(job.output, job.hooks, every_commit)
+            batching: dict, groups: list, committed_ids: dict, dead_letter_files: list) -> str:
+    """Runs once every write has finished (its side inputs depend on all of them). The output is
+    what the pipeline accepted: the groups it passed on (successful attempts only) and those the
+    resumed run kept; anything else of ours on disk is removed."""
+    every_group = [*job.resumed.groups, *groups]
+    remove_unlisted(job.output, job.hooks, every_group)
     manifest = build_manifest(
-        options=job.options, config=job.config, hooks=job.hooks, commits=every_commit, lines_read=lines_read,
+        options=job.options, config=job.config, hooks=job.hooks, groups=every_group, lines_read=lines_read,
         lines=lines, samples=samples, resumed=resumed, dead_letters=dead_letters, batching=batching,
-        dead_letter_files=dead_letter_files, weights_sha256=weights_checksum(resolve_model_dir(job.options["model"])),
-    )
-    return write_manifest(job.output, manifest)
+        dead_letter_files=dead_letter_files, weights_sha256=job.fingerprint["weights_sha256"],
+        committed_now=sum(g["samples"] for g in groups), committed_ids=committed_ids, run_id=job.run_id)
+    manifest["problems"] = problems(manifest["counts"], dead_letters)
+    manifest["ok"] = not manifest["problems"]
+    path = write_manifest(job.output, manifest)
+    if job.resumed.skip_path:
+        beam.io.filesystems.FileSystems.delete([job.resumed.skip_path])
+    if job.remote:
+        ownership.release_lock(job.output, job.lock)
+        if not manifest["ok"]:  # marks the remote job failed; a local run's exit code says it
+            raise RuntimeError(f"beam-extract: the run's invariants do not hold: {'; '.join(manifest['problems'])}")
+    return path
 
 
 def total(pcoll: beam.PCollection, label: str, combine: beam.CombineFn, streaming: bool) -> beam.PCollection:
@@ -106,6 +202,36 @@ def read_input(pipeline: beam.Pipeline, job: Job) -> beam.PCollection:
     return pipeline | "MatchInput" >> MatchPaths(o["input"], o["poll_interval"] if job.streaming else 0)
 
 
+class CountCommitted(beam.CombineFn):
+    """Sample ids committed -> {"total", "distinct"}: a sample written twice shows as a difference."""
+
+    def create_accumulator(self):
+        return 0, set()
+
+    def add_input(self, acc, sample_id):
+        acc[1].add(sample_id)
+        return acc[0] + 1, acc[1]
+
+    def merge_accumulators(self, accumulators):
+        n, ids = 0, set()
+        for count, more in accumulators:
+            n, ids = n + count, ids | more
+        return n, ids
+
+    def extract_output(self, acc):
+        return {"total": acc[0], "distinct": len(acc[1])}
+
+
+def committed_ids(groups: beam.PCollection, job: Job) -> beam.PCollection:
+    """Every sample id the output holds: of this run's groups and, in batch, of the run resumed."""
+    ids = groups | "GroupSampleIds" >> beam.FlatMap(lambda group: group["samples"])
+    if job.streaming or not job.resumed.skip_path:
+        return ids
+    kept = (groups.pipeline | "ResumedIdsFile" >> beam.Create([job.resumed.skip_path])
+            | "ResumedIds" >> beam.FlatMap(read_sample_ids))
+    return (ids, kept) | "AllCommittedIds" >> beam.Flatten()
+
+
 def build(paths: beam.PCollection, job: Job) -> None:
     """Every stage after the source, for batch and streaming alike: `paths` is a PCollection of input
     file paths (from read_input, or a TestStream). In streaming they are timestamped by arrival and
@@ -113,16 +239,16 @@ def build(paths: beam.PCollection, job: Job) -> None:
     o = job.options
     if job.streaming:
         paths = paths | "Window" >> beam.WindowInto(FixedWindows(o["window_seconds"]))
-    lines_read = paths | "ReadLines" >> ReadLines()
-    parsed = lines_read | "Parse" >> beam.ParDo(ParseDoFn(o["input_format"], o["text_field"])).with_outputs(
-        DEAD_LETTER, main="records")
+    read = paths | "ReadLines" >> ReadLines()
+    parsed = read.lines | "Parse" >> beam.ParDo(ParseDoFn(o["input_format"], o["text_field"], input_root(o["input"]))
+                                                ).with_outputs(DEAD_LETTER, main="records")
     records, duplicates = parsed.records | "UniqueTaskIds" >> DropDuplicateTasks()
     tokenized = (
         records
         | "Augment" >> beam.FlatMap(expand_views, o["seed"], o["views_per_task"])
         | "Tokenize" >> beam.ParDo(TokenizeDoFn(o)).with_outputs(DEAD_LETTER, main="samples")
     )
-    samples = tokenized.samples | "SkipCommitted" >> beam.ParDo(SkipCommitted(o["output"])).with_outputs(
+    samples = tokenized.samples | "SkipCommitted" >> beam.ParDo(SkipCommitted(job.resumed.skip_path)).with_outputs(
         RESUMED, main="todo")
     todo = samples.todo | "Shuffle" >> ShuffleSamples(o["seed"]) if o["shuffle"] else samples.todo
     extracted = (
@@ -131,59 +257,37 @@ def build(paths: beam.PCollection, job: Job) -> None:
         | "Extract" >> beam.ParDo(ExtractDoFn(o["model"], o["dtype"], o["mesh"], job.hooks, o["output_dtype"]))
         .with_outputs(DEAD_LETTER, BATCH_STATS, main="records")
     )
-    commits = extracted.records | "Write" >> beam.ParDo(WriteCommitted(
+    groups = extracted.records | "Write" >> beam.ParDo(WriteShards(
         o["output"], job.hooks, o["shard_size_mb"] << 20, o["seed"] if o["shuffle"] else None))
-    # Dead letters and the accounting of lines are handled per stage; only small results (file
-    # names, counts, per-file bitmaps) are flattened, so no runner gathers every dead letter.
-    dead_by_stage = {"parse": parsed[DEAD_LETTER], "dedup": duplicates, "tokenize": tokenized[DEAD_LETTER],
-                     "extract": extracted[DEAD_LETTER]}
-    dead_letter_files, reasons, line_bitmaps = [], [], []
-    for stage, letters in dead_by_stage.items():
-        dead_letter_files.append(letters | f"WriteDeadLetters[{stage}]" >> WriteDeadLetters(o["output"], stage))
-        reasons.append(letters | f"Reasons[{stage}]" >> beam.Map(lambda d: d.reason)
-                       | f"CountReasons[{stage}]" >> beam.combiners.Count.PerElement())
-        line_bitmaps.append(letters | f"LinesDead[{stage}]" >> beam.Map(lambda d: (d.source, (d.line_number, False)))
-                            | f"BitmapsDead[{stage}]" >> beam.CombinePerKey(LineBitmaps()))
-    # Every line read either produced samples (now or in the run being resumed) or was dead-lettered.
-    line_bitmaps += [
-        extracted.records
-        | "LinesWithSample" >> beam.FlatMap(lambda rs: [(r.source, (r.line_number, True)) for r in rs
-                                                        if r.hook_index == 0])
-        | "BitmapsWritten" >> beam.CombinePerKey(LineBitmaps()),
-        samples[RESUMED]
-        | "LinesResumed" >> beam.Map(lambda s: (s.source, (s.line_number, True)))
-        | "BitmapsResumed" >> beam.CombinePerKey(LineBitmaps()),
-    ]
-    lines = (
-        line_bitmaps
-        | "AllBitmaps" >> beam.Flatten()
-        | "PerFile" >> beam.CombinePerKey(CountLineOutcomes())
-        | "FileCounts" >> beam.FlatMap(lambda file_counts: file_counts[1].items())
-    )
+    dead_letter_files, reasons, lines = {
+        "read": read[DEAD_LETTER], "parse": parsed[DEAD_LETTER], "dedup": duplicates,
+        "tokenize": tokenized[DEAD_LETTER], "extract": extracted[DEAD_LETTER],
+    } | "AccountLines" >> AccountLines(o["output"], extracted.records, samples[RESUMED])
 
     count = beam.combiners.CountCombineFn
     totals = {
-        "lines_read": total(lines_read, "CountLines", count(), job.streaming),
+        "lines_read": total(read.lines, "CountLines", count(), job.streaming),
         "lines": total(lines, "AllFiles", SumCounts(), job.streaming),
         "samples": total(samples.todo, "CountSamples", count(), job.streaming),
         "resumed": total(samples[RESUMED], "CountResumed", count(), job.streaming),
-        "dead_letters": total(reasons | "AllReasons" >> beam.Flatten(), "SumReasons", SumCounts(), job.streaming),
+        "dead_letters": total(reasons, "SumReasons", SumCounts(), job.streaming),
         "batching": total(extracted[BATCH_STATS], "SummarizeBatches", SummarizeBatches(), job.streaming),
-        # A window's index lists its commits; the batch manifest reads them from disk instead.
-        "commits": total(commits, "SummarizeCommits", SummarizeCommits(job.hooks) if job.streaming else count(),
-                         job.streaming),
-        "dead_letter_files": total(dead_letter_files | "AllDeadLetterFiles" >> beam.Flatten(), "DeadLetterFiles",
-                                   beam.combiners.ToListCombineFn(), job.streaming),
+        "committed_ids": total(committed_ids(groups, job), "CountCommitted", CountCommitted(), job.streaming),
+        "dead_letter_files": total(dead_letter_files, "DeadLetterFiles", beam.combiners.ToListCombineFn(),
+                                   job.streaming),
     }
     if job.streaming:
         # An unbounded job never finishes, so global side inputs never become ready: each window's
         # totals meet in a CoGroupByKey when the window closes and go to its index.
+        totals["commits"] = total(groups, "SummarizeCommits", SummarizeCommits(job.hooks), job.streaming)
         (
             {name: pcoll | f"Key[{name}]" >> beam.Map(lambda value: (None, value)) for name, pcoll in totals.items()}
             | "PerWindow" >> beam.CoGroupByKey()
             | "WindowIndex" >> beam.ParDo(WriteWindowIndex(job.output, job.hooks))
         )
     else:
+        totals["groups"] = total(groups | "WithoutSampleIds" >> beam.Map(group_summary), "AllGroups",
+                                 beam.combiners.ToListCombineFn(), job.streaming)
         (
             paths.pipeline
             | "Once" >> beam.Create([None])
@@ -192,11 +296,9 @@ def build(paths: beam.PCollection, job: Job) -> None:
         )
 
 
-def remove_leftovers_before_streaming(job: Job) -> None:
-    """A batch job removes a killed run's leftovers (files no commit lists) when it ends; a streaming
-    job never ends, so a resumed one removes them before it starts."""
-    if job.streaming and job.options["resume"]:
-        remove_uncommitted(job.output, job.hooks, read_commits(job.output))
+def group_summary(group: dict) -> dict:
+    """A group as the manifest keeps it: its sample count instead of its sample ids."""
+    return {**without_samples(group), "samples": len(group["samples"])}
 
 
 def _local_runner_without_download(options: PipelineOptions) -> None:
@@ -227,14 +329,20 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
     Template launch) returns once submitted."""
     options = PipelineOptions(template_switches(sys.argv[1:] if argv is None else argv))
     _refuse_local_streaming(options)
-    job = make_job(options)
-    remove_leftovers_before_streaming(job)
-    _local_runner_without_download(options)
-    pipeline = test_pipeline or beam.Pipeline(options=options)
-    build(read_input(pipeline, job), job)
-    result = pipeline.run()
-    if test_pipeline is not None or is_local(options):
-        result.wait_until_finish()
+    job = claim_output(make_job(options))
+    waits = test_pipeline is not None or not job.remote
+    try:
+        _local_runner_without_download(options)
+        pipeline = test_pipeline or beam.Pipeline(options=options)
+        build(read_input(pipeline, job), job)
+        result = pipeline.run()
+        if waits:
+            result.wait_until_finish()
+    except BaseException:
+        ownership.release_lock(job.output, job.lock)
+        raise
+    if waits:  # a remote job releases the lock itself when it ends
+        ownership.release_lock(job.output, job.lock)
     return result, job
 
 

@@ -18,6 +18,7 @@ from beam_extract.model.weights import resolve_model_dir
 from beam_extract.options import DEFAULT_MODEL, sample_input
 from beam_extract.records import DeadLetter, parse_line
 from beam_extract.records.arc import ArcTask
+from beam_extract.records.identity import input_root
 from beam_extract.tokenize import PromptSettings, Sample, TokenSelection, load_tokenizer, to_samples
 
 
@@ -27,7 +28,8 @@ def preview_samples(args: argparse.Namespace, tokenizer) -> Iterator[Sample | De
                               parse_encoder(args.grid_encoder), args.include_answer)
     for path in match_paths(args.input):
         for line in read_lines(path):
-            record = parse_line(line, args.input_format, args.text_field)
+            record = line if isinstance(line, DeadLetter) else parse_line(line, args.input_format, args.text_field,
+                                                                          input_root(args.input))
             if isinstance(record, DeadLetter):
                 yield record
                 continue

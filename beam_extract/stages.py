@@ -11,7 +11,7 @@ from beam_extract.arc.augment import views
 from beam_extract.arc.encoders import parse_encoder
 from beam_extract.arc.prompt import load_template
 from beam_extract.io.sources import SourceLine
-from beam_extract.output.writer import read_commits
+from beam_extract.output.commits import read_sample_ids
 from beam_extract.model.weights import resolve_model_dir
 from beam_extract.records import DeadLetter, parse_line
 from beam_extract.records.dead_letter import DEAD_LETTER
@@ -32,11 +32,11 @@ def route(results: Iterable, stage: str):
 
 
 class ParseDoFn(beam.DoFn):
-    def __init__(self, input_format: str, text_field: str):
-        self._input_format, self._text_field = input_format, text_field
+    def __init__(self, input_format: str, text_field: str, root: str):
+        self._input_format, self._text_field, self._root = input_format, text_field, root
 
     def process(self, line: SourceLine):
-        yield from route([parse_line(line, self._input_format, self._text_field)], "parse")
+        yield from route([parse_line(line, self._input_format, self._text_field, self._root)], "parse")
 
 
 def expand_views(record, seed: int, views_per_task: int) -> list:
@@ -75,14 +75,15 @@ RESUMED = "resumed"
 
 
 class SkipCommitted(beam.DoFn):
-    """With --resume: samples an earlier run already committed go to the RESUMED output, not on."""
+    """With --resume: samples the resumed run committed go to the RESUMED output, not on. Their ids
+    are in one file the driver wrote (`skip_path`; None: nothing to skip)."""
 
-    def __init__(self, output: str):
-        self._output = output
+    def __init__(self, skip_path: str | None):
+        self._skip_path = skip_path
 
     def setup(self):
         # Read on the worker, not shipped from the driver: there may be millions of ids.
-        self._done = {sample for commit in read_commits(self._output) for sample in commit["samples"]}
+        self._done = frozenset(read_sample_ids(self._skip_path)) if self._skip_path else frozenset()
 
     def process(self, sample: Sample):
         if sample.sample_id in self._done:

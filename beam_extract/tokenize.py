@@ -23,6 +23,7 @@ class Sample:
     source: str
     line_number: int
     task_id: str = ""
+    doc_id: str = ""  # text: the document's own id field
     augmentation: str = ""  # JSON: the ARC view's parameters and how its prompt was fitted
     train_dropped: int = 0  # ARC train examples dropped to fit max_seq_len
     stored: np.ndarray | None = None  # indices of the tokens whose activations are stored (None: all)
@@ -89,8 +90,8 @@ def text_samples(doc: TextDoc, tokenizer, max_seq_len: int, selection: TokenSele
     """One sample per window of at most `max_seq_len` tokens (non-overlapping)."""
     ids = token_ids(tokenizer, doc.text)
     return [
-        select(Sample(f"{doc.doc_id}#w{start // max_seq_len}", ids[start : start + max_seq_len], doc.source,
-                      doc.line_number), selection)
+        select(Sample(f"{doc.key}#w{start // max_seq_len}", ids[start : start + max_seq_len], doc.source,
+                      doc.line_number, doc_id=doc.doc_id), selection)
         for start in range(0, len(ids), max_seq_len)
     ]
 

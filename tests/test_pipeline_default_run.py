@@ -91,6 +91,7 @@ def full_sequences() -> dict:
     from beam_extract.model.weights import resolve_model_dir
     from beam_extract.options import sample_input
     from beam_extract.records import parse_line
+    from beam_extract.records.identity import input_root
     from beam_extract.stages import expand_views
     from beam_extract.tokenize import PromptSettings, TokenSelection, load_tokenizer, to_samples
 
@@ -99,7 +100,7 @@ def full_sequences() -> dict:
     sequences = {}
     for path in match_paths(sample_input()):
         for line in read_lines(path):
-            for record in expand_views(parse_line(line, "auto"), 0, 8):
+            for record in expand_views(parse_line(line, "auto", root=input_root(sample_input())), 0, 8):
                 for sample in to_samples(record, tokenizer, settings, 8192, TokenSelection()):
                     sequences[sample.sample_id] = sample.token_ids
     return sequences

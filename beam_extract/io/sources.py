@@ -1,14 +1,49 @@
-"""Input lines with their origin: every line keeps (file, line number) for ids and dead letters."""
+"""Input lines with their origin: every line keeps (file, line number) for ids and dead letters.
+
+A file that cannot be read whole is never a crash and never a silent loss: `read_lines` yields the
+lines it could read and then exactly one DeadLetter (stage "read") whose `line_number` is how many
+lines were yielded before the failure. Reason codes (stable):
+
+- truncated_file: the compressed stream ends before its end marker (a cut gzip, bz2, xz, zstd or
+  deflate file). Only lines that end with their newline inside the part that still decoded are
+  yielded: the bytes after the last newline are a line of unknown length, possibly cut, so they are
+  dropped (in a complete file a last line without newline is kept, as before).
+- corrupt_file: the compressed data is bad (not gzip at all, CRC mismatch, zlib/bz2/lzma/zstd error).
+  A gzip CRC covers a whole member and is checked at its end, so lines decoded before the damage was
+  detected have been yielded already (holding them back would need the member in memory); if they
+  are garbage, parsing dead-letters them.
+- not_a_file: a directory, FIFO, socket or device (local paths); never opened, so a FIFO cannot hang
+  the job. Every gs:// path listed is an object.
+- bad_file_name: the local name is not valid UTF-8 (a str with surrogate escapes); it would break
+  every JSON or protobuf record that names its source, so the file is not read.
+- unreadable_file: the storage failed while opening or reading (permission denied, vanished, I/O
+  error, a GCS error).
+
+A dead letter's `source` is the path with invalid UTF-8 bytes shown as backslash escapes; its
+`detail` names the file and says how many lines were read.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import NamedTuple
+import bz2
+import gzip
+import io
+import lzma
+import os
+import stat
+import zlib
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any, BinaryIO, NamedTuple
 
 import apache_beam as beam
+import zstandard
 from apache_beam.io import fileio
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
+from apache_beam.metrics import Metrics
+
+if TYPE_CHECKING:  # imported lazily below: beam_extract.records imports this module (SourceLine)
+    from beam_extract.records.dead_letter import DeadLetter
 
 
 class SourceLine(NamedTuple):
@@ -17,11 +52,151 @@ class SourceLine(NamedTuple):
     data: bytes  # without the line ending; decoding is the parser's job (invalid UTF-8 is a dead letter)
 
 
-def read_lines(path: str) -> Iterator[SourceLine]:
-    """Streams one file (local or gs://, .gz by extension) line by line: memory does not grow with it."""
-    with FileSystems.open(path, compression_type=CompressionTypes.AUTO) as handle:
-        for number, line in enumerate(iter(handle.readline, b""), start=1):
-            yield SourceLine(path, number, line.rstrip(b"\r\n"))
+_CHUNK = 1 << 16
+# Decoding failures that mean bad compressed data. Storage failures never show up as these: the raw
+# handle turns them into _Unreadable first (BZ2File reports bad data with a plain OSError).
+_CORRUPT = (OSError, zlib.error, lzma.LZMAError, zstandard.ZstdError)
+
+
+class _Unreadable(Exception):
+    """The storage failed to give the file's bytes (as opposed to the bytes being bad)."""
+
+
+class _Raw(io.RawIOBase):
+    """A file's bytes as stored, with every storage error raised as _Unreadable."""
+
+    def __init__(self, handle: BinaryIO):
+        super().__init__()
+        self._handle = handle
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        try:
+            data = self._handle.read(len(buffer))
+        except Exception as error:  # OSError locally, google.api_core errors on gs://
+            raise _Unreadable(error) from error
+        buffer[: len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        if not self.closed:
+            try:
+                self._handle.close()
+            except Exception as error:
+                raise _Unreadable(error) from error
+            finally:
+                super().close()
+
+
+class _Streams(io.RawIOBase):
+    """Concatenated deflate or zstd streams. Beam's decoder stops quietly where a file is cut; this
+    raises EOFError there, as GzipFile, BZ2File and LZMAFile do."""
+
+    def __init__(self, raw: io.RawIOBase, new_decoder: Callable[[], Any]):
+        super().__init__()
+        self._raw, self._new_decoder = raw, new_decoder
+        self._decoder: Any = None
+        self._out, self._at = b"", 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        while self._at == len(self._out):
+            ended = self._decoder is None or self._decoder.eof
+            data = (self._decoder.unused_data if self._decoder is not None and ended else b"") or \
+                self._raw.read(_CHUNK)
+            if not data:
+                if not ended:
+                    raise EOFError("compressed file ended before the end-of-stream marker was reached")
+                return 0
+            if ended:
+                self._decoder = self._new_decoder()
+            self._out, self._at = self._decoder.decompress(data), 0
+        size = min(len(buffer), len(self._out) - self._at)
+        buffer[:size] = self._out[self._at: self._at + size]
+        self._at += size
+        return size
+
+
+def _decoded(raw: io.RawIOBase, path: str) -> BinaryIO:
+    """The file's lines as bytes, decompressed by its name's suffix like Beam does, by decoders that
+    report a cut or damaged stream instead of ending quietly."""
+    kind = CompressionTypes.detect_compression_type(path)
+    if kind == CompressionTypes.GZIP:
+        return gzip.GzipFile(fileobj=raw, mode="rb")  # multi-member; EOFError when cut
+    if kind == CompressionTypes.BZIP2:
+        return bz2.BZ2File(raw)
+    if kind == CompressionTypes.LZMA:
+        return lzma.LZMAFile(raw)
+    if kind == CompressionTypes.DEFLATE:
+        return io.BufferedReader(_Streams(raw, zlib.decompressobj))
+    if kind == CompressionTypes.ZSTD:
+        return io.BufferedReader(_Streams(raw, lambda: zstandard.ZstdDecompressor().decompressobj()))
+    return io.BufferedReader(raw)
+
+
+def printable_path(path: str) -> str:
+    """The path as valid UTF-8 text: undecodable name bytes (surrogate escapes) become \\xNN."""
+    try:
+        return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a surrogate that is no escaped byte
+        return path.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _refusal(path: str) -> tuple[str, str] | None:
+    """(reason, why) for a path that must not be opened at all, checked before opening it."""
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        return "bad_file_name", "the file name is not valid UTF-8; not read"
+    if FileSystems.get_scheme(path) is None:  # local: a FIFO would block open, a directory fail it
+        try:
+            mode = os.stat(path).st_mode
+        except OSError as error:
+            return "unreadable_file", f"cannot stat: {error}"
+        if not stat.S_ISREG(mode):
+            kind = "directory" if stat.S_ISDIR(mode) else "FIFO, socket or device"
+            return "not_a_file", f"a {kind}, not a regular file; not opened"
+    return None
+
+
+def read_lines(path: str) -> Iterator[SourceLine | DeadLetter]:
+    """Streams one file (local or gs://, compressed by suffix) line by line: memory does not grow
+    with it. If the file fails, ends with one DeadLetter (see the module docstring)."""
+    count = 0
+    refusal = _refusal(path)
+    if refusal:
+        yield _dead_letter(path, *refusal, count)
+        return
+    try:
+        try:
+            handle = FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED)
+        except Exception as error:  # OSError locally, google.api_core errors on gs://
+            raise _Unreadable(error) from error
+        # The decoders do not close a handle they were given: the outer `with` does.
+        with _Raw(handle) as raw, _decoded(raw, path) as lines:
+            for line in iter(lines.readline, b""):
+                count += 1
+                yield SourceLine(path, count, line.rstrip(b"\r\n"))
+    except _Unreadable as error:
+        yield _dead_letter(path, "unreadable_file", f"cannot read: {error}", count)
+    except EOFError as error:
+        yield _dead_letter(path, "truncated_file",
+                           f"compressed data ends before its end marker ({error}); the bytes after "
+                           "the last complete line are dropped", count)
+    except _CORRUPT as error:
+        yield _dead_letter(path, "corrupt_file", f"bad compressed data: {error}", count)
+
+
+def _dead_letter(path: str, reason: str, why: str, count: int) -> DeadLetter:
+    from beam_extract.records.dead_letter import DeadLetter
+
+    detail = f"{printable_path(path)}: {why}; {count} lines read before the failure"
+    return DeadLetter(printable_path(path), count, "read", reason,
+                      detail.encode("utf-8", "backslashreplace").decode("utf-8"))
 
 
 # The predecessor's sharded dataset: DIR/master_metadata.json and DIR/shard_NNN/chunk_*.jsonl.
@@ -60,12 +235,30 @@ class MatchPaths(beam.PTransform):
         return pbegin | "Match" >> match | "Paths" >> beam.Map(lambda metadata: metadata.path)
 
 
+class _ReadFile(beam.DoFn):
+    """A file's lines on the main output and its dead letter, if any, on DEAD_LETTER; both keep the
+    path's timestamp and window."""
+
+    def process(self, path: str):
+        from beam_extract.records.dead_letter import DEAD_LETTER
+
+        for item in read_lines(path):
+            if isinstance(item, SourceLine):
+                yield item
+            else:
+                Metrics.counter("read", item.reason).inc()
+                yield beam.pvalue.TaggedOutput(DEAD_LETTER, item)
+
+
 class ReadLines(beam.PTransform):
-    """File paths -> SourceLine per line; each line keeps its file's timestamp and window."""
+    """File paths -> `lines` (a SourceLine per line) and DEAD_LETTER (one DeadLetter per file that
+    failed, see the module docstring): `read = paths | ReadLines(); read.lines; read[DEAD_LETTER]`."""
 
     def expand(self, paths):
+        from beam_extract.records.dead_letter import DEAD_LETTER
+
         return (
             paths
             | "SpreadFiles" >> beam.Reshuffle()
-            | "Lines" >> beam.FlatMap(read_lines)
+            | "Lines" >> beam.ParDo(_ReadFile()).with_outputs(DEAD_LETTER, main="lines")
         )

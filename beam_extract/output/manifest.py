@@ -13,7 +13,7 @@ from beam_extract.model import hook_name
 from beam_extract.model.config import ModelConfig
 from beam_extract.model.qwen2 import Hook
 from beam_extract.output.schema import FEATURES
-from beam_extract.output.writer import read_json, write_json
+from beam_extract.output.commits import read_json, write_json
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -91,14 +91,16 @@ def line_and_sample_counts(lines_read: int, lines: dict[str, int], samples: int,
 
 
 def build_manifest(*, options: dict, config: ModelConfig, weights_sha256: str, hooks: tuple[Hook, ...],
-                   commits: list[dict], lines_read: int, lines: dict[str, int], samples: int, resumed: int,
-                   dead_letters: dict[str, int], batching: dict, dead_letter_files: list[str]) -> dict:
-    """Output files and activation statistics come from the commits (of this run and any run it
-    resumed); counts of lines and dead letters from this run, which re-reads every line."""
-    committed = [sample for c in commits for sample in c["samples"]]
+                   groups: list[dict], lines_read: int, lines: dict[str, int], samples: int, resumed: int,
+                   dead_letters: dict[str, int], batching: dict, dead_letter_files: list[str], committed_now: int,
+                   committed_ids: dict, run_id: str) -> dict:
+    """Output files and activation statistics come from the accepted groups (of this run and any run
+    it resumed, each with its sample count); counts of lines and dead letters from this run, which
+    re-reads every line; `committed_ids` counts the ids in all groups, and distinct ones."""
     return {
         "format_version": FORMAT_VERSION,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "run_id": run_id,
         "beam_extract_version": metadata.version("beam-extract"),
         "model": {"name": options["model"], "weights_sha256": weights_sha256, "compute_dtype": options["dtype"],
                   "config": dataclasses.asdict(config)},
@@ -112,12 +114,14 @@ def build_manifest(*, options: dict, config: ModelConfig, weights_sha256: str, h
         "options": options,
         "counts": {
             **line_and_sample_counts(lines_read, lines, samples, resumed, dead_letters),
-            "samples_committed": len(committed),
-            "samples_committed_twice": len(committed) - len(set(committed)),
+            "samples_committed": committed_ids.get("distinct", 0),
+            "samples_committed_now": committed_now,
+            "samples_committed_twice": committed_ids.get("total", 0) - committed_ids.get("distinct", 0),
         },
-        "hooks": summarize_hooks(hooks, commits),
+        "hooks": summarize_hooks(hooks, groups),
         "batching": batching,
-        "commits": len(commits),
+        "commits": len(groups),
+        "commit_groups": sorted(g["group"] for g in groups),
         "dead_letter_files": relative_paths(options["output"], dead_letter_files),
     }
 
@@ -208,7 +212,7 @@ class SumCounts(beam.CombineFn):
 
 
 class SummarizeCommits(beam.CombineFn):
-    """Commits -> their ids and the per-hook summary (not their sample ids)."""
+    """Shard groups -> their ids and the per-hook summary (not their sample ids)."""
 
     def __init__(self, hooks: tuple[Hook, ...]):
         self._hooks = hooks
@@ -217,7 +221,7 @@ class SummarizeCommits(beam.CombineFn):
         return []
 
     def add_input(self, acc, commit):
-        acc.append({"commit": commit["commit"], "hooks": commit["hooks"]})
+        acc.append({"commit": commit["group"], "hooks": commit["hooks"]})
         return acc
 
     def merge_accumulators(self, accumulators):

@@ -19,12 +19,12 @@ from beam_extract.output.manifest import MANIFEST_NAME, read_manifest
 from beam_extract.output.schema import OUTPUT_DTYPES, decode_record, tf_feature_spec
 from beam_extract.output.tfrecord import iter_tfrecord
 from beam_extract.output.windows import WINDOWS
-from beam_extract.output.writer import read_commits, read_json
+from beam_extract.output.commits import read_groups_on_disk, read_json, select_groups
 
 
 def hook_files(path: str, hook: str) -> list[str]:
-    """The files of one hook: from the manifest of a finished run, else from the commits so far
-    (an interrupted run's committed work is complete and readable)."""
+    """The files of one hook: from the manifest of a finished run, else from the groups committed so
+    far (an interrupted run's committed work is complete and readable)."""
     path = path.rstrip("/")
     if FileSystems.exists(f"{path}/{MANIFEST_NAME}"):
         hooks = read_manifest(path)["hooks"]
@@ -32,7 +32,9 @@ def hook_files(path: str, hook: str) -> list[str]:
             raise KeyError(f"{path} has no hook {hook!r}; it has {', '.join(hooks)}")
         files = hooks[hook]["files"]
     else:
-        files = sorted(f for commit in read_commits(path) for f in commit["hooks"].get(hook, {}).get("files", []))
+        # A run still going (or killed) may have groups of failed attempts beside their retries'.
+        kept, _ = select_groups(read_groups_on_disk(path))
+        files = sorted(f for group in kept for f in group["hooks"].get(hook, {}).get("files", []))
     return [f"{path}/{f}" for f in files]
 
 

@@ -26,16 +26,18 @@ FEATURES: dict[str, tuple[str, str, str]] = {
     "layer": ("int64", "scalar", "0-based layer index"),
     "hook_name": ("bytes", "scalar", "blocks.{layer}.hook_{site}"),
     "dtype": ("bytes", "scalar", "bfloat16 | float16 | float32"),
-    "sample_id": ("bytes", "scalar", "unique, deterministic id of the sequence"),
+    "sample_id": ("bytes", "scalar", "unique, deterministic id of the sequence: text {file}:{line}#w{window}, "
+                                     "ARC {task_id}/v{view}/t{test}"),
     "source": ("bytes", "scalar", "input file and line the sequence came from"),
     "task_id": ("bytes", "scalar", "ARC task id (empty for text)"),
+    "doc_id": ("bytes", "scalar", "text: the document's own id field (empty if it had none, and for ARC)"),
     "augmentation": ("bytes", "scalar", "JSON of the ARC view's parameters (empty for text)"),
 }
 
 
 def encode_record(*, sample_id: str, hook_name: str, layer: int, activations: np.ndarray,
                   token_ids: np.ndarray, positions: np.ndarray, output_dtype: str, source: str,
-                  task_id: str = "", augmentation: str = "") -> bytes:
+                  task_id: str = "", doc_id: str = "", augmentation: str = "") -> bytes:
     """activations: [n_tokens, d_model] (any float dtype; stored as `output_dtype`)."""
     n_tokens, d_model = activations.shape
     return encode_example({
@@ -50,6 +52,7 @@ def encode_record(*, sample_id: str, hook_name: str, layer: int, activations: np
         "sample_id": sample_id,
         "source": source,
         "task_id": task_id,
+        "doc_id": doc_id,
         "augmentation": augmentation,
     })
 

@@ -1,12 +1,13 @@
-"""Activation records -> TFRecord files per hook, committed per forward batch so finished work survives a kill.
+"""Activation records -> rolling TFRecord shards per hook, committed per shard group.
 
-Layout: OUT/{site}/layer_{LL}/part-{commit}-{NNN}.tfrecord, or in streaming, where every batch
-belongs to a time window, part-w{window start}-{commit}-{NNN}.tfrecord. Each forward batch is
-written to temporary files beside its final ones, renamed, then recorded in
-OUT/_committed/{commit}.json with its sample ids, files, statistics and window. The commit id is a
-hash of the batch's sample ids, so a retried batch rewrites the same names; a killed one leaves only
-files no commit lists, which the next run removes (a batch run when it ends, a resumed streaming run
-before it starts). Readers use the manifest (or the commits).
+Layout: OUT/{site}/layer_{LL}/part-{group}.tfrecord, or in streaming, where every record belongs to a
+time window, part-w{window start}-{group}.tfrecord. A writer keeps one open *shard group* per
+window: a file per hook, all holding the same samples. It closes the group once a file reaches the
+shard size or its bundle ends, records it in OUT/_committed/{group}.json (see `commits`) and passes
+it on. Files are written in place, never renamed (a rename on gs:// is a copy): an unlisted file is
+invisible to readers. Group ids are new for every bundle attempt, so a retried bundle never
+overwrites a file of its failed attempt; only the groups the pipeline passes on count (`commits`).
+Files per hook: about bytes / shard size, plus one partial file per bundle (and window).
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from __future__ import annotations
 import datetime
 import functools
 import hashlib
-import json
 import os
 import socket
 import uuid
@@ -24,32 +24,18 @@ import numpy as np
 from apache_beam.io import fileio
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.transforms.window import GlobalWindows, IntervalWindow
+from apache_beam.utils.windowed_value import WindowedValue
 
 from beam_extract.model import hook_name
 from beam_extract.model.qwen2 import Hook
+from beam_extract.output.commits import (COMMITS, TEMPORARY_SUFFIX, commit_path, group_files, list_paths,
+                                         write_json)
 from beam_extract.output.tfrecord import write_record
-
-COMMITS = "_committed"
-TEMPORARY_SUFFIX = ".tmp"  # temporary files are hidden (.name.tmp) and never match *.tfrecord
 
 
 def hook_dir(output: str, hook: Hook) -> str:
     layer, site = hook
     return f"{output}/{site}/layer_{layer:02d}"
-
-
-def write_json(path: str, value: dict) -> None:
-    """Writes to a temporary name, then renames: readers never see a partial file."""
-    directory, _, name = path.rpartition("/")
-    temporary = f"{directory}/.{name}.{uuid.uuid4().hex}{TEMPORARY_SUFFIX}"
-    with FileSystems.create(temporary) as handle:
-        handle.write(json.dumps(value, indent=1).encode("utf-8"))
-    FileSystems.rename([temporary], [path])
-
-
-def read_json(path: str) -> dict:
-    with FileSystems.open(path) as handle:
-        return json.loads(handle.read())
 
 
 def window_span(window) -> tuple[str, str] | None:
@@ -60,73 +46,101 @@ def window_span(window) -> tuple[str, str] | None:
                  for t in (window.start, window.end))
 
 
-def read_commits(output: str) -> list[dict]:
-    matches = FileSystems.match([f"{output}/{COMMITS}/*.json"])[0].metadata_list
-    return [read_json(m.path) for m in sorted(matches, key=lambda m: m.path)]
+class _ShardGroup:
+    """One open file per hook, filled with the same samples."""
+
+    def __init__(self, output: str, hooks: tuple[Hook, ...], group: str, window):
+        self.group, self.window, self.samples = group, window, []
+        span = window_span(window)
+        self.span = span
+        name = f"part-w{span[0]}-{group}" if span else f"part-{group}"
+        self.files = [f"{hook_dir(output, hook)}/{name}.tfrecord" for hook in hooks]
+        self.handles = [None] * len(hooks)
+        self.stats = [{"records": 0, "tokens": 0, "sum_l2_norm": 0.0, "sum_squared_norm": 0.0} for _ in hooks]
+        self.size = 0  # bytes of the largest file
+
+    def add(self, records: list) -> None:
+        sizes = [0] * len(self.files)
+        for record in records:
+            index = record.hook_index
+            if self.handles[index] is None:
+                self.handles[index] = FileSystems.create(self.files[index])
+            sizes[index] += write_record(self.handles[index], record.example)
+            stats = self.stats[index]
+            stats["records"] += 1
+            stats["tokens"] += record.n_tokens
+            stats["sum_l2_norm"] += record.sum_l2_norm
+            stats["sum_squared_norm"] += record.sum_squared_norm
+            if index == 0:
+                self.samples.append(record.sample_id)
+        self.size += max(sizes)
+
+    def close(self, output: str, hooks: tuple[Hook, ...]) -> dict:
+        for handle in self.handles:
+            if handle is not None:
+                handle.close()
+        written = datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds")
+        return {
+            "group": self.group,
+            "written": written,
+            "samples": self.samples,
+            "hooks": {hook_name(*hook): {"files": [f.removeprefix(f"{output}/")] if handle else [], **stats}
+                      for hook, f, handle, stats in zip(hooks, self.files, self.handles, self.stats)},
+            "window": dict(zip(("start", "end"), self.span)) if self.span else None,
+            # Which process wrote it: provenance for debugging a worker (and how tests see where DoFns ran).
+            "worker": {"host": socket.gethostname(), "pid": os.getpid(), "parent_pid": os.getppid()},
+        }
 
 
-class WriteCommitted(beam.DoFn):
-    """One batch's records -> files per hook (rolled over at `shard_bytes`) and a commit; yields the
-    commit. The commit id hashes the batch's sample ids: a retried batch rewrites the same names."""
+class WriteShards(beam.DoFn):
+    """Lists of one forward batch's records -> shard groups, each committed when closed; yields each
+    committed group (its record under OUT/_committed/) in the window of its records."""
 
     def __init__(self, output: str, hooks: tuple[Hook, ...], shard_bytes: int, shuffle_seed: int | None = None):
         self._output, self._hooks, self._shard_bytes = output, hooks, shard_bytes
         self._shuffle_seed = shuffle_seed  # None: records keep batch order
 
+    def start_bundle(self):
+        self._attempt = uuid.uuid4().hex[:16]  # new for every attempt at a bundle
+        self._sequence = 0
+        self._open: dict = {}  # window -> _ShardGroup
+
     def process(self, records: list, window=beam.DoFn.WindowParam):
         if not records:
             return
-        samples = sorted({record.sample_id for record in records})
-        commit = hashlib.sha256("\n".join(samples).encode()).hexdigest()[:20]
-        span = window_span(window)
-        part = f"part-w{span[0]}-{commit}" if span else f"part-{commit}"
         if self._shuffle_seed is not None:
-            rng = np.random.default_rng([self._shuffle_seed, int(commit, 16) % 2**63])
+            batch = hashlib.sha256("\x00".join(sorted({r.sample_id for r in records})).encode()).digest()
+            rng = np.random.default_rng([self._shuffle_seed, int.from_bytes(batch[:8], "little")])
             records = [records[i] for i in rng.permutation(len(records))]
-        hooks = {}
-        for index, hook in enumerate(self._hooks):
-            mine = [record for record in records if record.hook_index == index]
-            temporaries = self._write(hook, mine)
-            finals = [f"{hook_dir(self._output, hook)}/{part}-{n:03d}.tfrecord" for n in range(len(temporaries))]
-            if finals:
-                FileSystems.rename(temporaries, finals)
-            hooks[hook_name(*hook)] = {
-                "files": [f.removeprefix(f"{self._output}/") for f in finals],
-                "records": len(mine),
-                "tokens": sum(r.n_tokens for r in mine),
-                "sum_l2_norm": sum(r.sum_l2_norm for r in mine),
-                "sum_squared_norm": sum(r.sum_squared_norm for r in mine),
-            }
-        # Which process wrote it: provenance for debugging a worker (and how tests see where DoFns ran).
-        worker = {"host": socket.gethostname(), "pid": os.getpid(), "parent_pid": os.getppid()}
-        record = {"commit": commit, "samples": samples, "hooks": hooks, "worker": worker,
-                  "window": dict(zip(("start", "end"), span)) if span else None}
-        write_json(f"{self._output}/{COMMITS}/{commit}.json", record)
-        yield record
+        group = self._open.get(window)
+        if group is None:
+            group = self._open[window] = _ShardGroup(self._output, self._hooks,
+                                                     f"{self._attempt}-{self._sequence:05d}", window)
+            self._sequence += 1
+        group.add(records)
+        if group.size >= self._shard_bytes:
+            yield self._commit(self._open.pop(window))
 
-    def _write(self, hook: Hook, records: list) -> list[str]:
-        """Temporary files beside the final ones, each up to shard_bytes."""
-        paths, handle, size = [], None, 0
-        for record in records:
-            if handle is None:
-                paths.append(f"{hook_dir(self._output, hook)}/.{uuid.uuid4().hex}.tfrecord{TEMPORARY_SUFFIX}")
-                handle, size = FileSystems.create(paths[-1]), 0
-            size += write_record(handle, record.example)
-            if size >= self._shard_bytes:
-                handle.close()
-                handle = None
-        if handle is not None:
-            handle.close()
-        return paths
+    def finish_bundle(self):
+        for window, group in self._open.items():
+            yield WindowedValue(self._commit(group), window.max_timestamp(), (window,))
+        self._open = {}
+
+    def _commit(self, group: _ShardGroup) -> dict:
+        record = group.close(self._output, self._hooks)
+        write_json(commit_path(self._output, group.group), record)
+        return record
 
 
-def remove_uncommitted(output: str, hooks: tuple[Hook, ...], commits: list[dict]) -> list[str]:
-    """Deletes temporary files and hook files that no commit lists (left by killed bundles)."""
-    kept = {f"{output}/{f}" for c in commits for h in c["hooks"].values() for f in h["files"]}
-    patterns = [f"{output}/{COMMITS}/.*{TEMPORARY_SUFFIX}"]
+def remove_unlisted(output: str, hooks: tuple[Hook, ...], kept: list[dict]) -> list[str]:
+    """Deletes what runs of ours wrote that the kept groups do not list: their commit records, data
+    files and temporaries (left by killed or failed attempts). One listing per directory; files
+    that do not follow our names are never touched."""
+    listed = group_files(output, kept) | {commit_path(output, g["group"]) for g in kept}
+    patterns = [f"{output}/{COMMITS}/*.json", f"{output}/{COMMITS}/.*{TEMPORARY_SUFFIX}"]
     for hook in hooks:
-        patterns += [f"{hook_dir(output, hook)}/*.tfrecord", f"{hook_dir(output, hook)}/.*{TEMPORARY_SUFFIX}"]
-    stray = [m.path for result in FileSystems.match(patterns) for m in result.metadata_list if m.path not in kept]
+        patterns += [f"{hook_dir(output, hook)}/part-*.tfrecord", f"{hook_dir(output, hook)}/.*{TEMPORARY_SUFFIX}"]
+    stray = [path for pattern in patterns for path in list_paths(pattern) if path not in listed]
     if stray:
         FileSystems.delete(stray)
     return stray

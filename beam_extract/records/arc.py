@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from beam_extract.records.errors import InvalidRecord
+from beam_extract.records.errors import InvalidRecord, check_unicode
 
 Grid = tuple[tuple[int, ...], ...]
 MAX_GRID_SIDE = 30
@@ -57,8 +57,11 @@ def _pairs(obj: dict, split: str, output_required: bool) -> tuple:
     return tuple(pairs)
 
 
-def validate_task(obj: dict, source: str, line_number: int) -> ArcTask:
-    task_id = obj.get("task_id", f"{source}:{line_number}")  # deterministic when absent
+def validate_task(obj: dict, source: str, line_number: int, name: str | None = None) -> ArcTask:
+    """`name`: the file's name relative to the input root (see records.identity); default `source`.
+    A task without an id is named by its file and line, however --input was spelled."""
+    task_id = obj.get("task_id", f"{name or source}:{line_number}")
     if not isinstance(task_id, str) or not task_id:
         raise InvalidRecord("wrong_type", "task_id is not a non-empty string")
+    check_unicode(task_id, "task_id")
     return ArcTask(task_id, _pairs(obj, "train", True), _pairs(obj, "test", False), source, line_number)

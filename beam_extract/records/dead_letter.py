@@ -21,7 +21,9 @@ class DeadLetter:
     raw: str = ""
 
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), ensure_ascii=False)
+        """Always encodable as UTF-8: a lone surrogate from the input is written as an escape."""
+        text = json.dumps(dataclasses.asdict(self), ensure_ascii=False)
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def raw_excerpt(data: bytes) -> str:

@@ -8,8 +8,8 @@ from beam_extract.io.sources import SourceLine
 from beam_extract.records.arc import ArcTask, validate_task
 from beam_extract.records.dead_letter import DeadLetter, raw_excerpt
 from beam_extract.records.errors import InvalidRecord
+from beam_extract.records.identity import relative_name
 from beam_extract.records.text import TextDoc, validate_text
-
 
 
 def _reject_constant(name: str) -> float:
@@ -33,15 +33,18 @@ def decode_json_object(data: bytes) -> dict:
     return value
 
 
-def parse_line(line: SourceLine, input_format: str, text_field: str = "text") -> TextDoc | ArcTask | DeadLetter:
+def parse_line(line: SourceLine, input_format: str, text_field: str = "text",
+               root: str = "") -> TextDoc | ArcTask | DeadLetter:
     """Never raises on bad input: the result is a record or a DeadLetter saying why not.
 
     input_format: arc, text, or auto (an object with a "train" field is an ARC task).
+    root: the input root (records.identity), which names files in ids.
     """
     try:
         obj = decode_json_object(line.data)
+        name = relative_name(line.path, root)
         if input_format == "arc" or (input_format == "auto" and "train" in obj):
-            return validate_task(obj, line.path, line.line_number)
-        return validate_text(obj, text_field, line.path, line.line_number)
+            return validate_task(obj, line.path, line.line_number, name)
+        return validate_text(obj, text_field, line.path, line.line_number, name)
     except InvalidRecord as error:
         return DeadLetter(line.path, line.line_number, "parse", error.reason, str(error), raw_excerpt(line.data))

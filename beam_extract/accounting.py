@@ -1,0 +1,59 @@
+"""Every input line accounted for: dead letters written per stage, counted by reason, and each line
+of each file marked as having produced samples or a dead letter.
+
+Only small results (file names, counts, per-file bitmaps) are flattened, so no runner gathers every
+dead letter in one place.
+"""
+
+from __future__ import annotations
+
+import apache_beam as beam
+
+from beam_extract.output.manifest import CountLineOutcomes, LineBitmaps, SumCounts
+from beam_extract.output.writer import WriteDeadLetters
+
+# Dead letters of whole input files: their line number counts the lines read before the failure,
+# so they are not marks of one line. A file with one of these reasons lost lines (the run is not ok);
+# `not_a_file` (a directory or FIFO matched by the glob) lost nothing.
+FILE_STAGE = "read"
+LOST_LINES = ("truncated_file", "corrupt_file", "unreadable_file", "bad_file_name")
+
+
+class AccountLines(beam.PTransform):
+    """{stage: dead letters} -> (dead-letter file paths, {reason: count} pairs, {outcome: lines}
+    pairs). Lines that produced samples are marked from `written` (lists of records, as the
+    extraction emits them) and `resumed` (samples committed by the run resumed)."""
+
+    def __init__(self, output: str, written: beam.PCollection, resumed: beam.PCollection):
+        super().__init__()
+        self._output, self._written, self._resumed = output, written, resumed
+
+    def expand(self, dead_by_stage: dict[str, beam.PCollection]):
+        files, reasons, bitmaps = [], [], []
+        for stage, letters in dead_by_stage.items():
+            files.append(letters | f"WriteDeadLetters[{stage}]" >> WriteDeadLetters(self._output, stage))
+            reasons.append(letters | f"Reasons[{stage}]" >> beam.Map(lambda d: d.reason)
+                           | f"CountReasons[{stage}]" >> beam.combiners.Count.PerElement())
+            if stage != FILE_STAGE:
+                bitmaps.append(letters | f"LinesDead[{stage}]" >> beam.Map(lambda d: (d.source, (d.line_number, False)))
+                               | f"BitmapsDead[{stage}]" >> beam.CombinePerKey(LineBitmaps()))
+        bitmaps += [
+            self._written
+            | "LinesWithSample" >> beam.FlatMap(lambda rs: [(r.source, (r.line_number, True)) for r in rs
+                                                            if r.hook_index == 0])
+            | "BitmapsWritten" >> beam.CombinePerKey(LineBitmaps()),
+            self._resumed
+            | "LinesResumed" >> beam.Map(lambda s: (s.source, (s.line_number, True)))
+            | "BitmapsResumed" >> beam.CombinePerKey(LineBitmaps()),
+        ]
+        lines = (
+            bitmaps
+            | "AllBitmaps" >> beam.Flatten()
+            | "PerFile" >> beam.CombinePerKey(CountLineOutcomes())
+            | "FileCounts" >> beam.FlatMap(lambda file_counts: file_counts[1].items())
+        )
+        return (files | "AllDeadLetterFiles" >> beam.Flatten(), reasons | "AllReasons" >> beam.Flatten(), lines)
+
+
+def files_losing_lines(dead_letters: dict[str, int]) -> int:
+    return sum(dead_letters.get(reason, 0) for reason in LOST_LINES)

@@ -1,0 +1,109 @@
+"""The commit store: which output files hold finished work, and which samples they hold.
+
+A writer closes a *shard group* (one file per hook, holding the same samples) when its files reach
+the shard size or its bundle ends, then records it in OUT/_committed/{group}.json: its sample ids,
+its file and statistics per hook, and its window in streaming. Group ids are unique per writer
+attempt, so two groups never share an identity or a file.
+
+A group on disk is not yet accepted output: a runner may retry a failed bundle, whose groups stay on
+disk beside the retry's. What counts is decided in one place, `select_groups`: the groups the
+pipeline passed on (only successful attempts' outputs travel downstream), and, for a run that was
+killed, a set of groups on disk in which no sample appears twice.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+
+from apache_beam.io.filesystems import FileSystems
+
+COMMITS = "_committed"
+TEMPORARY_SUFFIX = ".tmp"  # temporary files are hidden (.name.tmp) and never match *.tfrecord or *.json
+RUN_SKIP_SUFFIX = ".skip.json.gz"  # OUT/_run/{run id}.skip.json.gz: the sample ids a resumed run skips
+READ_THREADS = 32  # commits are small objects: reading them is latency-bound, so many at once
+
+
+def write_json(path: str, value: dict) -> None:
+    """Readers never see a partial file. A gs:// object becomes visible only once its upload is
+    complete, so it is written in place (a rename there would copy it); a local file is written to
+    a temporary name and renamed."""
+    data = json.dumps(value, indent=1).encode("utf-8")
+    if path.startswith("gs://"):
+        with FileSystems.create(path) as handle:
+            handle.write(data)
+        return
+    directory, _, name = path.rpartition("/")
+    temporary = f"{directory}/.{name}.{uuid.uuid4().hex}{TEMPORARY_SUFFIX}"
+    with FileSystems.create(temporary) as handle:
+        handle.write(data)
+    FileSystems.rename([temporary], [path])
+
+
+def read_json(path: str) -> dict:
+    with FileSystems.open(path) as handle:
+        return json.loads(handle.read())
+
+
+def list_paths(pattern: str) -> list[str]:
+    """One listing (no per-file calls), sorted."""
+    return sorted(m.path for m in FileSystems.match([pattern])[0].metadata_list)
+
+
+def read_all(paths: Iterable[str]) -> list[dict]:
+    """Many small JSON objects, read concurrently, in the order given."""
+    paths = list(paths)
+    if len(paths) < 2:
+        return [read_json(p) for p in paths]
+    with ThreadPoolExecutor(min(READ_THREADS, len(paths))) as pool:
+        return list(pool.map(read_json, paths))
+
+
+def commit_path(output: str, group: str) -> str:
+    return f"{output}/{COMMITS}/{group}.json"
+
+
+def read_groups_on_disk(output: str) -> list[dict]:
+    """Every group recorded under OUT/_committed/, in name order (accepted or not)."""
+    return read_all(list_paths(f"{output}/{COMMITS}/*.json"))
+
+
+def select_groups(groups: list[dict]) -> tuple[list[dict], list[dict]]:
+    """(kept, dropped): groups in which no sample appears twice, taken in (written, group) order; a
+    group sharing a sample with one kept before it is dropped whole (its samples are then either in
+    the kept group or, if only in dropped ones, extracted again by a resumed run). Groups overlap only
+    when an attempt that later failed had recorded some before the run was killed."""
+    kept, dropped, seen = [], [], set()
+    for group in sorted(groups, key=lambda g: (g.get("written", ""), g["group"])):
+        samples = set(group["samples"])
+        if len(samples) != len(group["samples"]) or samples & seen:
+            dropped.append(group)
+        else:
+            kept.append(group)
+            seen |= samples
+    return kept, dropped
+
+
+def group_files(output: str, groups: Iterable[dict]) -> set[str]:
+    """Full paths of the data files the groups list."""
+    return {f"{output}/{f}" for g in groups for part in g["hooks"].values() for f in part["files"]}
+
+
+def without_samples(group: dict) -> dict:
+    """What the manifest and window indexes keep of a group: not its sample ids."""
+    return {name: value for name, value in group.items() if name != "samples"}
+
+
+def write_sample_ids(path: str, sample_ids: Iterable[str]) -> None:
+    """One JSON list in a .json.gz file (Beam compresses by the name): what each worker of a resumed
+    run skips, read in one request."""
+    assert path.endswith(".json.gz"), path
+    with FileSystems.create(path) as handle:
+        handle.write(json.dumps(sorted(sample_ids)).encode("utf-8"))
+
+
+def read_sample_ids(path: str) -> list[str]:
+    with FileSystems.open(path) as handle:
+        return json.loads(handle.read())

@@ -1,0 +1,260 @@
+"""ExtractDoFn's failure policy for the forward: a device out-of-memory splits the batch by rows
+(down to one row, whose samples are then `model_oom` dead letters); any other error fails the job."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+
+import jax
+import numpy as np
+import pytest
+from apache_beam.pvalue import TaggedOutput
+
+from beam_extract.batching import assemble
+from beam_extract.extract import BATCH_STATS, ExtractDoFn
+from beam_extract.output.schema import decode_record
+from beam_extract.records.dead_letter import DEAD_LETTER
+from beam_extract.tokenize import Sample
+
+HOOKS = ((0, "resid_post"), (1, "mlp_out"))
+ROW_LENGTH = 16
+
+
+def oom() -> jax.errors.JaxRuntimeError:
+    # jaxlib's own class, built from Python (a real CPU OOM raises it too: see test_what_counts_as_out_of_memory).
+    return jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1234 bytes.")
+
+
+class FakeModel:
+    """Model.forward's contract without a model: [rows, S, d] per hook, values from each token and its
+    position only (as a real model's activations depend only on the sample). Raises a device OOM when
+    the batch computes more than `max_rows` rows or holds a sample longer than `max_sample_tokens`."""
+
+    def __init__(self, data: int = 1, max_rows: int | None = None, max_sample_tokens: int | None = None,
+                 error: Exception | None = None, error_for: str | None = None):
+        self.mesh = types.SimpleNamespace(shape={"data": data})
+        self.max_rows, self.max_sample_tokens = max_rows, max_sample_tokens
+        self.error, self.error_for = error, error_for  # error_for: raise only for batches with this sample
+        self.calls: list[tuple[int, int]] = []  # (batch rows, used rows)
+
+    def forward(self, tokens, positions, segment_ids, hooks, out_dtype=np.float32, rows=None):
+        assert tokens.shape == positions.shape == segment_ids.shape
+        assert tokens.shape[0] % self.mesh.shape["data"] == 0, "rows must split over the data shards"
+        self.calls.append((tokens.shape[0], rows))
+        if self.max_rows is not None and tokens.shape[0] > self.max_rows:
+            raise oom()
+        if self.error is not None and (self.error_for is None or self.error_for in self._ids(tokens)):
+            raise self.error
+        if self.max_sample_tokens is not None:
+            longest = max(np.bincount(row[row > 0]).max(initial=0) for row in segment_ids[:rows])
+            if longest > self.max_sample_tokens:
+                raise oom()
+        base = tokens[:rows, :, None] * 1000.0 + positions[:rows, :, None]
+        return {hook: (base * (i + 1) + np.arange(4)).astype(out_dtype) for i, hook in enumerate(hooks)}, 0.0
+
+    @staticmethod
+    def _ids(tokens):
+        return {f"s{t // 100}" for t in np.unique(tokens) if t}
+
+
+class Counter:
+    def __init__(self):
+        self.value = 0
+
+    def inc(self, n=1):
+        self.value += n
+
+
+def sample(i: int, n: int) -> Sample:
+    # Token ids encode the sample (i * 100 + k), so FakeModel can tell which samples a batch holds.
+    return Sample(f"s{i}", (i * 100 + np.arange(1, n + 1)).astype(np.int32), "in.jsonl", i + 1)
+
+
+def dofn_with(model, hooks=HOOKS) -> ExtractDoFn:
+    dofn = ExtractDoFn("unused", "float32", "auto", hooks, "float32")
+    dofn._model = model  # instead of setup(): no model is loaded
+    dofn._oom_splits = Counter()
+    return dofn
+
+
+def run(dofn, batch):
+    """(list of record lists, BatchStats, dead letters) from one process() call."""
+    lists, stats, dead = [], [], []
+    for out in dofn.process(batch):
+        if isinstance(out, TaggedOutput):
+            {BATCH_STATS: stats, DEAD_LETTER: dead}[out.tag].append(out.value)
+        else:
+            lists.append(out)
+    return lists, stats, dead
+
+
+def key(record):
+    return record.sample_id, record.hook_index
+
+
+def eight_rows():
+    """8 rows of 16 tokens: singles and packed pairs, 11 samples."""
+    rows = [[sample(1, 16)], [sample(2, 9), sample(3, 7)], [sample(4, 12)], [sample(5, 3), sample(6, 5)],
+            [sample(7, 16)], [sample(8, 1)], [sample(9, 8), sample(10, 8)], [sample(11, 14)]]
+    return rows, assemble(rows, 8, ROW_LENGTH)
+
+
+def test_the_oom_split_counter_is_a_beam_metric():
+    counter = ExtractDoFn("unused", "float32", "auto", HOOKS, "float32")._oom_splits
+    assert (counter.metric_name.namespace, counter.metric_name.name) == ("extract", "oom_splits")
+
+
+def test_an_oom_splits_the_batch_until_it_fits():
+    rows, batch = eight_rows()
+    expected, expected_stats, _ = run(dofn_with(FakeModel()), batch)
+    assert len(expected) == 1 and len(expected_stats) == 1
+
+    model = FakeModel(max_rows=2)
+    dofn = dofn_with(model)
+    lists, stats, dead = run(dofn, batch)
+
+    assert dead == []
+    # 8 -> 4 + 4 -> four forwards of 2 rows each; every sample written exactly once.
+    assert model.calls == [(8, 8), (4, 4), (2, 2), (2, 2), (4, 4), (2, 2), (2, 2)]
+    assert dofn._oom_splits.value == 3
+    assert len(lists) == 4 and all(lists)
+    records = [r for records in lists for r in records]
+    assert sorted(map(key, records)) == sorted({(s.sample_id, h) for row in rows for s in row for h in (0, 1)})
+    assert sorted(records, key=key) == sorted(expected[0], key=key)  # same activations, same bytes
+    # Each list holds the samples of its own sub-forward: rows 0-1, 2-3, 4-5, 6-7.
+    assert [sorted({r.sample_id for r in records}) for records in lists] == [
+        sorted(s.sample_id for row in rows[i : i + 2] for s in row) for i in range(0, 8, 2)]
+    # One BatchStats per successful sub-forward, together accounting for every real token.
+    assert len(stats) == 4
+    assert [(s.row_length, s.computed_tokens) for s in stats] == [(ROW_LENGTH, 2 * ROW_LENGTH)] * 4
+    assert sum(s.real_tokens for s in stats) == expected_stats[0].real_tokens == batch.real_tokens
+
+
+def test_sub_batches_are_padded_for_the_data_shards():
+    rows = [[sample(i, 4 + i)] for i in range(5)]
+    model = FakeModel(data=2, max_rows=2)  # FakeModel asserts every batch splits over 2 shards
+    lists, stats, dead = run(dofn_with(model), assemble(rows, 5, ROW_LENGTH))  # padded to 6 rows
+    assert dead == []
+    # 6 rows (5 used) -> rows 0-2 padded to 4 + rows 3-4; rows 0-2 -> rows 0-1 + row 2 padded to 2.
+    assert model.calls == [(6, 5), (4, 3), (2, 2), (2, 1), (2, 2)]
+    assert sorted(r.sample_id for records in lists for r in records if r.hook_index == 0) == [
+        f"s{i}" for i in range(5)]
+    assert [s.computed_tokens for s in stats] == [2 * ROW_LENGTH] * 3
+
+
+def test_a_lone_used_row_in_a_padded_batch_is_retried_without_the_padding():
+    model = FakeModel(max_rows=1)
+    dofn = dofn_with(model)
+    lists, stats, dead = run(dofn, assemble([[sample(1, 5)]], 4, ROW_LENGTH))
+    assert dead == [] and model.calls == [(4, 1), (1, 1)] and dofn._oom_splits.value == 1
+    assert [r.sample_id for r in lists[0]] == ["s1", "s1"]
+    assert [s.computed_tokens for s in stats] == [ROW_LENGTH]
+
+
+def test_a_row_that_never_fits_dead_letters_its_samples_as_model_oom():
+    rows = [[sample(1, 13)], [sample(2, 4), sample(3, 4)], [sample(4, 11), sample(5, 5)], [sample(6, 10)],
+            [sample(7, 2)], [sample(8, 9), sample(9, 7)], [sample(10, 12)], [sample(11, 6)]]
+    model = FakeModel(max_rows=4, max_sample_tokens=10)
+    dofn = dofn_with(model)
+    lists, stats, dead = run(dofn, assemble(rows, 8, ROW_LENGTH))
+
+    # Rows 0, 2 and 6 hold a sample of more than 10 tokens: each fails alone, its samples (s5 too,
+    # packed with s4) are dead letters; every other sample is written exactly once.
+    assert sorted((d.line_number, d.stage, d.reason) for d in dead) == [
+        (2, "extract", "model_oom"), (5, "extract", "model_oom"), (6, "extract", "model_oom"),
+        (11, "extract", "model_oom")]
+    details = {d.line_number: d.detail for d in dead}
+    for i, n in ((1, 13), (4, 11), (5, 5), (10, 12)):
+        assert f"sample s{i} ({n} tokens)" in details[i + 1]
+        assert f"row of {ROW_LENGTH} tokens" in details[i + 1] and "RESOURCE_EXHAUSTED" in details[i + 1]
+    records = [r for records in lists for r in records]
+    assert sorted(map(key, records)) == sorted((f"s{i}", h) for i in (2, 3, 6, 7, 8, 9, 11) for h in (0, 1))
+    assert all(s.computed_tokens <= 4 * ROW_LENGTH for s in stats) and len(stats) == len(lists)
+    assert sum(s.real_tokens for s in stats) == sum(len(s.token_ids) for i in (1, 3, 4, 5, 7) for s in rows[i])
+
+
+@pytest.mark.parametrize("error", [ValueError("bad config"),
+                                   jax.errors.JaxRuntimeError("INTERNAL: Failed to launch a kernel\nsecond line")],
+                         ids=["ValueError", "JaxRuntimeError-INTERNAL"])
+def test_any_other_forward_error_fails_the_job(error):
+    _, batch = eight_rows()
+    outputs = []
+    with pytest.raises(RuntimeError) as raised:
+        for output in dofn_with(FakeModel(error=error)).process(batch):
+            outputs.append(output)
+    assert outputs == []  # no dead letters, no records
+    assert raised.type is RuntimeError and raised.value.__cause__ is error
+    message = str(raised.value)
+    assert "(8, 16)" in message and "11 samples" in message and "s1, s2, s3" in message and "s4" not in message
+    assert str(error).splitlines()[0] in message and "second line" not in message
+
+
+def test_a_non_oom_error_after_a_split_still_fails_the_job():
+    _, batch = eight_rows()
+    model = FakeModel(max_rows=4, error=jax.errors.JaxRuntimeError("INTERNAL: device lost"), error_for="s7")
+    outputs = []
+    expected = r"shape \(4, 16\) with 5 samples \(s7, s8, s9, \.\.\.\): JaxRuntimeError: INTERNAL: device lost$"
+    with pytest.raises(RuntimeError, match=expected) as raised:
+        for output in dofn_with(model).process(batch):
+            outputs.append(output)
+    assert isinstance(raised.value.__cause__, jax.errors.JaxRuntimeError)
+    assert not any(isinstance(o, TaggedOutput) and o.tag == DEAD_LETTER for o in outputs)
+
+
+def test_what_counts_as_out_of_memory():
+    from beam_extract.extract import is_device_oom
+
+    # A real XLA out-of-memory (on CPU: an allocation past the address space fails at once).
+    with pytest.raises(jax.errors.JaxRuntimeError) as real:
+        jax.jit(lambda: jax.numpy.ones((2**50,), jax.numpy.int8))().block_until_ready()
+    assert str(real.value).startswith("RESOURCE_EXHAUSTED") and is_device_oom(real.value)
+    assert is_device_oom(oom())
+    assert not is_device_oom(jax.errors.JaxRuntimeError("INTERNAL: Failed to launch a kernel"))
+    assert not is_device_oom(RuntimeError("RESOURCE_EXHAUSTED: not from XLA"))
+    assert not is_device_oom(MemoryError())
+
+
+class SplittingModel:
+    """The real model, but batches of more than `max_rows` rows run out of memory."""
+
+    def __init__(self, model, max_rows: int):
+        self.mesh, self._model, self.max_rows = model.mesh, model, max_rows
+        self.calls = []
+
+    def forward(self, tokens, *args):
+        self.calls.append(tokens.shape[0])
+        if tokens.shape[0] > self.max_rows:
+            raise oom()
+        return self._model.forward(tokens, *args)
+
+
+def test_split_records_equal_unsplit_records_with_the_real_model():
+    from beam_extract.model import load_model
+
+    model = load_model("tiny-random-qwen2", "float32", "auto")
+    rows = [[sample(1, 16)], [sample(2, 9), sample(3, 7)], [sample(4, 12)], [sample(5, 3), sample(6, 5)],
+            [sample(7, 16)], [sample(8, 1)]]
+    batch = assemble(rows, 6, ROW_LENGTH)
+    data = model.mesh.shape["data"]
+    whole, _, _ = run(dofn_with(model, ((0, "resid_post"), (3, "mlp_out"))), batch)
+    splitting = SplittingModel(model, max_rows=2 * data)
+    lists, stats, dead = run(dofn_with(splitting, ((0, "resid_post"), (3, "mlp_out"))), batch)
+    assert dead == [] and len(whole) == 1 and len(lists) == len(stats) > 1
+    assert splitting.calls == [6, 3, 2, 1, 3, 2, 1] if data == 1 else len(splitting.calls) > 1
+    assert [n for n in splitting.calls if n <= 2 * data] == [s.computed_tokens // ROW_LENGTH for s in stats]
+    records = sorted((r for records in lists for r in records), key=key)
+    assert len(records) == len(whole[0]) == 2 * 8
+    for got, want in zip(records, sorted(whole[0], key=key)):
+        assert dataclasses.replace(got, sum_l2_norm=0, sum_squared_norm=0, example=b"") == dataclasses.replace(
+            want, sum_l2_norm=0, sum_squared_norm=0, example=b"")
+        assert got.sum_squared_norm == pytest.approx(want.sum_squared_norm, rel=1e-5)
+        got, want = decode_record(got.example), decode_record(want.example)
+        assert got.keys() == want.keys()
+        for name, value in want.items():
+            if name != "activations":
+                np.testing.assert_array_equal(got[name], value, err_msg=name)
+        # Not bit for bit: XLA:CPU's float32 matmuls round differently for other batch shapes (about
+        # 1e-6 here), so the tolerance of the other batch-composition tests (test_batching, test_mesh).
+        direct = want["activations"]
+        np.testing.assert_allclose(got["activations"], direct, rtol=0, atol=1e-5 * max(1, np.abs(direct).max()))
