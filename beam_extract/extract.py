@@ -14,6 +14,7 @@ from apache_beam.metrics import Metrics
 from apache_beam.utils import shared
 
 from beam_extract.batching import Batch
+from beam_extract.lifetime import Driver, exit_with_driver
 from beam_extract.model import Model, hook_name, load_model
 from beam_extract.model.qwen2 import Hook
 from beam_extract.output.schema import OUTPUT_DTYPES, encode_record
@@ -69,7 +70,7 @@ def batch_records(model_out: dict[Hook, np.ndarray], batch: Batch, hooks: tuple[
                 sample_id=sample.sample_id, hook_name=hook_name(*hook), layer=hook[0], activations=values,
                 token_ids=sample.token_ids[stored], positions=batch.positions[row, columns],
                 output_dtype=output_dtype, source=f"{sample.source}:{sample.line_number}",
-                task_id=sample.task_id, augmentation=sample.augmentation,
+                task_id=sample.task_id, doc_id=sample.doc_id, augmentation=sample.augmentation,
             )
             yield ActivationRecord(index, sample.sample_id, sample.source, sample.line_number, len(values),
                                    float(np.sqrt(squared).sum()), float(squared.sum()), example)
@@ -119,8 +120,10 @@ class ExtractDoFn(beam.DoFn):
     alone are `model_oom` dead letters. Any other forward error fails the job: it is a bug or a
     broken device, and dead-lettering every sample would hide it behind a job that succeeds."""
 
-    def __init__(self, model: str, dtype: str, mesh: str, hooks: tuple[Hook, ...], output_dtype: str):
+    def __init__(self, model: str, dtype: str, mesh: str, hooks: tuple[Hook, ...], output_dtype: str,
+                 driver: Driver | None = None):
         self._load = (model, dtype, mesh)
+        self._driver = driver  # a local job's driver: this worker process dies with it
         self._hooks, self._output_dtype = hooks, output_dtype
         # One model per worker process, shared by all DoFn instances and threads in it.
         self._shared = shared.Shared()
@@ -131,6 +134,7 @@ class ExtractDoFn(beam.DoFn):
         self._oom_splits = Metrics.counter("extract", "oom_splits")  # batches re-run smaller after an OOM
 
     def setup(self):
+        exit_with_driver(self._driver)
         self._model = self._shared.acquire(lambda: load_model(*self._load), tag="|".join(self._load))
         _LOG.info("model %s on mesh %s (%s)", self._load[0], dict(self._model.mesh.shape),
                   self._model.mesh.devices.flat[0].platform)

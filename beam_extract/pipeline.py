@@ -27,6 +27,7 @@ from beam_extract.batching import BatchPlan, BatchSamples, ShuffleSamples, parse
 from beam_extract.extract import BATCH_STATS, ExtractDoFn
 from beam_extract.io.sources import MatchPaths, ReadLines, expand_input
 from beam_extract.legacy import legacy_rewrites
+from beam_extract.lifetime import Driver
 from beam_extract.model import hook_name
 from beam_extract.model.config import ModelConfig, config_from_hf, load_hf_config
 from beam_extract.model.qwen2 import Hook
@@ -73,6 +74,12 @@ class Job:
     @property
     def output(self) -> str:
         return self.options["output"]
+
+    @property
+    def driver(self) -> Driver | None:
+        """The local process that runs this job, whose worker processes die with it (None: remote)."""
+        return None if self.remote or not self.lock else Driver(self.lock["host"], self.lock["pid"],
+                                                               self.lock["pid_start"])
 
 
 def _files_sha256(directory, names) -> str:
@@ -240,13 +247,13 @@ def build(paths: beam.PCollection, job: Job) -> None:
     if job.streaming:
         paths = paths | "Window" >> beam.WindowInto(FixedWindows(o["window_seconds"]))
     read = paths | "ReadLines" >> ReadLines()
-    parsed = read.lines | "Parse" >> beam.ParDo(ParseDoFn(o["input_format"], o["text_field"], input_root(o["input"]))
-                                                ).with_outputs(DEAD_LETTER, main="records")
+    parsed = read.lines | "Parse" >> beam.ParDo(ParseDoFn(o["input_format"], o["text_field"], input_root(o["input"]),
+                                                          job.driver)).with_outputs(DEAD_LETTER, main="records")
     records, duplicates = parsed.records | "UniqueTaskIds" >> DropDuplicateTasks()
     tokenized = (
         records
         | "Augment" >> beam.FlatMap(expand_views, o["seed"], o["views_per_task"])
-        | "Tokenize" >> beam.ParDo(TokenizeDoFn(o)).with_outputs(DEAD_LETTER, main="samples")
+        | "Tokenize" >> beam.ParDo(TokenizeDoFn(o, job.driver)).with_outputs(DEAD_LETTER, main="samples")
     )
     samples = tokenized.samples | "SkipCommitted" >> beam.ParDo(SkipCommitted(job.resumed.skip_path)).with_outputs(
         RESUMED, main="todo")
@@ -254,11 +261,13 @@ def build(paths: beam.PCollection, job: Job) -> None:
     extracted = (
         todo
         | "Batch" >> BatchSamples(job.plan)
-        | "Extract" >> beam.ParDo(ExtractDoFn(o["model"], o["dtype"], o["mesh"], job.hooks, o["output_dtype"]))
+        | "Extract" >> beam.ParDo(ExtractDoFn(o["model"], o["dtype"], o["mesh"], job.hooks, o["output_dtype"],
+                                              job.driver))
         .with_outputs(DEAD_LETTER, BATCH_STATS, main="records")
     )
     groups = extracted.records | "Write" >> beam.ParDo(WriteShards(
-        o["output"], job.hooks, o["shard_size_mb"] << 20, o["seed"] if o["shuffle"] else None))
+        o["output"], job.hooks, o["shard_size_mb"] << 20, o["seed"] if o["shuffle"] else None,
+        job.driver))
     dead_letter_files, reasons, lines = {
         "read": read[DEAD_LETTER], "parse": parsed[DEAD_LETTER], "dedup": duplicates,
         "tokenize": tokenized[DEAD_LETTER], "extract": extracted[DEAD_LETTER],

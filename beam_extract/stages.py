@@ -11,6 +11,7 @@ from beam_extract.arc.augment import views
 from beam_extract.arc.encoders import parse_encoder
 from beam_extract.arc.prompt import load_template
 from beam_extract.io.sources import SourceLine
+from beam_extract.lifetime import Driver, exit_with_driver
 from beam_extract.output.commits import read_sample_ids
 from beam_extract.model.weights import resolve_model_dir
 from beam_extract.records import DeadLetter, parse_line
@@ -32,8 +33,12 @@ def route(results: Iterable, stage: str):
 
 
 class ParseDoFn(beam.DoFn):
-    def __init__(self, input_format: str, text_field: str, root: str):
+    def __init__(self, input_format: str, text_field: str, root: str, driver: Driver | None = None):
         self._input_format, self._text_field, self._root = input_format, text_field, root
+        self._driver = driver  # a local job's driver: this worker process dies with it
+
+    def setup(self):
+        exit_with_driver(self._driver)
 
     def process(self, line: SourceLine):
         yield from route([parse_line(line, self._input_format, self._text_field, self._root)], "parse")
@@ -47,7 +52,8 @@ def expand_views(record, seed: int, views_per_task: int) -> list:
 class TokenizeDoFn(beam.DoFn):
     """Records -> samples; the tokenizer and prompt settings are loaded once per DoFn instance."""
 
-    def __init__(self, options: dict):
+    def __init__(self, options: dict, driver: Driver | None = None):
+        self._driver = driver  # a local job's driver: this worker process dies with it
         self._model, self._max_seq_len = options["model"], options["max_seq_len"]
         self._prompt = (options["prompt_template"], options["grid_encoder"], options["include_answer"])
         self._selection = (options["exclude_special_tokens"], options["positions"], options["arc_tokens"] == "test")
@@ -55,6 +61,7 @@ class TokenizeDoFn(beam.DoFn):
         self._fitted = Metrics.counter("arc", "prompts_fitted_by_dropping")
 
     def setup(self):
+        exit_with_driver(self._driver)
         self._tokenizer = load_tokenizer(resolve_model_dir(self._model, weights=False))
         template, encoder, include_answer = self._prompt
         self._settings = PromptSettings(load_template(template), encoder, parse_encoder(encoder), include_answer)

@@ -27,9 +27,11 @@ def reason(data, input_format="text"):
 
 
 def test_text_document():
-    doc = parse_line(line('{"text": "hello", "id": "d1"}'), "text")
-    assert doc == TextDoc("d1", "hello", "/data/in.jsonl", 7)
-    assert parse_line(line('{"text": "hello"}'), "text").doc_id == "/data/in.jsonl:7"
+    doc = parse_line(line('{"text": "hello", "id": "d1"}'), "text", root="/data")
+    assert doc == TextDoc("in.jsonl:7", "hello", "/data/in.jsonl", 7, doc_id="d1")
+    assert parse_line(line('{"text": "hello", "id": 5}'), "text").doc_id == "5"
+    assert parse_line(line('{"text": "hello", "id": null}'), "text").doc_id == ""
+    assert parse_line(line('{"text": "hello"}'), "text").key == "/data/in.jsonl:7"  # no root: the whole path
     assert parse_line(line(b'\xef\xbb\xbf{"body": "x"}\r'.rstrip(b"\r")), "text", "body").text == "x"
 
 
@@ -46,6 +48,9 @@ def test_text_document():
     ('{"body": "x"}', "missing_field"),
     ('{"text": 5}', "wrong_type"),
     ('{"text": "  \\n "}', "empty_text"),
+    ('{"text": "x", "id": ["a"]}', "wrong_type"),
+    ('{"text": "x", "id": "\\udc00"}', "invalid_unicode"),
+    ('{"text": "a\\ud800b"}', "invalid_unicode"),
 ])
 def test_text_reasons(data, expected):
     assert reason(data) == expected
@@ -58,6 +63,8 @@ def test_arc_task():
     assert task.test == ((((0, 1), (2, 3)), None),)
     untitled = {k: v for k, v in TASK.items() if k != "task_id"}
     assert parse_line(line(json.dumps(untitled)), "arc").task_id == "/data/in.jsonl:7"
+    assert parse_line(line(json.dumps(untitled)), "arc", root="/data").task_id == "in.jsonl:7"
+    assert reason(json.dumps({**TASK, "task_id": "\udc00"}), "arc") == "invalid_unicode"
     assert isinstance(parse_line(line(json.dumps(TASK)), "auto"), ArcTask)
     assert isinstance(parse_line(line('{"text": "x"}'), "auto"), TextDoc)
 

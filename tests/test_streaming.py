@@ -36,7 +36,8 @@ from beam_extract.batching import BatchDoFn, BatchPlan
 from beam_extract.model.hooks import parse_hook_name
 from beam_extract.options import template_switches
 from beam_extract.output.writer import hook_dir
-from beam_extract.pipeline import build, make_job, read_input, remove_leftovers_before_streaming, run
+from beam_extract.output.ownership import release_lock
+from beam_extract.pipeline import build, claim_output, make_job, read_input, run
 from beam_extract.tokenize import Sample
 
 WORDS = ["river", "valley", "stone", "water", "flood", "sea", "hill", "sand", "wind", "rain"]
@@ -201,12 +202,14 @@ def run_streaming(directory: Path, files: dict, output: str, *extra: str) -> flo
     try:
         options = PipelineOptions([*STREAMING, f"--input={directory}/in/*.jsonl", f"--output={directory}/{output}",
                                    *OPTIONS, *extra])
-        job = make_job(options)
-        remove_leftovers_before_streaming(job)
+        job = claim_output(make_job(options))
         pipeline = beam.Pipeline(options=options)
         build(pipeline | "Arrivals" >> stream_of(files), job)
         started = time.perf_counter()
-        pipeline.run().wait_until_finish()
+        try:
+            pipeline.run().wait_until_finish()
+        finally:
+            release_lock(job.output, job.lock)
         seconds = time.perf_counter() - started
     finally:
         patch.undo()
@@ -271,10 +274,10 @@ def test_each_window_indexes_its_own_lines_samples_records_and_dead_letters(stre
 @pytest.mark.slow
 def test_each_sample_once_with_the_activations_of_a_batch_run(streamed):
     from beam_extract.output.reader import read_activations
-    from beam_extract.output.writer import read_commits
+    from beam_extract.output.commits import read_groups_on_disk
 
     directory, files, _ = streamed
-    committed = [s for c in read_commits(str(directory / "stream")) for s in c["samples"]]
+    committed = [s for c in read_groups_on_disk(str(directory / "stream")) for s in c["samples"]]
     assert len(committed) == len(set(committed))
     batch_manifest = json.loads((directory / "batch/manifest.json").read_text())
     good_lines = sum(lines for lines, _ in files.values()) - 2  # one short sample per document

@@ -23,6 +23,7 @@ import uuid
 
 from apache_beam.io.filesystems import FileSystems
 
+from beam_extract.lifetime import process_start, this_driver
 from beam_extract.output.commits import TEMPORARY_SUFFIX, read_json, write_json
 
 RUN_DIR = "_run"
@@ -84,16 +85,6 @@ def _entries(output: str) -> list[str]:
     return sorted(os.listdir(output)) if os.path.isdir(output) else []
 
 
-def _process_start(pid: int) -> str | None:
-    """The start time of a local process (field 22 of /proc/PID/stat), None if it does not run:
-    tells a live holder from a new process that reuses its pid."""
-    try:
-        with open(f"/proc/{pid}/stat") as handle:
-            return handle.read().rpartition(")")[2].split()[19]
-    except OSError:
-        return None
-
-
 def _describe(holder: dict) -> str:
     return (f"run {holder.get('run_id')} ({holder.get('runner')}) started {holder.get('started')} by pid "
             f"{holder.get('pid')} on {holder.get('host')}")
@@ -102,7 +93,7 @@ def _describe(holder: dict) -> str:
 def _is_stale(holder: dict) -> bool:
     if holder.get("host") != socket.gethostname() or holder.get("remote"):
         return False
-    return _process_start(int(holder.get("pid", -1))) != holder.get("pid_start")
+    return process_start(int(holder.get("pid", -1))) != holder.get("pid_start")
 
 
 class _Lock:
@@ -169,8 +160,9 @@ class _Lock:
 def take_lock(output: str, run_id: str, runner: str, remote: bool) -> dict:
     """Takes OUT/_run/lock.json for this job, or raises OutputRefused naming its holder."""
     lock = _Lock(f"{output}/{LOCK}")
-    mine = {"run_id": run_id, "host": socket.gethostname(), "pid": os.getpid(),
-            "pid_start": _process_start(os.getpid()), "runner": runner, "remote": remote,
+    driver = this_driver()
+    mine = {"run_id": run_id, "host": driver.host, "pid": driver.pid, "pid_start": driver.start, "runner": runner,
+            "remote": remote,
             "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
     for _ in range(3):
         if lock.create(mine):

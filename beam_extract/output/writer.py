@@ -26,6 +26,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.transforms.window import GlobalWindows, IntervalWindow
 from apache_beam.utils.windowed_value import WindowedValue
 
+from beam_extract.lifetime import Driver, exit_with_driver, stop_if_driver_gone
 from beam_extract.model import hook_name
 from beam_extract.model.qwen2 import Hook
 from beam_extract.output.commits import (COMMITS, TEMPORARY_SUFFIX, commit_path, group_files, list_paths,
@@ -96,9 +97,14 @@ class WriteShards(beam.DoFn):
     """Lists of one forward batch's records -> shard groups, each committed when closed; yields each
     committed group (its record under OUT/_committed/) in the window of its records."""
 
-    def __init__(self, output: str, hooks: tuple[Hook, ...], shard_bytes: int, shuffle_seed: int | None = None):
+    def __init__(self, output: str, hooks: tuple[Hook, ...], shard_bytes: int, shuffle_seed: int | None = None,
+                 driver: Driver | None = None):
         self._output, self._hooks, self._shard_bytes = output, hooks, shard_bytes
         self._shuffle_seed = shuffle_seed  # None: records keep batch order
+        self._driver = driver  # a local job's driver: its worker processes die with it
+
+    def setup(self):
+        exit_with_driver(self._driver)
 
     def start_bundle(self):
         self._attempt = uuid.uuid4().hex[:16]  # new for every attempt at a bundle
@@ -128,6 +134,7 @@ class WriteShards(beam.DoFn):
 
     def _commit(self, group: _ShardGroup) -> dict:
         record = group.close(self._output, self._hooks)
+        stop_if_driver_gone(self._driver)
         write_json(commit_path(self._output, group.group), record)
         return record
 
