@@ -14,8 +14,13 @@ $(VENV)/.installed: setup.py $(BIN)/python
 	$(BIN)/pip install --quiet -e .
 	touch $@
 
+# fake-gcs-server: a GCS API server that enforces preconditions (ifGenerationMatch), which the
+# output lock relies on and gcp-storage-emulator ignores. Built from the Go module proxy.
+FAKE_GCS_SERVER := github.com/fsouza/fake-gcs-server@v1.56.1
+
 $(VENV)/.installed-test: setup.py $(BIN)/python
 	$(BIN)/pip install --quiet -e ".[test]"
+	GOBIN=$(abspath $(BIN)) GOFLAGS=-mod=mod go install $(FAKE_GCS_SERVER)
 	touch $@ $(VENV)/.installed
 
 install: $(VENV)/.installed

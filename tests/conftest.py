@@ -54,6 +54,47 @@ def gcs_bucket():
         server.wait(timeout=10)
 
 
+@pytest.fixture()
+def gcs_with_preconditions(monkeypatch, tmp_path):
+    """fake-gcs-server (built by `make test` into the venv) on loopback: a GCS JSON API server that
+    enforces ifGenerationMatch, as GCS does. Yields a gs:// bucket URL; the storage client reaches
+    it through STORAGE_EMULATOR_HOST for this test only."""
+    import shutil
+    import socket
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    binary = Path(sys.executable).parent / "fake-gcs-server"
+    binary = str(binary) if binary.exists() else shutil.which("fake-gcs-server")
+    assert binary, "fake-gcs-server is not installed: run `make test` (it builds it into .venv/bin)"
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    (tmp_path / "gcs-data" / "locks").mkdir(parents=True)
+    server = subprocess.Popen([binary, "-backend", "memory", "-scheme", "http", "-host", "127.0.0.1", "-port",
+                               str(port), "-public-host", f"127.0.0.1:{port}", "-data", str(tmp_path / "gcs-data"),
+                               "-log-level", "error"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            if time.monotonic() > deadline or server.poll() is not None:
+                server.kill()
+                raise RuntimeError("fake-gcs-server did not start")
+            time.sleep(0.1)
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("NO_GCE_CHECK", "true")
+    try:
+        yield "gs://locks"
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
 def upload_dir(local, url):
     """Copies every file of a local directory to gs:// with Beam's FileSystems."""
     from apache_beam.io.filesystems import FileSystems

@@ -87,9 +87,14 @@ def test_every_bad_line_is_a_dead_letter_and_every_good_line_is_written(tmp_path
 
     from beam_extract.output.reader import read_records
 
-    written = {r["sample_id"] for r in read_records(str(tmp_path / "out/resid_post/layer_00/*.tfrecord"))}
-    assert {f"good{i}#w0" for i in range(8)} | {"bom#w0", "crlf#w0", "twice/v0/t0", "fine/v0/t0"} <= written
-    assert {s for s in written if s.startswith("ten-mb#")} == {f"ten-mb#w{i}" for i in range(2_000_000 // 1024 + 1)}
+    written = {r["sample_id"]: r["doc_id"] for r in read_records(str(tmp_path / "out/resid_post/layer_00/*.tfrecord"))}
+    assert {"twice/v0/t0", "fine/v0/t0"} <= written.keys()
+    by_doc = {}
+    for sample_id, doc_id in written.items():
+        by_doc.setdefault(doc_id, set()).add(sample_id)
+    assert {f"good{i}" for i in range(8)} | {"bom", "crlf"} <= by_doc.keys()
+    line = 2 + len(BAD_LINES) + next(i for i, g in enumerate(good[:-2]) if b'"ten-mb"' in g) + 1
+    assert by_doc["ten-mb"] == {f"corpus.jsonl:{line}#w{i}" for i in range(2_000_000 // 1024 + 1)}
 
 
 FORBIDDEN = re.compile(r"\bimport pickle\b|\bpickle\.|torch\.load|\beval\(|\bexec\(|trust_remote_code\s*=\s*True")

@@ -204,10 +204,10 @@ def test_a_stale_lock_is_taken_over_and_a_live_one_is_not(tmp_path):
         take_lock(output, "mine", "local", False)  # another host's lock is never broken
 
 
-def test_the_lock_on_gcs_is_created_only_if_absent(gcs_bucket):
+def test_the_lock_on_gcs_is_created_only_if_absent(gcs_with_preconditions):
     from beam_extract.output.ownership import OutputRefused, release_lock, take_lock
 
-    output = f"{gcs_bucket}/locked-{time.time_ns()}"
+    output = f"{gcs_with_preconditions}/out"
     held = take_lock(output, "first", "remote", True)
     with pytest.raises(OutputRefused, match="in use by run first"):
         take_lock(output, "second", "remote", True)

@@ -122,10 +122,24 @@ class _Lock:
         return True
 
     def read(self) -> dict | None:
+        """The holder; None if there is no lock, {} if it cannot be parsed (a killed job's half write)."""
+        if self.path.startswith("gs://"):
+            from google.api_core.exceptions import NotFound
+
+            try:
+                data = self._blob().download_as_bytes()
+            except NotFound:
+                return None
+        else:
+            try:
+                with open(self.path, "rb") as handle:
+                    data = handle.read()
+            except FileNotFoundError:
+                return None
         try:
-            return read_json(self.path)
-        except (OSError, ValueError):  # gone meanwhile, or half written by a killed job
-            return {} if FileSystems.exists(self.path) else None
+            return json.loads(data)
+        except ValueError:
+            return {}
 
     def remove_if(self, expected: dict) -> bool:
         """Removes the lock only if it still holds `expected` (another job may have taken it over)."""
