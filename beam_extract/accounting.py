@@ -13,10 +13,8 @@ from beam_extract.output.manifest import CountLineOutcomes, LineBitmaps, SumCoun
 from beam_extract.output.writer import WriteDeadLetters
 
 # Dead letters of whole input files: their line number counts the lines read before the failure,
-# so they are not marks of one line. A file with one of these reasons lost lines (the run is not ok);
-# `not_a_file` (a directory or FIFO matched by the glob) lost nothing.
+# so they are not marks of one line.
 FILE_STAGE = "read"
-LOST_LINES = ("truncated_file", "corrupt_file", "unreadable_file", "bad_file_name")
 
 
 class AccountLines(beam.PTransform):
@@ -53,7 +51,3 @@ class AccountLines(beam.PTransform):
             | "FileCounts" >> beam.FlatMap(lambda file_counts: file_counts[1].items())
         )
         return (files | "AllDeadLetterFiles" >> beam.Flatten(), reasons | "AllReasons" >> beam.Flatten(), lines)
-
-
-def files_losing_lines(dead_letters: dict[str, int]) -> int:
-    return sum(dead_letters.get(reason, 0) for reason in LOST_LINES)

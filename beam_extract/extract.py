@@ -19,6 +19,7 @@ from beam_extract.model import Model, hook_name, load_model
 from beam_extract.model.qwen2 import Hook
 from beam_extract.output.schema import OUTPUT_DTYPES, encode_record
 from beam_extract.records.dead_letter import DEAD_LETTER, DeadLetter
+from beam_extract.tokenize import sample_digest
 
 _LOG = logging.getLogger(__name__)
 BATCH_STATS = "batch_stats"
@@ -34,6 +35,7 @@ class ActivationRecord:
     sum_l2_norm: float  # over tokens, for the manifest's normalisation statistics
     sum_squared_norm: float
     example: bytes  # serialized tf.train.Example
+    digest: str = ""  # tokenize.sample_digest of the sample, recorded with its commit
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +62,7 @@ def batch_records(model_out: dict[Hook, np.ndarray], batch: Batch, hooks: tuple[
     """One record per (sample, hook), holding only the sample's selected tokens (never padding)."""
     for placement in batch.placements:
         sample, row, start = placement.sample, placement.row, placement.start
+        digest = sample_digest(sample)
         stored = slice(None) if sample.stored is None else sample.stored
         columns = np.arange(start, start + len(sample.token_ids))[stored]
         for index, hook in enumerate(hooks):
@@ -73,7 +76,7 @@ def batch_records(model_out: dict[Hook, np.ndarray], batch: Batch, hooks: tuple[
                 task_id=sample.task_id, doc_id=sample.doc_id, augmentation=sample.augmentation,
             )
             yield ActivationRecord(index, sample.sample_id, sample.source, sample.line_number, len(values),
-                                   float(np.sqrt(squared).sum()), float(squared.sum()), example)
+                                   float(np.sqrt(squared).sum()), float(squared.sum()), example, digest)
 
 
 def is_device_oom(error: BaseException) -> bool:

@@ -9,11 +9,11 @@ once.
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 import threading
 import time
-
 from typing import NamedTuple
 
 POLL_SECONDS = 0.1
@@ -22,24 +22,45 @@ _lock = threading.Lock()
 
 
 class Driver(NamedTuple):
-    """The process that owns a local job: host, pid and the pid's start time (pids get reused)."""
+    """The process that owns a local job: its machine, pid and the pid's start time (pids get reused)."""
 
-    host: str
+    host: str  # machine_id(): pids mean something only on the same machine and in the same pid namespace
     pid: int
     start: str | None
 
 
+@functools.cache
+def machine_id() -> str:
+    """This host and pid namespace: containers that share a hostname (or a volume) differ here."""
+    parts = [socket.gethostname()]
+    for path in ("/proc/sys/kernel/random/boot_id", "/proc/self/ns/pid"):
+        try:
+            parts.append(os.readlink(path) if path.endswith("/pid") else open(path).read().strip())
+        except OSError:
+            pass
+    return " ".join(parts)
+
+
 def process_start(pid: int) -> str | None:
-    """The start time of a local process (field 22 of /proc/PID/stat), None if it does not run."""
+    """The start time of a local process (field 22 of /proc/PID/stat), None if it does not run.
+    Without /proc (not Linux) only liveness can be told: "alive"."""
     try:
         with open(f"/proc/{pid}/stat") as handle:
             return handle.read().rpartition(")")[2].split()[19]
     except (OSError, IndexError):
+        if os.path.isdir("/proc/self"):
+            return None
+    try:
+        os.kill(pid, 0)
+        return "alive"
+    except PermissionError:
+        return "alive"
+    except OSError:
         return None
 
 
 def this_driver() -> Driver:
-    return Driver(socket.gethostname(), os.getpid(), process_start(os.getpid()))
+    return Driver(machine_id(), os.getpid(), process_start(os.getpid()))
 
 
 def driver_alive(driver: Driver) -> bool:
@@ -50,7 +71,7 @@ def exit_with_driver(driver: Driver | None) -> None:
     """On the driver's host, exits this process once the driver is gone (at once if it already
     is). Does nothing for a remote job (None) or on another host."""
     global _watching
-    if driver is None or driver.host != socket.gethostname() or driver.pid == os.getpid():
+    if driver is None or driver.host != machine_id() or driver.pid == os.getpid():
         return
     if not driver_alive(driver):
         os._exit(70)
@@ -69,5 +90,5 @@ def exit_with_driver(driver: Driver | None) -> None:
 
 def stop_if_driver_gone(driver: Driver | None) -> None:
     """Called right before a commit, so none lands after the driver died."""
-    if driver is not None and driver.host == socket.gethostname() and not driver_alive(driver):
+    if driver is not None and driver.host == machine_id() and not driver_alive(driver):
         os._exit(70)

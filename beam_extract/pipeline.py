@@ -16,15 +16,16 @@ import sys
 import uuid
 
 import apache_beam as beam
-from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+from apache_beam.options.pipeline_options import PipelineOptions, PortableOptions, StandardOptions
 from apache_beam.runners.runner import PipelineResult
 from apache_beam.transforms.window import FixedWindows
 
-from beam_extract.accounting import AccountLines, files_losing_lines
+from beam_extract.accounting import AccountLines
 from beam_extract.arc.encoders import parse_encoder
 from beam_extract.arc.prompt import load_template
 from beam_extract.batching import BatchPlan, BatchSamples, ShuffleSamples, parse_buckets
 from beam_extract.extract import BATCH_STATS, ExtractDoFn
+from beam_extract.io.inventory import inventory
 from beam_extract.io.sources import MatchPaths, ReadLines, expand_input
 from beam_extract.legacy import legacy_rewrites
 from beam_extract.lifetime import Driver
@@ -34,9 +35,10 @@ from beam_extract.model.qwen2 import Hook
 from beam_extract.model.weights import METADATA_FILES, resolve_model_dir, weights_checksum
 from beam_extract.options import extract_options, parse_layers, parse_sites, sample_input, template_switches
 from beam_extract.output import ownership
-from beam_extract.output.commits import (RUN_SKIP_SUFFIX, read_groups_on_disk, read_sample_ids, select_groups,
-                                         without_samples, write_sample_ids)
-from beam_extract.output.manifest import SumCounts, SummarizeBatches, SummarizeCommits, build_manifest, write_manifest
+from beam_extract.output.commits import (RUN_SKIP_SUFFIX, delete_quietly, list_paths, read_groups_on_disk,
+                                         read_sample_ids, select_groups, without_samples, write_sample_ids)
+from beam_extract.output.manifest import (SumCounts, SummarizeBatches, SummarizeCommits, build_manifest, problems,
+                                          write_manifest)
 from beam_extract.output.windows import WriteWindowIndex
 from beam_extract.output.writer import WriteShards, remove_unlisted
 from beam_extract.records.dead_letter import DEAD_LETTER
@@ -44,6 +46,10 @@ from beam_extract.records.identity import input_root
 from beam_extract.stages import (RESUMED, DropDuplicateTasks, ParseDoFn, SkipCommitted, TokenizeDoFn,
                                  expand_views)
 from beam_extract.tokenize import parse_positions
+
+
+# The stages that dead-letter, in the order of the data path (each writes dead_letter/{stage}-*.jsonl).
+DEAD_LETTER_STAGES = ("read", "parse", "dedup", "tokenize", "resume", "extract")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,47 +135,31 @@ def make_job(options: PipelineOptions) -> Job:
 
 
 def claim_output(job: Job) -> Job:
-    """Takes the output for this job: its lock, the check that it is ours and, with --resume, of the
-    same fingerprint, and what the run resumed left (kept groups; the rest removed). Nothing is
-    written or deleted before the lock is held and the checks pass."""
-    output = job.output
+    """Takes the output for this job: the check that it is ours (before anything is written), its
+    lock, with --resume the same fingerprint and input files, and what the run resumed left (kept
+    groups; the rest removed). Nothing is written or deleted before the lock is held and the checks
+    pass."""
+    output, sites = job.output, {site for _, site in job.hooks}
+    ownership.check_output(output, job.fingerprint, job.options["resume"], sites)
     lock = ownership.take_lock(output, job.run_id, "remote" if job.remote else "local", job.remote)
     try:
-        recorded = ownership.check_output(output, job.fingerprint, job.options["resume"],
-                                          {site for _, site in job.hooks})
+        recorded = ownership.check_output(output, job.fingerprint, job.options["resume"], sites)
+        if not job.streaming:  # a streaming job's input is what arrives; its files are not known now
+            ownership.check_inputs(output, inventory(job.options["input"]))
         if recorded is None:
             ownership.record_fingerprint(output, job.fingerprint)
             return dataclasses.replace(job, lock=lock)
         kept, _ = select_groups(read_groups_on_disk(output))
         remove_unlisted(output, job.hooks, kept)
-        ownership.remove_dead_letters(output)  # every line is read again, so its dead letters are written again
+        ownership.remove_dead_letters(output, DEAD_LETTER_STAGES)  # every line is read, and dead-lettered, again
+        delete_quietly(list_paths(f"{output}/{ownership.RUN_DIR}/*{RUN_SKIP_SUFFIX}"))  # of killed resumptions
         skip_path = f"{output}/{ownership.RUN_DIR}/{job.run_id}{RUN_SKIP_SUFFIX}"
-        write_sample_ids(skip_path, (s for g in kept for s in g["samples"]))
+        write_sample_ids(skip_path, {s: d for g in kept for s, d in zip(g["samples"], g["digests"])})
         resumed = Resumed(tuple(without_samples(g) for g in kept), sum(len(g["samples"]) for g in kept), skip_path)
         return dataclasses.replace(job, lock=lock, resumed=resumed)
     except BaseException:
         ownership.release_lock(output, lock)
         raise
-
-
-def problems(counts: dict, dead_letters: dict) -> list[str]:
-    """The run's invariants, checked: each one that fails, in words (none: ok)."""
-    found = []
-    if counts["lines_unaccounted"]:
-        found.append(f"{counts['lines_unaccounted']} lines read are neither written nor dead-lettered")
-    if lost := files_losing_lines(dead_letters):
-        found.append(f"{lost} input files were not read to their end (see the read dead letters)")
-    if counts["samples_extracted_now"] != counts["samples_committed_now"]:
-        found.append(f"{counts['samples_extracted_now']} samples extracted but {counts['samples_committed_now']} "
-                     "committed by this run")
-    if counts["samples_committed_twice"]:
-        found.append(f"{counts['samples_committed_twice']} samples committed more than once")
-    if counts["samples_committed"] != counts["samples"]:
-        found.append(f"{counts['samples_committed']} samples committed for {counts['samples']} produced from this "
-                     "input (the resumed run committed samples of other input)")
-    if not counts["samples_committed"]:
-        found.append("no sample was written")
-    return found
 
 
 def _finish(_, job: Job, lines_read: int, lines: dict, samples: int, resumed: int, dead_letters: dict,
@@ -235,7 +225,7 @@ def committed_ids(groups: beam.PCollection, job: Job) -> beam.PCollection:
     if job.streaming or not job.resumed.skip_path:
         return ids
     kept = (groups.pipeline | "ResumedIdsFile" >> beam.Create([job.resumed.skip_path])
-            | "ResumedIds" >> beam.FlatMap(read_sample_ids))
+            | "ResumedIds" >> beam.FlatMap(lambda path: read_sample_ids(path).keys()))
     return (ids, kept) | "AllCommittedIds" >> beam.Flatten()
 
 
@@ -256,7 +246,7 @@ def build(paths: beam.PCollection, job: Job) -> None:
         | "Tokenize" >> beam.ParDo(TokenizeDoFn(o, job.driver)).with_outputs(DEAD_LETTER, main="samples")
     )
     samples = tokenized.samples | "SkipCommitted" >> beam.ParDo(SkipCommitted(job.resumed.skip_path)).with_outputs(
-        RESUMED, main="todo")
+        RESUMED, DEAD_LETTER, main="todo")
     todo = samples.todo | "Shuffle" >> ShuffleSamples(o["seed"]) if o["shuffle"] else samples.todo
     extracted = (
         todo
@@ -268,10 +258,11 @@ def build(paths: beam.PCollection, job: Job) -> None:
     groups = extracted.records | "Write" >> beam.ParDo(WriteShards(
         o["output"], job.hooks, o["shard_size_mb"] << 20, o["seed"] if o["shuffle"] else None,
         job.driver))
-    dead_letter_files, reasons, lines = {
-        "read": read[DEAD_LETTER], "parse": parsed[DEAD_LETTER], "dedup": duplicates,
-        "tokenize": tokenized[DEAD_LETTER], "extract": extracted[DEAD_LETTER],
-    } | "AccountLines" >> AccountLines(o["output"], extracted.records, samples[RESUMED])
+    dead_by_stage = {"read": read[DEAD_LETTER], "parse": parsed[DEAD_LETTER], "dedup": duplicates,
+                     "tokenize": tokenized[DEAD_LETTER], "resume": samples[DEAD_LETTER], "extract": extracted[DEAD_LETTER]}
+    assert tuple(dead_by_stage) == DEAD_LETTER_STAGES
+    dead_letter_files, reasons, lines = dead_by_stage | "AccountLines" >> AccountLines(
+        o["output"], extracted.records, samples[RESUMED])
 
     count = beam.combiners.CountCombineFn
     totals = {
@@ -356,4 +347,11 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
 
 
 def is_local(options: PipelineOptions) -> bool:
-    return options.view_as(StandardOptions).runner in LOCAL_RUNNERS
+    """The job runs on this machine and ends with this process: Beam's in-process runners, or a
+    portable runner whose job service is on loopback (beam_extract.portable_local). A job server
+    elsewhere (Flink, Spark, a TPU VM's) runs the job on its own: remote."""
+    runner = options.view_as(StandardOptions).runner
+    if runner != "PortableRunner":
+        return runner in LOCAL_RUNNERS
+    endpoint = options.view_as(PortableOptions).job_endpoint or "embed"
+    return endpoint == "embed" or endpoint.rpartition(":")[0].strip("[]") in ("localhost", "127.0.0.1", "::1")

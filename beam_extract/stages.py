@@ -18,7 +18,7 @@ from beam_extract.records import DeadLetter, parse_line
 from beam_extract.records.dead_letter import DEAD_LETTER
 from beam_extract.records.arc import ArcTask
 from beam_extract.tokenize import (PromptSettings, Sample, TokenSelection, load_tokenizer, parse_positions,
-                                   special_token_ids, to_samples)
+                                   sample_digest, special_token_ids, to_samples)
 
 
 def route(results: Iterable, stage: str):
@@ -83,21 +83,29 @@ RESUMED = "resumed"
 
 class SkipCommitted(beam.DoFn):
     """With --resume: samples the resumed run committed go to the RESUMED output, not on. Their ids
-    are in one file the driver wrote (`skip_path`; None: nothing to skip)."""
+    and digests are in one file the driver wrote (`skip_path`; None: nothing to skip). A committed id
+    whose sample is not the same now (its input line changed) is a dead letter, never skipped
+    silently nor written a second time."""
 
     def __init__(self, skip_path: str | None):
         self._skip_path = skip_path
 
     def setup(self):
         # Read on the worker, not shipped from the driver: there may be millions of ids.
-        self._done = frozenset(read_sample_ids(self._skip_path)) if self._skip_path else frozenset()
+        self._done = read_sample_ids(self._skip_path) if self._skip_path else {}
 
     def process(self, sample: Sample):
-        if sample.sample_id in self._done:
+        committed = self._done.get(sample.sample_id)
+        if committed is None:
+            yield sample
+        elif committed == sample_digest(sample):
             Metrics.counter("resume", "skipped_samples").inc()
             yield beam.pvalue.TaggedOutput(RESUMED, sample)
         else:
-            yield sample
+            Metrics.counter("dead_letter.resume", "changed_since_commit").inc()
+            yield beam.pvalue.TaggedOutput(DEAD_LETTER, DeadLetter(
+                sample.source, sample.line_number, "resume", "changed_since_commit",
+                f"{sample.sample_id} was committed by the run resumed with other tokens than its input gives now"))
 
 
 def is_duplicate_task(task_id: str, tasks: Iterable[ArcTask]):

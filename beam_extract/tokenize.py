@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from pathlib import Path
 
@@ -27,6 +28,13 @@ class Sample:
     augmentation: str = ""  # JSON: the ARC view's parameters and how its prompt was fitted
     train_dropped: int = 0  # ARC train examples dropped to fit max_seq_len
     stored: np.ndarray | None = None  # indices of the tokens whose activations are stored (None: all)
+
+
+def sample_digest(sample: Sample) -> str:
+    """What the model saw and what is stored of it: a resumed run skips a committed sample only if
+    the same id still has the same digest."""
+    stored = b"" if sample.stored is None else np.asarray(sample.stored, np.int32).tobytes()
+    return hashlib.sha256(np.asarray(sample.token_ids, np.int32).tobytes() + b"|" + stored).hexdigest()[:16]
 
 
 @dataclasses.dataclass(frozen=True)

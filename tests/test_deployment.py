@@ -81,12 +81,12 @@ def test_documented_launch_flags_are_real_options():
 def test_extraction_through_a_local_worker_pool(tmp_path):
     from beam_extract.__main__ import main
     from beam_extract.output.reader import read_records
-    from beam_extract.output.writer import read_commits
+    from beam_extract.output.commits import read_groups_on_disk
     from beam_extract.portable_local import local_worker_pool
 
     with local_worker_pool() as (runner_args, pool):
         main(runner_args + [f"--output={tmp_path / 'out'}", "--views_per_task=1", "--layers=1"])
-        commits = read_commits(str(tmp_path / "out"))
+        commits = read_groups_on_disk(str(tmp_path / "out"))
         assert commits and all(c["worker"]["parent_pid"] == pool.pid for c in commits)  # DoFns ran in the pool
     manifest = json.loads((tmp_path / "out/manifest.json").read_text())
     assert manifest["counts"]["samples"] == 11 and manifest["counts"]["lines_unaccounted"] == 0

@@ -58,5 +58,5 @@ def test_pipeline_with_input_model_and_output_on_gcs(tmp_path, gcs_bucket):
             direct = model.run_with_cache(record["token_ids"][None], [hook_name])[hook_name][0]
             np.testing.assert_allclose(record["activations"], direct, rtol=2**-7, atol=1e-2)
     assert manifest["dead_letter_files"] == [f"dead_letter/{stage}-00000-of-00001.jsonl"
-                                             for stage in ("dedup", "extract", "parse", "tokenize")]
+                                             for stage in ("dedup", "extract", "parse", "read", "resume", "tokenize")]
     assert json.loads(json.dumps(manifest))["model"]["name"] == f"{gcs_bucket}/models/tiny"

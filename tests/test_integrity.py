@@ -149,8 +149,8 @@ def test_resume_with_the_input_spelled_otherwise_writes_nothing_again(finished):
     for spelling in (f"--input={finished}/in/*.jsonl", f"--input={finished}/in/docs.jsonl"):
         result = cli(finished, spelling, "--output=out", "--resume")
         counts = manifest(finished / "out")["counts"]
-        if spelling.endswith("docs.jsonl"):  # only one of the two files: the other's samples are not input now
-            assert result.returncode == 1 and "committed for" in result.stdout
+        if spelling.endswith("docs.jsonl"):  # only one of the two files: the other's samples would be of no input
+            assert result.returncode == 2 and "are not matched now (tasks.jsonl)" in result.stderr
             continue
         assert result.returncode == 0, result.stderr[-3000:]
         assert counts["samples_extracted_now"] == 0 and counts["samples_resumed"] == before["counts"]["samples"]
@@ -186,13 +186,14 @@ def test_a_second_job_on_the_same_output_is_refused_while_the_first_runs(tmp_pat
 
 
 def test_a_stale_lock_is_taken_over_and_a_live_one_is_not(tmp_path):
+    from beam_extract.lifetime import machine_id
     from beam_extract.output.ownership import OutputRefused, release_lock, take_lock
 
     output = str(tmp_path / "out")
     dead = subprocess.Popen(["true"])
     dead.wait()
     (tmp_path / "out/_run").mkdir(parents=True)
-    (tmp_path / "out/_run/lock.json").write_text(json.dumps({"run_id": "killed", "host": os.uname().nodename,
+    (tmp_path / "out/_run/lock.json").write_text(json.dumps({"run_id": "killed", "host": machine_id(),
                                                              "pid": dead.pid, "pid_start": "1", "remote": False}))
     held = take_lock(output, "mine", "local", False)  # the holder is gone: stale
     assert held["run_id"] == "mine"
@@ -280,7 +281,7 @@ def test_a_retried_bundle_with_other_batches_is_committed_once(tmp_path):
 
 
 def test_invariants_are_checked_not_assumed():
-    from beam_extract.pipeline import problems
+    from beam_extract.output.manifest import problems
 
     good = {"lines_unaccounted": 0, "samples_extracted_now": 5, "samples_committed_now": 5,
             "samples_committed_twice": 0, "samples_committed": 5, "samples": 5}
@@ -293,6 +294,14 @@ def test_invariants_are_checked_not_assumed():
         "1 input files were not read to their end (see the read dead letters)"]
     nothing = {**good, "samples_extracted_now": 0, "samples_committed_now": 0, "samples_committed": 0, "samples": 0}
     assert problems(nothing, {"invalid_json": 3}) == ["no sample was written"]
+    # A sample that does not fit the device is a dead letter, not a loss.
+    assert problems({**good, "samples_committed_now": 4, "samples_committed": 4}, {"model_oom": 1}) == []
+    # Resumed: 4 samples skipped or extracted, 1 committed before whose line changed since.
+    resumed = {**good, "samples": 4, "samples_extracted_now": 0, "samples_committed_now": 0}
+    assert problems(resumed, {"changed_since_commit": 1}) == [
+        "1 samples committed by the run resumed no longer match their input (changed_since_commit dead letters)"]
+    window = {**good, "samples_committed": 0}
+    assert problems(window, {}, whole_run=False) == []
 
 
 # -- input files and hostile values, end to end ----------------------------------------------------
@@ -384,3 +393,95 @@ def test_killed_multi_process_job_stops_its_workers_and_resumes_at_once(tmp_path
     counts = manifest(tmp_path / "out")["counts"]
     assert counts["samples"] == counts["samples_committed"] == 60 and counts["samples_committed_twice"] == 0
     assert len({s for _, s in records(tmp_path / "out")}) == 60
+
+
+def test_jobs_breaking_the_same_stale_lock_at_once_leave_one_holder(tmp_path):
+    import threading
+
+    from beam_extract.lifetime import machine_id
+    from beam_extract.output.ownership import OutputRefused, take_lock
+
+    for attempt in range(20):
+        output = str(tmp_path / f"out{attempt}")
+        os.makedirs(f"{output}/_run")
+        with open(f"{output}/_run/lock.json", "w") as handle:
+            json.dump({"run_id": "killed", "host": machine_id(), "pid": 999_999_999, "pid_start": "1"}, handle)
+        start, held, refused = threading.Barrier(8), [], []
+
+        def job(name):
+            start.wait()
+            try:
+                held.append(take_lock(output, name, "local", False)["run_id"])
+            except OutputRefused:
+                refused.append(name)
+
+        threads = [threading.Thread(target=job, args=(f"job{i}",)) for i in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert len(held) == 1 and len(refused) == 7
+        assert json.load(open(f"{output}/_run/lock.json"))["run_id"] == held[0]
+
+
+@pytest.mark.slow
+def test_resume_over_changed_moved_or_missing_input_is_refused(tmp_path):
+    write_lines(tmp_path / "in" / "a.jsonl", [json.dumps({"text": f"first text {i}"}) for i in range(4)])
+    write_lines(tmp_path / "in" / "b.jsonl", [json.dumps({"text": f"second text {i}"}) for i in range(4)])
+    result = cli(tmp_path, "--input=in/*.jsonl", "--output=out", "--layers=0")
+    assert result.returncode == 0, result.stderr[-3000:]
+    before = files_on_disk(tmp_path / "out")
+    shutil.copytree(tmp_path / "in", tmp_path / "moved" / "in")
+    refusals = {
+        # the input root moves: every {file}:{line} id would name other documents
+        "no input file is named as in the run resumed": "--input=moved/*/*.jsonl",
+        "are not matched now": "--input=in/a.jsonl",  # b.jsonl's committed samples would be of no input
+    }
+    for message, spelling in refusals.items():
+        refused = cli(tmp_path, spelling, "--output=out", "--layers=0", "--resume")
+        assert refused.returncode == 2 and message in refused.stderr, refused.stderr[-2000:]
+    write_lines(tmp_path / "in" / "a.jsonl", [json.dumps({"text": f"other text {i}"}) for i in range(4)])
+    refused = cli(tmp_path, "--input=in/*.jsonl", "--output=out", "--layers=0", "--resume")
+    assert refused.returncode == 2 and "a.jsonl changed" in refused.stderr
+    assert files_on_disk(tmp_path / "out") == before
+    # The same input under another spelling, plus a new file: only the new file's samples are extracted.
+    write_lines(tmp_path / "in" / "a.jsonl", [json.dumps({"text": f"first text {i}"}) for i in range(4)])
+    write_lines(tmp_path / "in" / "c.jsonl", [json.dumps({"text": f"third text {i}"}) for i in range(4)])
+    (tmp_path / "out/dead_letter/README.txt").write_text("a note of the user's, among the dead letters")
+    again = cli(tmp_path, f"--input={tmp_path}/in/*.jsonl", "--output=out", "--layers=0", "--resume")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert (tmp_path / "out/dead_letter/README.txt").exists()  # cleanup removes only dead-letter files of ours
+    counts = manifest(tmp_path / "out")["counts"]
+    assert counts["samples_resumed"] == 8 and counts["samples_extracted_now"] == 4 and counts["samples_committed"] == 12
+
+
+def test_a_committed_sample_whose_tokens_changed_is_a_dead_letter_not_a_skip(tmp_path):
+    """The safety net under the input check: same id, other tokens (e.g. an ARC task id now first
+    used by a new file) is never skipped as done."""
+    from beam_extract.output.commits import write_sample_ids
+    from beam_extract.records.dead_letter import DEAD_LETTER
+    from beam_extract.stages import RESUMED, SkipCommitted
+    from beam_extract.tokenize import Sample, sample_digest
+
+    same = Sample("t/v0/t0", np.arange(5, dtype=np.int32), "a.jsonl", 1)
+    other = Sample("t/v1/t0", np.arange(6, dtype=np.int32), "a.jsonl", 1)
+    new = Sample("u/v0/t0", np.arange(3, dtype=np.int32), "b.jsonl", 1)
+    path = str(tmp_path / "run.skip.json.gz")
+    write_sample_ids(path, {same.sample_id: sample_digest(same), other.sample_id: "0" * 16})
+    skip = SkipCommitted(path)
+    skip.setup()
+    out = [list(skip.process(s))[0] for s in (same, other, new)]
+    assert out[0].tag == RESUMED and out[1].tag == DEAD_LETTER and out[2] is new
+    assert out[1].value.reason == "changed_since_commit"
+
+
+@pytest.mark.slow
+def test_odd_outputs_are_refused_in_one_line_and_left_as_they_were(tmp_path):
+    (tmp_path / "afile").write_text("a file")
+    (tmp_path / "theirs").mkdir()
+    (tmp_path / "theirs/notes.txt").write_text("keep")
+    for output, message in (("out[1]", "glob characters"), ("afile", "is a file"), ("theirs", "no beam-extract run")):
+        result = cli(tmp_path, f"--output={output}")
+        assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "out[1]").exists() and (tmp_path / "afile").read_text() == "a file"
+    assert sorted(p.name for p in (tmp_path / "theirs").iterdir()) == ["notes.txt"]  # no _run/ left behind

@@ -52,6 +52,16 @@ def list_paths(pattern: str) -> list[str]:
     return sorted(m.path for m in FileSystems.match([pattern])[0].metadata_list)
 
 
+def delete_quietly(paths: list[str]) -> None:
+    """Deletes what is still there: a file removed meanwhile (by a cleanup before ours) is no error."""
+    for path in paths:
+        try:
+            FileSystems.delete([path])
+        except Exception:  # Beam wraps the not-found error of each file system in its own
+            if FileSystems.exists(path):
+                raise
+
+
 def read_all(paths: Iterable[str]) -> list[dict]:
     """Many small JSON objects, read concurrently, in the order given."""
     paths = list(paths)
@@ -92,18 +102,18 @@ def group_files(output: str, groups: Iterable[dict]) -> set[str]:
 
 
 def without_samples(group: dict) -> dict:
-    """What the manifest and window indexes keep of a group: not its sample ids."""
-    return {name: value for name, value in group.items() if name != "samples"}
+    """What the manifest and window indexes keep of a group: not its sample ids and digests."""
+    return {name: value for name, value in group.items() if name not in ("samples", "digests")}
 
 
-def write_sample_ids(path: str, sample_ids: Iterable[str]) -> None:
-    """One JSON list in a .json.gz file (Beam compresses by the name): what each worker of a resumed
-    run skips, read in one request."""
+def write_sample_ids(path: str, digests: dict[str, str]) -> None:
+    """{sample id: digest of what was committed} as JSON in a .json.gz file (Beam compresses by
+    the name): what each worker of a resumed run skips, read in one request."""
     assert path.endswith(".json.gz"), path
     with FileSystems.create(path) as handle:
-        handle.write(json.dumps(sorted(sample_ids)).encode("utf-8"))
+        handle.write(json.dumps(digests, sort_keys=True).encode("utf-8"))
 
 
-def read_sample_ids(path: str) -> list[str]:
+def read_sample_ids(path: str) -> dict[str, str]:
     with FileSystems.open(path) as handle:
         return json.loads(handle.read())

@@ -15,7 +15,9 @@ from beam_extract.model.qwen2 import Hook
 from beam_extract.output.schema import FEATURES
 from beam_extract.output.commits import read_json, write_json
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: shard groups, fingerprint and lock, ids by file and line, `ok` and `problems`
+# Dead-letter reasons of whole input files that lost lines (`not_a_file` lost none: it was never input).
+LOST_LINES = ("truncated_file", "corrupt_file", "unreadable_file", "bad_file_name")
 MANIFEST_NAME = "manifest.json"
 
 
@@ -124,6 +126,35 @@ def build_manifest(*, options: dict, config: ModelConfig, weights_sha256: str, h
         "commit_groups": sorted(g["group"] for g in groups),
         "dead_letter_files": relative_paths(options["output"], dead_letter_files),
     }
+
+
+def problems(counts: dict, dead_letters: dict, whole_run: bool = True) -> list[str]:
+    """The invariants, checked: each one that fails, in words (none: ok). A streaming window
+    (`whole_run` False) is checked on its own lines and this run's commits; a whole run also on
+    everything committed, by it and by the run it resumed. A `model_oom` sample is a dead letter,
+    not a loss: it is extracted but not committed."""
+    found = []
+    oom, changed = dead_letters.get("model_oom", 0), dead_letters.get("changed_since_commit", 0)
+    if counts["lines_unaccounted"]:
+        found.append(f"{counts['lines_unaccounted']} lines read are neither written nor dead-lettered")
+    if lost := sum(dead_letters.get(reason, 0) for reason in LOST_LINES):
+        found.append(f"{lost} input files were not read to their end (see the read dead letters)")
+    if counts["samples_extracted_now"] != counts["samples_committed_now"] + oom:
+        found.append(f"{counts['samples_extracted_now']} samples extracted but {counts['samples_committed_now']} "
+                     f"committed by this run{f' and {oom} dead-lettered as model_oom' if oom else ''}")
+    if counts["samples_committed_twice"]:
+        found.append(f"{counts['samples_committed_twice']} samples committed more than once")
+    if changed:
+        found.append(f"{changed} samples committed by the run resumed no longer match their input "
+                     "(changed_since_commit dead letters)")
+    if not whole_run:
+        return found
+    if counts["samples_committed"] != counts["samples"] - oom + changed:
+        found.append(f"{counts['samples_committed']} samples committed for {counts['samples'] - oom} produced from "
+                     "this input (the resumed run committed samples of other input)")
+    if not counts["samples_committed"]:
+        found.append("no sample was written")
+    return found
 
 
 def summarize_hooks(hooks: tuple[Hook, ...], commits: list[dict]) -> dict:

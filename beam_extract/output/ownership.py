@@ -15,24 +15,28 @@ writes it now (its lock).
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import fcntl
 import json
 import os
-import socket
 import uuid
 
 from apache_beam.io.filesystems import FileSystems
 
-from beam_extract.lifetime import process_start, this_driver
-from beam_extract.output.commits import TEMPORARY_SUFFIX, read_json, write_json
+from beam_extract.io.inventory import changes as inventory_changes
+from beam_extract.lifetime import machine_id, process_start, this_driver
+from beam_extract.output.commits import TEMPORARY_SUFFIX, delete_quietly, list_paths, read_json, write_json
 
 RUN_DIR = "_run"
 FINGERPRINT = f"{RUN_DIR}/fingerprint.json"
+INPUTS = f"{RUN_DIR}/inputs.json"
 LOCK = f"{RUN_DIR}/lock.json"
 
 
 class OutputRefused(Exception):
-    """The output directory cannot be used by this job; the message says why and what to do."""
+    """The job cannot use this output (or continue the run it holds); the message says why and
+    what to do. Printed as one line, exit code 2."""
 
 
 # Options that change which samples exist or their activations. Everything else (batching, mesh,
@@ -87,22 +91,24 @@ def _entries(output: str) -> list[str]:
 
 def _describe(holder: dict) -> str:
     return (f"run {holder.get('run_id')} ({holder.get('runner')}) started {holder.get('started')} by pid "
-            f"{holder.get('pid')} on {holder.get('host')}")
+            f"{holder.get('pid')} on {holder.get('host', '?').split()[0]}")
 
 
 def _is_stale(holder: dict) -> bool:
-    if holder.get("host") != socket.gethostname() or holder.get("remote"):
+    """Only a local job on this machine (and pid namespace) whose process is gone."""
+    if holder.get("remote") or holder.get("host") != machine_id():
         return False
     return process_start(int(holder.get("pid", -1))) != holder.get("pid_start")
 
 
 class _Lock:
-    """Create-if-absent and delete of one small object, local or gs://."""
+    """Create-if-absent, read and delete of one small object, local or gs://."""
 
     def __init__(self, path: str):
         self.path = path
 
     def create(self, content: dict) -> bool:
+        """Atomic, with its content: a reader never sees an empty lock, even after a kill -9."""
         data = json.dumps(content, indent=1).encode()
         if self.path.startswith("gs://"):
             from google.api_core.exceptions import PreconditionFailed
@@ -112,17 +118,19 @@ class _Lock:
                 return True
             except PreconditionFailed:
                 return False
-        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        written = f"{self.path}.{uuid.uuid4().hex}{TEMPORARY_SUFFIX}"
+        with open(written, "wb") as handle:
+            handle.write(data)
         try:
-            descriptor = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            os.link(written, self.path)  # fails if the lock exists
+            return True
         except FileExistsError:
             return False
-        with os.fdopen(descriptor, "wb") as handle:
-            handle.write(data)
-        return True
+        finally:
+            os.remove(written)
 
     def read(self) -> dict | None:
-        """The holder; None if there is no lock, {} if it cannot be parsed (a killed job's half write)."""
+        """The holder; None if there is no lock, {} if it cannot be parsed."""
         if self.path.startswith("gs://"):
             from google.api_core.exceptions import NotFound
 
@@ -142,27 +150,39 @@ class _Lock:
             return {}
 
     def remove_if(self, expected: dict) -> bool:
-        """Removes the lock only if it still holds `expected` (another job may have taken it over)."""
-        if self.read() != expected:
-            return False
+        """Removes the lock only if it still holds `expected` (another job may have taken it over):
+        on gs:// by generation; locally under `guard`."""
         if self.path.startswith("gs://"):
             from google.api_core.exceptions import NotFound, PreconditionFailed
 
             blob = self._blob()
             try:
                 blob.reload()
+                if json.loads(blob.download_as_bytes(if_generation_match=blob.generation)) != expected:
+                    return False
                 blob.delete(if_generation_match=blob.generation)
-            except (NotFound, PreconditionFailed):
+            except (NotFound, PreconditionFailed, ValueError):
                 return False
             return True
-        try:
-            # Renamed aside first: of two jobs breaking the same stale lock, only one succeeds.
-            aside = f"{self.path}.{uuid.uuid4().hex}{TEMPORARY_SUFFIX}"
-            os.rename(self.path, aside)
-            os.remove(aside)
+        with self.guard():
+            if self.read() != expected:
+                return False
+            os.remove(self.path)
             return True
-        except FileNotFoundError:
-            return False
+
+    @contextlib.contextmanager
+    def guard(self):
+        """Locally, every check-then-change of the lock holds an exclusive flock on a side file, so
+        two jobs breaking the same stale lock cannot remove each other's new one."""
+        if self.path.startswith("gs://"):
+            yield
+            return
+        with open(f"{os.path.dirname(self.path)}/.guard", "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
 
     def _blob(self):
         from google.cloud import storage
@@ -176,20 +196,26 @@ def take_lock(output: str, run_id: str, runner: str, remote: bool) -> dict:
     lock = _Lock(f"{output}/{LOCK}")
     driver = this_driver()
     mine = {"run_id": run_id, "host": driver.host, "pid": driver.pid, "pid_start": driver.start, "runner": runner,
-            "remote": remote,
-            "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
-    for _ in range(3):
-        if lock.create(mine):
-            return mine
-        holder = lock.read()
-        if holder is None:
-            continue  # released meanwhile
-        if holder and not _is_stale(holder):
-            raise OutputRefused(f"{output} is in use by {_describe(holder)}; if that job has stopped, delete "
-                                f"{lock.path} and start again")
-        if not holder:
-            raise OutputRefused(f"{lock.path} is unreadable; if no job writes {output}, delete it and start again")
-        lock.remove_if(holder)  # stale: its process is gone
+            "remote": remote, "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
+    try:
+        if not output.startswith("gs://"):
+            os.makedirs(os.path.dirname(lock.path), exist_ok=True)
+        for _ in range(3):
+            with lock.guard():
+                if lock.create(mine):
+                    return mine
+                holder = lock.read()
+                if holder is None:
+                    continue  # released meanwhile
+                if not holder:
+                    raise OutputRefused(f"{lock.path} is unreadable; if no job writes {output}, delete it and "
+                                        "start again")
+                if not _is_stale(holder):
+                    raise OutputRefused(f"{output} is in use by {_describe(holder)}; if that job has stopped, "
+                                        f"delete {lock.path} and start again")
+            lock.remove_if(holder)  # stale: its process is gone
+    except OSError as error:
+        raise OutputRefused(f"--output {output}: {error.strerror or error}") from None
     raise OutputRefused(f"could not take {lock.path}: other jobs keep taking it")
 
 
@@ -200,9 +226,18 @@ def release_lock(output: str, held: dict) -> bool:
 OURS = (RUN_DIR, "_committed", "_windows", "dead_letter", "manifest.json")
 
 
+GLOB_CHARACTERS = "*?[]{}"
+
+
 def check_output(output: str, run: dict, resume: bool, site_names: set[str]) -> dict | None:
     """Refuses an output that this job must not write into; returns the fingerprint of the run it
-    holds (None for an empty or new directory). Called with the lock held."""
+    holds (None for an empty or new directory). Reads only: called before the lock is taken (so a
+    refused directory is left as it was) and again once it is held."""
+    if any(c in output for c in GLOB_CHARACTERS):
+        raise OutputRefused(f"--output {output}: glob characters ({GLOB_CHARACTERS}) are not allowed in the output "
+                            "path (its files are found by patterns)")
+    if not output.startswith("gs://") and os.path.exists(output) and not os.path.isdir(output):
+        raise OutputRefused(f"--output {output} is a file, not a directory")
     entries = _entries(output)
     entries = [e for e in entries if not (e.startswith(".") and e.endswith(TEMPORARY_SUFFIX))]
     recorded = f"{output}/{FINGERPRINT}"
@@ -227,12 +262,23 @@ def check_output(output: str, run: dict, resume: bool, site_names: set[str]) -> 
     return before
 
 
-def remove_dead_letters(output: str) -> None:
-    """A resumed run reads every line again and writes their dead letters anew."""
-    stale = [m.path for m in FileSystems.match([f"{output}/dead_letter/*"])[0].metadata_list]
-    if stale:
-        FileSystems.delete(stale)
+def remove_dead_letters(output: str, stages: tuple[str, ...]) -> None:
+    """A resumed run reads every line again and writes their dead letters anew: the earlier runs'
+    dead-letter files (and Beam's temporary directories beside them) go; nothing else there."""
+    patterns = [f"{output}/dead_letter/{stage}-*.jsonl" for stage in stages] + [f"{output}/dead_letter/beam-temp-*"]
+    delete_quietly([path for pattern in patterns for path in list_paths(pattern)])
 
 
 def record_fingerprint(output: str, run: dict) -> None:
     write_json(f"{output}/{FINGERPRINT}", run)
+
+
+def check_inputs(output: str, now: dict) -> None:
+    """Refuses to continue a run whose input files changed, vanished or are named otherwise; then
+    records `now` (which may add files) for the next resumption."""
+    path = f"{output}/{INPUTS}"
+    if FileSystems.exists(path):
+        changed = inventory_changes(read_json(path), now)
+        if changed:
+            raise OutputRefused("--resume refused: the input is not the one the run resumed read: " + "; ".join(changed))
+    write_json(path, now)

@@ -12,7 +12,7 @@ import datetime
 import apache_beam as beam
 
 from beam_extract.model.qwen2 import Hook
-from beam_extract.output.manifest import line_and_sample_counts, relative_paths, summarize_hooks
+from beam_extract.output.manifest import line_and_sample_counts, problems, relative_paths, summarize_hooks
 from beam_extract.output.commits import write_json
 from beam_extract.output.writer import window_span
 
@@ -23,12 +23,17 @@ def window_index(span: tuple[str, str], output: str, hooks: tuple[Hook, ...], to
     """`totals`: the window's combined results by name; a name is missing when nothing of that kind
     happened in the window (e.g. no dead letters)."""
     committed = totals.get("commits") or {"commits": [], "hooks": summarize_hooks(hooks, [])}
+    ids = totals.get("committed_ids", {"total": 0, "distinct": 0})
+    counts = {**line_and_sample_counts(totals.get("lines_read", 0), totals.get("lines", {}), totals.get("samples", 0),
+                                       totals.get("resumed", 0), totals.get("dead_letters", {})),
+              "samples_committed_now": ids["total"], "samples_committed_twice": ids["total"] - ids["distinct"]}
+    found = problems(counts, totals.get("dead_letters", {}), whole_run=False)
     return {
         "window": {"start": span[0], "end": span[1]},
         "written": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "counts": line_and_sample_counts(totals.get("lines_read", 0), totals.get("lines", {}),
-                                         totals.get("samples", 0), totals.get("resumed", 0),
-                                         totals.get("dead_letters", {})),
+        "ok": not found,
+        "problems": found,
+        "counts": counts,
         "hooks": committed["hooks"],
         "commits": committed["commits"],
         "batching": totals.get("batching"),

@@ -29,8 +29,8 @@ from apache_beam.utils.windowed_value import WindowedValue
 from beam_extract.lifetime import Driver, exit_with_driver, stop_if_driver_gone
 from beam_extract.model import hook_name
 from beam_extract.model.qwen2 import Hook
-from beam_extract.output.commits import (COMMITS, TEMPORARY_SUFFIX, commit_path, group_files, list_paths,
-                                         write_json)
+from beam_extract.output.commits import (COMMITS, TEMPORARY_SUFFIX, commit_path, delete_quietly, group_files,
+                                         list_paths, write_json)
 from beam_extract.output.tfrecord import write_record
 
 
@@ -51,7 +51,7 @@ class _ShardGroup:
     """One open file per hook, filled with the same samples."""
 
     def __init__(self, output: str, hooks: tuple[Hook, ...], group: str, window):
-        self.group, self.window, self.samples = group, window, []
+        self.group, self.window, self.samples, self.digests = group, window, [], []
         span = window_span(window)
         self.span = span
         name = f"part-w{span[0]}-{group}" if span else f"part-{group}"
@@ -74,6 +74,7 @@ class _ShardGroup:
             stats["sum_squared_norm"] += record.sum_squared_norm
             if index == 0:
                 self.samples.append(record.sample_id)
+                self.digests.append(record.digest)
         self.size += max(sizes)
 
     def close(self, output: str, hooks: tuple[Hook, ...]) -> dict:
@@ -85,6 +86,7 @@ class _ShardGroup:
             "group": self.group,
             "written": written,
             "samples": self.samples,
+            "digests": self.digests,
             "hooks": {hook_name(*hook): {"files": [f.removeprefix(f"{output}/")] if handle else [], **stats}
                       for hook, f, handle, stats in zip(hooks, self.files, self.handles, self.stats)},
             "window": dict(zip(("start", "end"), self.span)) if self.span else None,
@@ -107,8 +109,7 @@ class WriteShards(beam.DoFn):
         exit_with_driver(self._driver)
 
     def start_bundle(self):
-        self._attempt = uuid.uuid4().hex[:16]  # new for every attempt at a bundle
-        self._sequence = 0
+        self._attempt = uuid.uuid4().hex[:12]  # new for every attempt at a bundle
         self._open: dict = {}  # window -> _ShardGroup
 
     def process(self, records: list, window=beam.DoFn.WindowParam):
@@ -120,9 +121,10 @@ class WriteShards(beam.DoFn):
             records = [records[i] for i in rng.permutation(len(records))]
         group = self._open.get(window)
         if group is None:
-            group = self._open[window] = _ShardGroup(self._output, self._hooks,
-                                                     f"{self._attempt}-{self._sequence:05d}", window)
-            self._sequence += 1
+            # Named by its first batch, so a rerun lists its files in the same order, and by the
+            # attempt, so a retry never writes the name of a failed attempt's file.
+            first = hashlib.sha256("\x00".join(sorted({r.sample_id for r in records})).encode()).hexdigest()[:12]
+            group = self._open[window] = _ShardGroup(self._output, self._hooks, f"{first}-{self._attempt}", window)
         group.add(records)
         if group.size >= self._shard_bytes:
             yield self._commit(self._open.pop(window))
@@ -148,8 +150,7 @@ def remove_unlisted(output: str, hooks: tuple[Hook, ...], kept: list[dict]) -> l
     for hook in hooks:
         patterns += [f"{hook_dir(output, hook)}/part-*.tfrecord", f"{hook_dir(output, hook)}/.*{TEMPORARY_SUFFIX}"]
     stray = [path for pattern in patterns for path in list_paths(pattern) if path not in listed]
-    if stray:
-        FileSystems.delete(stray)
+    delete_quietly(stray)
     return stray
 
 
