@@ -12,7 +12,8 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from beam_extract.options import ExtractOptions, template_switches
 from beam_extract.output.manifest import read_manifest
 from beam_extract.output.ownership import OutputRefused
-from beam_extract.pipeline import is_local, run
+from beam_extract.job import is_local
+from beam_extract.pipeline import run
 
 
 def summary(manifest: dict, seconds: float) -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import apache_beam as beam
 
-from beam_extract.output.manifest import CountLineOutcomes, LineBitmaps, SumCounts
+from beam_extract.output.manifest import CountLineOutcomes, LineBitmaps
 from beam_extract.output.writer import WriteDeadLetters
 
 # Dead letters of whole input files: their line number counts the lines read before the failure,

@@ -13,7 +13,8 @@ import numpy as np
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from beam_extract.output.ownership import release_lock
-from beam_extract.pipeline import claim_output, make_job, run
+from beam_extract.job import claim_output, make_job
+from beam_extract.pipeline import run
 from benchmarks.report import Figure
 
 WORDS = "river valley stone water flood sea hill sand wind rain".split()

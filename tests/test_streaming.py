@@ -37,7 +37,8 @@ from beam_extract.model.hooks import parse_hook_name
 from beam_extract.options import template_switches
 from beam_extract.output.writer import hook_dir
 from beam_extract.output.ownership import release_lock
-from beam_extract.pipeline import build, claim_output, make_job, read_input, run
+from beam_extract.job import claim_output, make_job
+from beam_extract.pipeline import build, read_input, run
 from beam_extract.tokenize import Sample
 
 WORDS = ["river", "valley", "stone", "water", "flood", "sea", "hill", "sand", "wind", "rain"]

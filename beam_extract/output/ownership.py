@@ -1,15 +1,18 @@
-"""Who owns an output directory: the run whose output it holds (its fingerprint) and the job that
-writes it now (its lock).
+"""Who owns an output directory: the run whose output it holds (its fingerprint and input files)
+and the job that writes it now (its lock).
 
 - OUT/_run/fingerprint.json: everything that decides which samples exist and what their activations
   are. Written by the first job on an output; a `--resume` with another fingerprint is refused,
-  with each difference named.
+  with each difference named. OUT/_run/inputs.json: the input files (io.inventory); a resumed run
+  must read the same ones.
 - OUT/_run/lock.json: taken by a job before it writes anything and released when it ends. Locally
-  it is created exclusively (O_EXCL); on gs:// it is an object created only if absent
-  (ifGenerationMatch=0). A second job on the same output is refused with the holder's identity.
-  A lock is stale, and taken over, when it names this host and a process that no longer runs (or
-  a new process under a reused pid). A lock from another host or from a job on a remote runner
-  is never broken automatically: delete it once you know that job has stopped.
+  it is linked into place with its content (never seen empty) under an flock on a side file, so
+  two jobs breaking the same stale lock cannot both win; on gs:// it is an object created only if
+  absent (ifGenerationMatch=0) and deleted by generation. A second job is refused with the
+  holder's identity. A lock is stale, and taken over, when it names this machine (host, boot and
+  pid namespace) and a process that no longer runs (or a new process under a reused pid). A lock
+  from another machine or from a job on a remote runner is never broken automatically: delete it
+  once you know that job has stopped.
 - We never write into, or delete from, a directory that holds files no run of ours wrote.
 """
 

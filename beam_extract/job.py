@@ -1,0 +1,157 @@
+"""What the driver resolves before building the graph: the job's options, model config, hooks,
+batch plan and fingerprint, and the output it claims (lock, checks, what a resumed run left)."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import uuid
+
+from apache_beam.options.pipeline_options import PipelineOptions, PortableOptions, StandardOptions
+
+from beam_extract.arc.encoders import parse_encoder
+from beam_extract.arc.prompt import load_template
+from beam_extract.batching import BatchPlan, parse_buckets
+from beam_extract.io.inventory import inventory
+from beam_extract.io.sources import expand_input
+from beam_extract.legacy import legacy_rewrites
+from beam_extract.lifetime import Driver
+from beam_extract.model import hook_name
+from beam_extract.model.config import ModelConfig, config_from_hf, load_hf_config
+from beam_extract.model.qwen2 import Hook
+from beam_extract.model.weights import METADATA_FILES, resolve_model_dir, weights_checksum
+from beam_extract.options import extract_options, parse_layers, parse_sites, sample_input
+from beam_extract.output import ownership
+from beam_extract.output.commits import (RUN_SKIP_SUFFIX, delete_quietly, list_paths, read_groups_on_disk,
+                                         select_groups, without_samples, write_sample_ids)
+from beam_extract.output.writer import remove_unlisted
+from beam_extract.tokenize import parse_positions
+
+
+# The stages that dead-letter, in the order of the data path (each writes dead_letter/{stage}-*.jsonl).
+DEAD_LETTER_STAGES = ("read", "parse", "dedup", "tokenize", "resume", "extract")
+
+
+@dataclasses.dataclass(frozen=True)
+class Resumed:
+    """What a --resume run continues: the groups of the earlier run it keeps (without their sample
+    ids) and the file of those ids and digests, which workers skip."""
+
+    groups: tuple[dict, ...] = ()
+    skip_path: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """What the driver resolves before building the graph."""
+
+    options: dict  # our options only (no Beam/cloud options, which may hold credentials)
+    config: ModelConfig
+    hooks: tuple[Hook, ...]
+    plan: BatchPlan
+    streaming: bool = False  # Beam's --streaming: watch --input, output per time window
+    run_id: str = ""
+    fingerprint: dict = dataclasses.field(default_factory=dict)
+    lock: dict = dataclasses.field(default_factory=dict)  # the output's lock as this job holds it
+    resumed: Resumed = Resumed()
+    remote: bool = False  # the runner runs the job elsewhere: the job itself releases the lock
+
+    @property
+    def output(self) -> str:
+        return self.options["output"]
+
+    @property
+    def driver(self) -> Driver | None:
+        """The local process that runs this job, whose worker processes die with it (None: remote)."""
+        return None if self.remote or not self.lock else Driver(self.lock["host"], self.lock["pid"],
+                                                               self.lock["pid_start"])
+
+
+def _files_sha256(directory, names) -> str:
+    digest = hashlib.sha256()
+    for name in sorted(names):
+        path = os.path.join(directory, name)
+        if os.path.isfile(path):
+            with open(path, "rb") as handle:
+                digest.update(f"{name}\x00".encode() + hashlib.sha256(handle.read()).digest())
+    return digest.hexdigest()
+
+
+def run_fingerprint(options: dict, config: ModelConfig, hooks: tuple[Hook, ...]) -> dict:
+    """Everything that decides which samples exist and what their activations are."""
+    model_dir = resolve_model_dir(options["model"])
+    return ownership.fingerprint(
+        options, weights_sha256=weights_checksum(model_dir), config=dataclasses.asdict(config),
+        tokenizer_sha256=_files_sha256(model_dir, [n for n in METADATA_FILES if n != "config.json"]),
+        hooks=[hook_name(*hook) for hook in hooks],
+        template_sha256=hashlib.sha256(load_template(options["prompt_template"]).source.encode()).hexdigest())
+
+
+def make_job(options: PipelineOptions) -> Job:
+    ours = legacy_rewrites(options, extract_options(options))
+    streaming = bool(options.view_as(StandardOptions).streaming)
+    ours["input"] = expand_input(ours["input"] or sample_input())
+    if "://" not in ours["input"]:
+        ours["input"] = os.path.abspath(ours["input"])
+    if "://" not in ours["output"]:
+        ours["output"] = os.path.abspath(ours["output"])
+    ours["output"] = ours["output"].rstrip("/")
+    # Fail here, not on the workers.
+    load_template(ours["prompt_template"]), parse_encoder(ours["grid_encoder"]), parse_positions(ours["positions"])
+    for name in ("views_per_task", "batch_size", "max_seq_len", "shard_size_mb", "poll_interval", "window_seconds",
+                 "flush_seconds"):
+        if ours[name] < 1:
+            raise ValueError(f"--{name} must be at least 1")
+    config = config_from_hf(load_hf_config(resolve_model_dir(ours["model"], weights=False)))
+    layers, sites = parse_layers(ours["layers"], config.num_layers), parse_sites(ours["sites"])
+    hooks = tuple((layer, site) for site in sites for layer in layers)
+    plan = BatchPlan(parse_buckets(ours["buckets"], ours["max_seq_len"]), ours["batch_size"],
+                     ours["tokens_per_batch"], ours["packing"],
+                     min(ours["pack_length"] or ours["max_seq_len"], ours["max_seq_len"]),
+                     ours["flush_seconds"] if streaming else 0)
+    return Job(ours, config, hooks, plan, streaming, run_id=uuid.uuid4().hex[:12],
+               fingerprint=run_fingerprint(ours, config, hooks), remote=not is_local(options))
+
+
+def claim_output(job: Job) -> Job:
+    """Takes the output for this job: the check that it is ours (before anything is written), its
+    lock, with --resume the same fingerprint and input files, and what the run resumed left (kept
+    groups; the rest removed). Nothing is written or deleted before the lock is held and the checks
+    pass."""
+    output, sites = job.output, {site for _, site in job.hooks}
+    ownership.check_output(output, job.fingerprint, job.options["resume"], sites)
+    lock = ownership.take_lock(output, job.run_id, "remote" if job.remote else "local", job.remote)
+    try:
+        recorded = ownership.check_output(output, job.fingerprint, job.options["resume"], sites)
+        if not job.streaming:  # a streaming job's input is what arrives; its files are not known now
+            ownership.check_inputs(output, inventory(job.options["input"]))
+        if recorded is None:
+            ownership.record_fingerprint(output, job.fingerprint)
+            return dataclasses.replace(job, lock=lock)
+        kept, _ = select_groups(read_groups_on_disk(output))
+        remove_unlisted(output, job.hooks, kept)
+        ownership.remove_dead_letters(output, DEAD_LETTER_STAGES)  # every line is read, and dead-lettered, again
+        delete_quietly(list_paths(f"{output}/{ownership.RUN_DIR}/*{RUN_SKIP_SUFFIX}"))  # of killed resumptions
+        skip_path = f"{output}/{ownership.RUN_DIR}/{job.run_id}{RUN_SKIP_SUFFIX}"
+        write_sample_ids(skip_path, {s: d for g in kept for s, d in zip(g["samples"], g["digests"])})
+        resumed = Resumed(tuple(without_samples(g) for g in kept), skip_path)
+        return dataclasses.replace(job, lock=lock, resumed=resumed)
+    except BaseException:
+        ownership.release_lock(output, lock)
+        raise
+
+
+# Runners whose job ends with this process (PortableRunner: our own job service and worker pool).
+LOCAL_RUNNERS = (None, "DirectRunner", "direct", "FnApiRunner", "BundleBasedDirectRunner", "PortableRunner")
+
+
+def is_local(options: PipelineOptions) -> bool:
+    """The job runs on this machine and ends with this process: Beam's in-process runners, or a
+    portable runner whose job service is on loopback (beam_extract.portable_local). A job server
+    elsewhere (Flink, Spark, a TPU VM's) runs the job on its own: remote."""
+    runner = options.view_as(StandardOptions).runner
+    if runner != "PortableRunner":
+        return runner in LOCAL_RUNNERS
+    endpoint = options.view_as(PortableOptions).job_endpoint or "embed"
+    return endpoint == "embed" or endpoint.rpartition(":")[0].strip("[]") in ("localhost", "127.0.0.1", "::1")
