@@ -26,7 +26,7 @@ $(VENV)/.installed-test: setup.py $(BIN)/python
 install: $(VENV)/.installed
 
 run: $(VENV)/.installed
-	$(BIN)/python -m beam_extract --runner=DirectRunner $(ARGS)
+	$(BIN)/python -m beam_extract --runner=DirectRunner --overwrite $(ARGS)
 
 test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -4,16 +4,26 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 
-from apache_beam.options.pipeline_options import PipelineOptions
+# transformers says at import that PyTorch is missing; we use its tokenizers and configs only (and
+# worker processes started from here inherit this).
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
-from beam_extract.options import ExtractOptions, template_switches
-from beam_extract.output.manifest import read_manifest
-from beam_extract.output.ownership import OutputRefused
-from beam_extract.job import is_local
-from beam_extract.pipeline import run
+from apache_beam.options.pipeline_options import PipelineOptions  # noqa: E402
+
+from beam_extract.job import is_local  # noqa: E402 (after the environment is set)
+from beam_extract.legacy import add_legacy_arguments  # noqa: E402
+from beam_extract.model import CheckpointError, UnsupportedConfigError  # noqa: E402
+from beam_extract.options import UsageError, add_arguments, template_switches  # noqa: E402
+from beam_extract.output.manifest import read_manifest  # noqa: E402
+from beam_extract.output.ownership import OutputRefused  # noqa: E402
+from beam_extract.pipeline import run  # noqa: E402
+
+
+REFUSALS = (UsageError, OutputRefused, CheckpointError, UnsupportedConfigError)
 
 
 def summary(manifest: dict, seconds: float) -> str:
@@ -42,13 +52,21 @@ def summary(manifest: dict, seconds: float) -> str:
     ])
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse, with a mistake said in one line (no usage block), exit code 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"beam-extract: {message} (see --help)\n")
+
+
 def argument_parser() -> argparse.ArgumentParser:
-    """Our options alone, for --help and for clear errors before Beam starts."""
-    parser = argparse.ArgumentParser(
+    """Our options alone, for --help (with defaults and ranges) and for clear errors before Beam starts."""
+    parser = _OneLineParser(
         prog="beam-extract", description="Extract per-token Qwen2 activations from JSONL into TFRecords.",
         epilog="Beam's own options are accepted too, e.g. --runner=DirectRunner (default) or DataflowRunner, "
                "--direct_num_workers, --direct_running_mode, and Dataflow's --project, --region, --temp_location.")
-    ExtractOptions._add_argparse_args(parser)
+    add_arguments(parser, show_defaults=True)
+    add_legacy_arguments(parser)
     return parser
 
 
@@ -59,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     try:
         result, job = run(argv)
-    except OutputRefused as refusal:
+    except REFUSALS as refusal:  # a mistake in the command line, the model or the output: one line
         print(f"beam-extract: {refusal}", file=sys.stderr)
         sys.exit(2)
     if not is_local(PipelineOptions(argv)):

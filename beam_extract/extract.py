@@ -58,24 +58,31 @@ def pad_rows(batch: Batch, multiple: int) -> Batch:
 
 
 def batch_records(model_out: dict[Hook, np.ndarray], batch: Batch, hooks: tuple[Hook, ...],
-                  output_dtype: str) -> Iterator[ActivationRecord]:
-    """One record per (sample, hook), holding only the sample's selected tokens (never padding)."""
+                  output_dtype: str) -> Iterator[ActivationRecord | DeadLetter]:
+    """One record per (sample, hook), holding only the sample's selected tokens (never padding). A
+    sample with a NaN or infinite activation at any hook (broken weights, an overflow) is a
+    `non_finite` dead letter instead, at every hook."""
     for placement in batch.placements:
         sample, row, start = placement.sample, placement.row, placement.start
-        digest = sample_digest(sample)
         stored = slice(None) if sample.stored is None else sample.stored
         columns = np.arange(start, start + len(sample.token_ids))[stored]
-        for index, hook in enumerate(hooks):
-            values = model_out[hook][row, columns]
-            as_float = values.astype(np.float32)
-            squared = np.einsum("td,td->t", as_float, as_float)
+        values = [model_out[hook][row, columns] for hook in hooks]
+        as_float = [v.astype(np.float32) for v in values]
+        broken = next((hook for hook, v in zip(hooks, as_float) if not np.isfinite(v).all()), None)
+        if broken is not None:
+            yield DeadLetter(sample.source, sample.line_number, "extract", "non_finite",
+                             f"{sample.sample_id}: NaN or infinite activations at {hook_name(*broken)}")
+            continue
+        digest = sample_digest(sample)
+        for index, (hook, value, floats) in enumerate(zip(hooks, values, as_float)):
+            squared = np.einsum("td,td->t", floats, floats)
             example = encode_record(
-                sample_id=sample.sample_id, hook_name=hook_name(*hook), layer=hook[0], activations=values,
+                sample_id=sample.sample_id, hook_name=hook_name(*hook), layer=hook[0], activations=value,
                 token_ids=sample.token_ids[stored], positions=batch.positions[row, columns],
                 output_dtype=output_dtype, source=f"{sample.source}:{sample.line_number}",
                 task_id=sample.task_id, doc_id=sample.doc_id, augmentation=sample.augmentation,
             )
-            yield ActivationRecord(index, sample.sample_id, sample.source, sample.line_number, len(values),
+            yield ActivationRecord(index, sample.sample_id, sample.source, sample.line_number, len(value),
                                    float(np.sqrt(squared).sum()), float(squared.sum()), example, digest)
 
 
@@ -172,7 +179,15 @@ class ExtractDoFn(beam.DoFn):
         self._computed_tokens.inc(batch.tokens.size)
         yield beam.pvalue.TaggedOutput(BATCH_STATS, BatchStats(batch.tokens.shape[1], batch.real_tokens,
                                                                batch.tokens.size, compile_seconds, forward_seconds))
-        yield list(batch_records(out, batch, self._hooks, self._output_dtype))  # written and committed together
+        records = []
+        for result in batch_records(out, batch, self._hooks, self._output_dtype):
+            if isinstance(result, DeadLetter):
+                Metrics.counter("dead_letter.extract", result.reason).inc()
+                yield beam.pvalue.TaggedOutput(DEAD_LETTER, result)
+            else:
+                records.append(result)
+        if records:
+            yield records  # written and committed together
 
     def _after_oom(self, batch: Batch, rows: int, oom: str):
         """Re-runs an out-of-memory batch in smaller pieces; a lone row that still does not fit (in

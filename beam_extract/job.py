@@ -7,9 +7,12 @@ import dataclasses
 import hashlib
 import os
 import uuid
+from collections.abc import Callable
 
+from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions, PortableOptions, StandardOptions
 
+from beam_extract.arc.augment import ArcView, augment
 from beam_extract.arc.encoders import parse_encoder
 from beam_extract.arc.prompt import load_template
 from beam_extract.batching import BatchPlan, parse_buckets
@@ -19,14 +22,19 @@ from beam_extract.legacy import legacy_rewrites
 from beam_extract.lifetime import Driver
 from beam_extract.model import hook_name
 from beam_extract.model.config import ModelConfig, config_from_hf, load_hf_config
-from beam_extract.model.qwen2 import Hook
+from beam_extract.model.qwen2 import SITES, Hook
 from beam_extract.model.weights import METADATA_FILES, resolve_model_dir, weights_checksum
-from beam_extract.options import extract_options, parse_layers, parse_sites, sample_input
+from beam_extract.model.mesh import mesh_sizes
+from beam_extract.options import UsageError, check_ranges, extract_options, parse_layers, parse_sites, sample_input
 from beam_extract.output import ownership
 from beam_extract.output.commits import (RUN_SKIP_SUFFIX, delete_quietly, list_paths, read_groups_on_disk,
                                          select_groups, without_samples, write_sample_ids)
 from beam_extract.output.writer import remove_unlisted
-from beam_extract.tokenize import parse_positions
+from beam_extract.records.arc import ArcTask
+from beam_extract.records.dead_letter import DeadLetter
+from beam_extract.records.text import TextDoc
+from beam_extract.tokenize import (PromptSettings, TokenSelection, load_tokenizer, parse_positions, special_token_ids,
+                                   to_samples)
 
 
 # The stages that dead-letter, in the order of the data path (each writes dead_letter/{stage}-*.jsonl).
@@ -88,8 +96,64 @@ def run_fingerprint(options: dict, config: ModelConfig, hooks: tuple[Hook, ...])
         template_sha256=hashlib.sha256(load_template(options["prompt_template"]).source.encode()).hexdigest())
 
 
+def _usage(check: Callable, *args):
+    """A parser of ours that raises ValueError for a bad value: its message becomes a usage error."""
+    try:
+        return check(*args)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+
+
+def _input_paths(pattern: str) -> list[str]:
+    try:
+        paths = [m.path for m in FileSystems.match([pattern])[0].metadata_list]
+    except Exception as error:  # Beam wraps each file system's errors in its own
+        raise UsageError(f"--input {pattern}: {error}") from None
+    if not paths:
+        raise UsageError(f"--input {pattern}: no file matches")
+    return paths
+
+
+DRY_TASK = ArcTask("dry-run", (((((1, 0), (0, 2)), ((2, 0), (0, 1))),)), ((((0, 1), (1, 0)), ((1, 0), (0, 1))),),
+                   "<built-in>", 1)
+DRY_TEXT = TextDoc("<built-in>:1", "A short document to check the options with, before any worker starts.",
+                   "<built-in>", 1)
+
+
+def dry_render(options: dict, vocab_size: int) -> None:
+    """Renders a built-in ARC task and text document the way the job will, so a template, encoder,
+    length or token selection that would dead-letter every sample fails now, in one line."""
+    tokenizer = load_tokenizer(resolve_model_dir(options["model"], weights=False))
+    settings = PromptSettings(load_template(options["prompt_template"]), options["grid_encoder"],
+                              parse_encoder(options["grid_encoder"]), options["include_answer"])
+    selection = TokenSelection(special_token_ids(tokenizer) if options["exclude_special_tokens"] else frozenset(),
+                               parse_positions(options["positions"]), options["arc_tokens"] == "test")
+    fmt = options["input_format"]
+    checks = []
+    if fmt in ("text", "auto"):
+        checks.append(("a text document", DRY_TEXT, ()))
+    if fmt in ("arc", "auto"):
+        # Under `auto` the input may hold no ARC task: only a template or encoder that fails counts.
+        checks.append(("an ARC task", ArcView(*augment(DRY_TASK, options["seed"], 0)), () if fmt == "arc" else
+                       ("too_long", "no_tokens_selected")))
+    for what, record, tolerated in checks:
+        results = to_samples(record, tokenizer, settings, options["max_seq_len"], selection,
+                             not options["special_tokens_in_text"], vocab_size)
+        failed = [r for r in results if isinstance(r, DeadLetter) and r.reason not in tolerated]
+        if failed and all(isinstance(r, DeadLetter) for r in results):
+            raise UsageError(f"these options turn {what} into a dead letter ({failed[0].reason}: "
+                             f"{failed[0].detail[:200]}): every sample like it would be; check --model, "
+                             "--prompt_template, --grid_encoder, --max_seq_len, --positions and --arc_tokens")
+
+
 def make_job(options: PipelineOptions) -> Job:
+    """Resolves and checks everything in the driver, before the graph is built: a mistake is a
+    UsageError (or a CheckpointError, UnsupportedConfigError) naming the option, never a failure on
+    the workers or a run that dead-letters everything."""
     ours = legacy_rewrites(options, extract_options(options))
+    check_ranges(ours)
+    if ours["resume"] and ours["overwrite"]:
+        raise UsageError("--resume continues the run in --output and --overwrite deletes it: choose one")
     streaming = bool(options.view_as(StandardOptions).streaming)
     ours["input"] = expand_input(ours["input"] or sample_input())
     if "://" not in ours["input"]:
@@ -97,17 +161,20 @@ def make_job(options: PipelineOptions) -> Job:
     if "://" not in ours["output"]:
         ours["output"] = os.path.abspath(ours["output"])
     ours["output"] = ours["output"].rstrip("/")
-    # Fail here, not on the workers.
-    load_template(ours["prompt_template"]), parse_encoder(ours["grid_encoder"]), parse_positions(ours["positions"])
-    for name in ("views_per_task", "batch_size", "max_seq_len", "shard_size_mb", "poll_interval", "window_seconds",
-                 "flush_seconds"):
-        if ours[name] < 1:
-            raise ValueError(f"--{name} must be at least 1")
+    if not streaming:  # a streaming job may start before its first file lands
+        _input_paths(ours["input"])
+    _usage(load_template, ours["prompt_template"])
+    _usage(parse_encoder, ours["grid_encoder"])
+    _usage(parse_positions, ours["positions"])
+    buckets = _usage(parse_buckets, ours["buckets"], ours["max_seq_len"])
+    # Syntax and arithmetic only: counting devices here would start JAX in the driver (on a GPU it
+    # would take the memory the workers need); the workers check the size against their devices.
+    _usage(mesh_sizes, ours["mesh"])
     config = config_from_hf(load_hf_config(resolve_model_dir(ours["model"], weights=False)))
     layers, sites = parse_layers(ours["layers"], config.num_layers), parse_sites(ours["sites"])
+    dry_render(ours, config.vocab_size)
     hooks = tuple((layer, site) for site in sites for layer in layers)
-    plan = BatchPlan(parse_buckets(ours["buckets"], ours["max_seq_len"]), ours["batch_size"],
-                     ours["tokens_per_batch"], ours["packing"],
+    plan = BatchPlan(buckets, ours["batch_size"], ours["tokens_per_batch"], ours["packing"],
                      min(ours["pack_length"] or ours["max_seq_len"], ours["max_seq_len"]),
                      ours["flush_seconds"] if streaming else 0)
     return Job(ours, config, hooks, plan, streaming, run_id=uuid.uuid4().hex[:12],
@@ -119,13 +186,16 @@ def claim_output(job: Job) -> Job:
     lock, with --resume the same fingerprint and input files, and what the run resumed left (kept
     groups; the rest removed). Nothing is written or deleted before the lock is held and the checks
     pass."""
-    output, sites = job.output, {site for _, site in job.hooks}
-    ownership.check_output(output, job.fingerprint, job.options["resume"], sites)
+    output, sites, o = job.output, {site for _, site in job.hooks}, job.options
+    ownership.check_output(output, job.fingerprint, o["resume"], sites, o["overwrite"])
     lock = ownership.take_lock(output, job.run_id, "remote" if job.remote else "local", job.remote)
     try:
-        recorded = ownership.check_output(output, job.fingerprint, job.options["resume"], sites)
+        recorded = ownership.check_output(output, job.fingerprint, o["resume"], sites, o["overwrite"])
+        if recorded is not None and o["overwrite"]:
+            ownership.remove_our_output(output, SITES, DEAD_LETTER_STAGES)
+            recorded = None
         if not job.streaming:  # a streaming job's input is what arrives; its files are not known now
-            ownership.check_inputs(output, inventory(job.options["input"]))
+            ownership.check_inputs(output, inventory(o["input"]))
         if recorded is None:
             ownership.record_fingerprint(output, job.fingerprint)
             return dataclasses.replace(job, lock=lock)

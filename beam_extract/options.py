@@ -4,6 +4,8 @@ and as Flex Template parameters)."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
+from collections.abc import Callable
 from importlib import resources
 
 from apache_beam.options.pipeline_options import PipelineOptions
@@ -15,7 +17,6 @@ from beam_extract.legacy import add_legacy_arguments
 from beam_extract.model.qwen2 import SITES
 from beam_extract.output.schema import OUTPUT_DTYPES
 
-INPUT_FORMATS = ("auto", "arc", "text")
 COMPUTE_DTYPES = ("float32", "bfloat16")
 DEFAULT_MODEL = "tiny-random-qwen2"
 
@@ -47,89 +48,137 @@ def sample_input() -> str:
     return str(resources.files("beam_extract").joinpath("data")) + "/sample_*.jsonl"
 
 
+class UsageError(Exception):
+    """A mistake in the command line, said in one line that names the option and what it accepts.
+    Raised in the driver before the graph is built; printed without a traceback, exit code 2."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Option:
+    """One of our options: the one description the CLI, --help, the Flex Template's parameters and
+    the driver's checks are made from."""
+
+    name: str
+    default: object
+    help: str
+    group: str
+    kind: Callable = str  # str, int or flag
+    choices: tuple[str, ...] = ()
+    minimum: int | None = None
+    maximum: int | None = None
+
+    def accepted(self) -> str:
+        """What the option accepts, for --help and for errors."""
+        if self.choices:
+            return "one of " + ", ".join(self.choices)
+        if self.kind is flag:
+            return "true or false"
+        if self.minimum is not None and self.maximum is not None:
+            return f"{self.minimum} to {self.maximum}"
+        if self.minimum is not None:
+            return f"at least {self.minimum}"
+        return ""
+
+
+MAX_SEQ_LEN = 1 << 20  # positions past this are beyond any model we load, and beyond host memory per row
+OPTIONS: tuple[Option, ...] = (
+    Option("input", None, "Glob of JSONL files, local or gs://, .gz allowed (default: the packaged samples)",
+           "input"),
+    Option("input_format", "auto", "arc (ARC-AGI tasks), text (one document per line), or auto (per line: an "
+           "object with 'train' is an ARC task, anything else text)", "input", choices=("auto", "arc", "text")),
+    Option("text_field", "text", "JSON field holding a text document's text", "input"),
+    Option("max_line_bytes", 64 << 20, "Longest input line in bytes: a longer one is a line_too_long dead letter, "
+           "read past without being held in memory", "input", int, minimum=1024, maximum=1 << 30),
+    Option("special_tokens_in_text", False, "Tokenize chat markers written in a document's text (<|im_end|>) as "
+           "control tokens, as the first release did; by default they are characters like any others and only "
+           "ARC prompts' chat template inserts control tokens", "input", flag),
+    Option("max_seq_len", 8192, "Longest sequence in tokens: text is split into windows of this size; ARC prompts "
+           "drop train examples from the end to fit, else are dead-lettered (too_long)", "input", int,
+           minimum=16, maximum=MAX_SEQ_LEN),
+    Option("views_per_task", 8, "Augmented views per task, cycling through the 8 rotations/flips, each with its "
+           "own colour permutation and train order", "ARC tasks", int, minimum=1, maximum=1024),
+    Option("seed", 0, "Seed of the augmentation (with task id and view) and of --shuffle", "ARC tasks", int,
+           minimum=0, maximum=2**63 - 1),
+    Option("prompt_template", DEFAULT_TEMPLATE, f"{' or '.join(BUILTIN_TEMPLATES)}, or the path of a Jinja2 "
+           "template file", "ARC tasks"),
+    Option("grid_encoder", DEFAULT_ENCODER, "Grid encoder, by name", "ARC tasks"),
+    Option("include_answer", False, "Render the test output, when present, after the answer prefix (train prompts)",
+           "ARC tasks", flag),
+    Option("model", DEFAULT_MODEL, "Hugging Face-format Qwen2 directory (local or gs://), a hub id when online, or "
+           f"{DEFAULT_MODEL} (embedded, generated offline)", "model"),
+    Option("layers", "all", "Layers to capture: 'all' or a list like 0,3,8-11 (0-based)", "model"),
+    Option("sites", "resid_post", f"Comma-separated sites: {', '.join(SITES)}", "model"),
+    Option("dtype", "float32", "Compute dtype", "model", choices=COMPUTE_DTYPES),
+    Option("mesh", "auto", "Device mesh over each worker's local devices: auto (all on 'data' while the weights "
+           "fit one device, else split on 'model'), or axes like data:4,model:2", "model"),
+    Option("batch_size", 8, "Rows per forward batch (fixed, so each row length compiles once)", "batching", int,
+           minimum=1, maximum=65536),
+    Option("tokens_per_batch", 0, "If set, rows per batch = tokens_per_batch // row length instead of batch_size",
+           "batching", int, minimum=0, maximum=1 << 30),
+    Option("buckets", "multiples:32", "Row lengths of unpacked samples: multiples:N, pow2, or a list like "
+           "512,2048,8192 (max_seq_len is always the last)", "batching"),
+    Option("packing", "text", "Pack several samples per row (own segment, positions from 0): text documents, all "
+           "samples (ARC prompts too), or off", "batching", choices=PACKING_MODES),
+    Option("pack_length", 0, "Row length of packed rows (0: max_seq_len); longer samples use buckets. Attention "
+           "skips tiles between packed samples, so long rows cost little extra", "batching", int, minimum=0,
+           maximum=MAX_SEQ_LEN),
+    Option("output", "activations", "Output directory, local or gs://", "output"),
+    Option("output_dtype", "float32", "Storage dtype of the activations", "output", choices=tuple(OUTPUT_DTYPES)),
+    Option("exclude_special_tokens", True, "Do not store <|endoftext|>, <|im_start|>, <|im_end|> and pad tokens "
+           "(they still run through the model)", "output", flag),
+    Option("positions", ":", "Python-style slice of each sequence's positions to store, e.g. -64: or 0:512",
+           "output"),
+    Option("arc_tokens", "all", "ARC: store every prompt token, or only the test input and the answer part",
+           "output", choices=("all", "test")),
+    Option("shuffle", False, "Shuffle samples across documents and files before batching, and records within each "
+           "file (seeded by --seed), so consecutive records come from different documents", "output", flag),
+    Option("shard_size_mb", 256, "Start a new TFRecord file once one reaches this size", "output", int, minimum=1,
+           maximum=1 << 20),
+    Option("resume", False, "Continue an interrupted run into the same --output: samples it already committed are "
+           "skipped, nothing is written twice", "output", flag),
+    Option("overwrite", False, "Delete the output of an earlier beam-extract run in --output first (never files "
+           "beam-extract did not write)", "output", flag),
+    Option("poll_interval", 60, "Seconds between listings of --input for new files; each file is read once",
+           "streaming (with Beam's --streaming)", int, minimum=1, maximum=86400),
+    Option("window_seconds", 600, "Output is grouped into fixed windows of this many seconds of arrival time: each "
+           "window gets its own files and an index in OUT/_windows/", "streaming (with Beam's --streaming)", int,
+           minimum=1, maximum=30 * 86400),
+    Option("flush_seconds", 60, "A partial batch is extracted once its first sample has waited this long, so a "
+           "trickle of input does not wait for the end of its window", "streaming (with Beam's --streaming)", int,
+           minimum=1, maximum=86400),
+)
+BY_NAME = {option.name: option for option in OPTIONS}
+
+
+def add_arguments(parser: argparse.ArgumentParser, show_defaults: bool = False) -> None:
+    """Our options, in their groups; with `show_defaults` their help says the default and range."""
+    groups = {}
+    for option in OPTIONS:
+        if option.group not in groups:
+            groups[option.group] = parser.add_argument_group(f"beam-extract: {option.group}")
+        text = option.help
+        if show_defaults:
+            accepted = option.accepted()
+            shown = str(option.default).lower() if option.kind is flag else option.default
+            text += f" [default: {shown}{'; ' + accepted if accepted else ''}]"
+        extra = {"nargs": "?", "const": True} if option.kind is flag else {}
+        groups[option.group].add_argument(f"--{option.name}", type=option.kind, default=option.default,
+                                          choices=option.choices or None, help=text, **extra)
+
+
 class ExtractOptions(PipelineOptions):
     @classmethod
     def _add_argparse_args(cls, parser):
-        data = parser.add_argument_group("beam-extract: input")
-        data.add_argument("--input", default=None,
-                          help="Glob of JSONL files, local or gs://, .gz allowed (default: the packaged samples)")
-        data.add_argument("--input_format", default="auto", choices=INPUT_FORMATS,
-                          help="arc (ARC-AGI tasks), text (one document per line), or auto (per line: "
-                               "an object with 'train' is an ARC task, anything else text)")
-        data.add_argument("--text_field", default="text", help="JSON field holding a text document's text")
-        data.add_argument("--max_seq_len", type=int, default=8192,
-                          help="Longest sequence in tokens: text is split into windows of this size; ARC "
-                               "prompts drop train examples from the end to fit, else are dead-lettered (too_long)")
-
-        arc = parser.add_argument_group("beam-extract: ARC tasks")
-        arc.add_argument("--views_per_task", type=int, default=8,
-                         help="Augmented views per task, cycling through the 8 rotations/flips, each with its "
-                              "own colour permutation and train order")
-        arc.add_argument("--seed", type=int, default=0, help="Seed of the augmentation (with task id and view)")
-        arc.add_argument("--prompt_template", default=DEFAULT_TEMPLATE,
-                         help=f"{' or '.join(BUILTIN_TEMPLATES)}, or the path of a Jinja2 template file")
-        arc.add_argument("--grid_encoder", default=DEFAULT_ENCODER, help="Grid encoder, by name")
-        arc.add_argument("--include_answer", type=flag, nargs="?", const=True, default=False,
-                         help="Render the test output, when present, after the answer prefix (train prompts)")
-
-        model = parser.add_argument_group("beam-extract: model")
-        model.add_argument("--model", default=DEFAULT_MODEL,
-                           help="Hugging Face-format Qwen2 directory (local or gs://), a hub id when online, "
-                                f"or {DEFAULT_MODEL} (embedded, generated offline)")
-        model.add_argument("--layers", default="all",
-                           help="Layers to capture: 'all' or a list like 0,3,8-11 (0-based)")
-        model.add_argument("--sites", default="resid_post",
-                           help=f"Comma-separated sites: {', '.join(SITES)}")
-        model.add_argument("--dtype", default="float32", choices=COMPUTE_DTYPES, help="Compute dtype")
-        model.add_argument("--mesh", default="auto",
-                           help="Device mesh over each worker's local devices: auto (all on 'data' while the "
-                                "weights fit one device, else split on 'model'), or axes like data:4,model:2")
-
-        batching = parser.add_argument_group("beam-extract: batching")
-        batching.add_argument("--batch_size", type=int, default=8,
-                              help="Rows per forward batch (fixed, so each row length compiles once)")
-        batching.add_argument("--tokens_per_batch", type=int, default=0,
-                              help="If set, rows per batch = tokens_per_batch // row length instead of batch_size")
-        batching.add_argument("--buckets", default="multiples:32",
-                              help="Row lengths of unpacked samples: multiples:N, pow2, or a list like 512,2048,8192 "
-                                   "(max_seq_len is always the last)")
-        batching.add_argument("--packing", default="text", choices=PACKING_MODES,
-                              help="Pack several samples per row (own segment, positions from 0): text documents, "
-                                   "all samples (ARC prompts too), or off")
-        batching.add_argument("--pack_length", type=int, default=0,
-                              help="Row length of packed rows (default 0: max_seq_len); longer samples use buckets. "
-                                   "Attention skips tiles between packed samples, so long rows cost little extra")
-
-        out = parser.add_argument_group("beam-extract: output")
-        out.add_argument("--output", default="activations", help="Output directory, local or gs://")
-        out.add_argument("--output_dtype", default="float32", choices=tuple(OUTPUT_DTYPES),
-                         help="Storage dtype of the activations")
-        out.add_argument("--exclude_special_tokens", type=flag, nargs="?", const=True, default=True,
-                         help="Do not store <|endoftext|>, <|im_start|>, <|im_end|> and pad tokens "
-                              "(they still run through the model)")
-        out.add_argument("--positions", default=":",
-                         help="Python-style slice of each sequence's positions to store, e.g. -64: or 0:512")
-        out.add_argument("--arc_tokens", default="all", choices=("all", "test"),
-                         help="ARC: store every prompt token, or only the test input and the answer part")
-        out.add_argument("--shuffle", type=flag, nargs="?", const=True, default=False,
-                         help="Shuffle samples across documents and files before batching, and records within "
-                              "each file (seeded by --seed), so consecutive records come from different documents")
-        out.add_argument("--shard_size_mb", type=int, default=256,
-                         help="Start a new TFRecord file once one reaches this size")
-        out.add_argument("--resume", type=flag, nargs="?", const=True, default=False,
-                         help="Continue an interrupted run into the same --output: samples it already "
-                              "committed are skipped, nothing is written twice")
-
-        streaming = parser.add_argument_group("beam-extract: streaming (with Beam's --streaming)")
-        streaming.add_argument("--poll_interval", type=int, default=60,
-                               help="Seconds between listings of --input for new files; each file is read once")
-        streaming.add_argument("--window_seconds", type=int, default=600,
-                               help="Output is grouped into fixed windows of this many seconds of arrival time: "
-                                    "each window gets its own files and an index in OUT/_windows/")
-        streaming.add_argument("--flush_seconds", type=int, default=60,
-                               help="A partial batch is extracted once its first sample has waited this long, so "
-                                    "a trickle of input does not wait for the end of its window")
+        add_arguments(parser)
         add_legacy_arguments(parser)
+
+
+def check_ranges(values: dict) -> None:
+    """Numbers within their documented ranges (argparse checked types and choices)."""
+    for option in OPTIONS:
+        value = values[option.name]
+        if option.kind is int and not (option.minimum or 0) <= value <= (option.maximum or value):
+            raise UsageError(f"--{option.name} {value}: expected {option.accepted()}")
 
 
 def parse_layers(spec: str, num_layers: int) -> tuple[int, ...]:
@@ -142,9 +191,9 @@ def parse_layers(spec: str, num_layers: int) -> tuple[int, ...]:
         try:
             layers.update(range(int(first), int(last or first) + 1))
         except ValueError:
-            raise ValueError(f"--layers {spec!r}: {part!r} is not a layer or a range a-b") from None
+            raise UsageError(f"--layers {spec!r}: {part!r} is not a layer or a range a-b") from None
     if not layers or min(layers) < 0 or max(layers) >= num_layers:
-        raise ValueError(f"--layers {spec!r}: the model has layers 0..{num_layers - 1}")
+        raise UsageError(f"--layers {spec!r}: the model has layers 0..{num_layers - 1}")
     return tuple(sorted(layers))
 
 
@@ -152,18 +201,11 @@ def parse_sites(spec: str) -> tuple[str, ...]:
     sites = tuple(dict.fromkeys(s.strip() for s in spec.split(",") if s.strip()))
     unknown = [s for s in sites if s not in SITES]
     if unknown or not sites:
-        raise ValueError(f"--sites {spec!r}: choose from {', '.join(SITES)}")
+        raise UsageError(f"--sites {spec!r}: choose from {', '.join(SITES)}")
     return sites
 
 
 def extract_options(options: PipelineOptions) -> dict:
     """Our options (not Beam's or the cloud's, which may hold credentials) as a plain dict."""
-    parser = argparse.ArgumentParser()
-    ExtractOptions._add_argparse_args(parser)
     view = options.view_as(ExtractOptions)
-    return {action.dest: getattr(view, action.dest) for action in parser._actions if is_ours(action)}
-
-
-def is_ours(action: argparse.Action) -> bool:
-    """Our current options; not --help, and not the old scripts' hidden flags."""
-    return action.dest != "help" and action.help != argparse.SUPPRESS
+    return {option.name: getattr(view, option.name) for option in OPTIONS}

@@ -109,14 +109,15 @@ def build(paths: beam.PCollection, job: Job) -> None:
     o = job.options
     if job.streaming:
         paths = paths | "Window" >> beam.WindowInto(FixedWindows(o["window_seconds"]))
-    read = paths | "ReadLines" >> ReadLines()
+    read = paths | "ReadLines" >> ReadLines(o["max_line_bytes"])
     parsed = read.lines | "Parse" >> beam.ParDo(ParseDoFn(o["input_format"], o["text_field"], input_root(o["input"]),
                                                           job.driver)).with_outputs(DEAD_LETTER, main="records")
     records, duplicates = parsed.records | "UniqueTaskIds" >> DropDuplicateTasks()
     tokenized = (
         records
         | "Augment" >> beam.FlatMap(expand_views, o["seed"], o["views_per_task"])
-        | "Tokenize" >> beam.ParDo(TokenizeDoFn(o, job.driver)).with_outputs(DEAD_LETTER, main="samples")
+        | "Tokenize" >> beam.ParDo(TokenizeDoFn(o, job.config.vocab_size, job.driver)).with_outputs(
+            DEAD_LETTER, main="samples")
     )
     samples = tokenized.samples | "SkipCommitted" >> beam.ParDo(SkipCommitted(job.resumed.skip_path)).with_outputs(
         RESUMED, DEAD_LETTER, main="todo")

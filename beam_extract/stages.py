@@ -52,11 +52,12 @@ def expand_views(record, seed: int, views_per_task: int) -> list:
 class TokenizeDoFn(beam.DoFn):
     """Records -> samples; the tokenizer and prompt settings are loaded once per DoFn instance."""
 
-    def __init__(self, options: dict, driver: Driver | None = None):
+    def __init__(self, options: dict, vocab_size: int, driver: Driver | None = None):
         self._driver = driver  # a local job's driver: this worker process dies with it
-        self._model, self._max_seq_len = options["model"], options["max_seq_len"]
+        self._model, self._max_seq_len, self._vocab_size = options["model"], options["max_seq_len"], vocab_size
         self._prompt = (options["prompt_template"], options["grid_encoder"], options["include_answer"])
         self._selection = (options["exclude_special_tokens"], options["positions"], options["arc_tokens"] == "test")
+        self._markers_as_text = not options["special_tokens_in_text"]
         self._dropped = Metrics.counter("arc", "train_examples_dropped")
         self._fitted = Metrics.counter("arc", "prompts_fitted_by_dropping")
 
@@ -70,7 +71,8 @@ class TokenizeDoFn(beam.DoFn):
                                       parse_positions(positions), arc_test_only)
 
     def process(self, record):
-        results = to_samples(record, self._tokenizer, self._settings, self._max_seq_len, self._tokens)
+        results = to_samples(record, self._tokenizer, self._settings, self._max_seq_len, self._tokens,
+                             self._markers_as_text, self._vocab_size)
         for result in results:
             if isinstance(result, Sample) and result.train_dropped:
                 self._dropped.inc(result.train_dropped)
@@ -113,7 +115,7 @@ def is_duplicate_task(task_id: str, tasks: Iterable[ArcTask]):
     first, *rest = sorted(tasks, key=lambda t: (t.source, t.line_number))
     yield first
     for task in rest:
-        yield DeadLetter(task.source, task.line_number, "parse", "duplicate_task_id",
+        yield DeadLetter(task.source, task.line_number, "dedup", "duplicate_task_id",
                          f"task id {task_id!r} is first used at {first.source}:{first.line_number}")
 
 

@@ -12,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-from beam_extract.options import ExtractOptions, flag, is_ours
+from beam_extract.options import OPTIONS, Option, flag
 
 METADATA = Path(__file__).resolve().parent.parent / "templates" / "metadata.json"
 GCS_PATH = r"^gs:\/\/[^\n\r]+$"
@@ -20,36 +20,33 @@ GCS_PATH = r"^gs:\/\/[^\n\r]+$"
 GCS_PARAMETERS = {"output"}
 
 
-def _regexes(action: argparse.Action) -> list[str]:
-    if action.dest in GCS_PARAMETERS:
+def _regexes(option: Option) -> list[str]:
+    if option.name in GCS_PARAMETERS:
         return [GCS_PATH]
-    if action.choices:
-        return ["^(" + "|".join(action.choices) + ")$"]
-    if action.type is int:
+    if option.choices:
+        return ["^(" + "|".join(option.choices) + ")$"]
+    if option.kind is int:
         return [r"^[0-9]+$"]
-    if action.type is flag:
+    if option.kind is flag:
         return ["^(true|false)$"]
     return []
 
 
 def template_metadata() -> dict:
-    parser = argparse.ArgumentParser()
-    ExtractOptions._add_argparse_args(parser)
     parameters = []
-    for action in parser._actions:
-        if not is_ours(action):
-            continue
+    for option in OPTIONS:
+        accepted = option.accepted()
         parameter = {
-            "name": action.dest,
-            "label": action.dest.replace("_", " ").capitalize(),
-            "helpText": action.help,
-            "isOptional": action.dest not in GCS_PARAMETERS,
+            "name": option.name,
+            "label": option.name.replace("_", " ").capitalize(),
+            "helpText": option.help + (f" ({accepted})" if accepted and option.kind is int else ""),
+            "isOptional": option.name not in GCS_PARAMETERS,
         }
-        if action.type is flag:
-            parameter["defaultValue"] = str(action.default).lower()
-        elif action.default is not None and action.dest not in GCS_PARAMETERS:
-            parameter["defaultValue"] = str(action.default)
-        if regexes := _regexes(action):
+        if option.kind is flag:
+            parameter["defaultValue"] = str(option.default).lower()
+        elif option.default is not None and option.name not in GCS_PARAMETERS:
+            parameter["defaultValue"] = str(option.default)
+        if regexes := _regexes(option):
             parameter["regexes"] = regexes
         parameters.append(parameter)
     return {

@@ -12,7 +12,7 @@ import transformers
 
 from beam_extract.arc.augment import ArcView
 from beam_extract.arc.encoders import Encoder
-from beam_extract.arc.prompt import PromptTemplate, PromptTooLong, build_prompts, token_ids
+from beam_extract.arc.prompt import PromptTemplate, PromptTooLong, build_prompts
 from beam_extract.records.dead_letter import DeadLetter
 from beam_extract.records.text import TextDoc
 
@@ -70,9 +70,12 @@ def parse_positions(spec: str) -> slice:
     try:
         if len(parts) not in (2, 3):
             raise ValueError
-        return slice(*(int(p) if p.strip() else None for p in parts))
+        positions = slice(*(int(p) if p.strip() else None for p in parts))
     except ValueError:
         raise ValueError(f"--positions {spec!r}: expected a slice like -64: or 0:128") from None
+    if positions.step is not None and positions.step < 1:
+        raise ValueError(f"--positions {spec!r}: the step must be at least 1")
+    return positions
 
 
 def special_token_ids(tokenizer) -> frozenset[int]:
@@ -94,9 +97,17 @@ def load_tokenizer(model_dir: str | Path) -> transformers.PreTrainedTokenizerBas
     return transformers.AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
 
 
-def text_samples(doc: TextDoc, tokenizer, max_seq_len: int, selection: TokenSelection) -> list[Sample | DeadLetter]:
+def text_token_ids(tokenizer, text: str, markers_as_text: bool = True) -> np.ndarray:
+    """A document's tokens. Chat markers written in it (`<|im_end|>`) are characters like any
+    others unless `markers_as_text` is off: only the chat template inserts control tokens."""
+    encoded = tokenizer(text, add_special_tokens=False, split_special_tokens=markers_as_text)
+    return np.asarray(encoded["input_ids"], dtype=np.int32)
+
+
+def text_samples(doc: TextDoc, tokenizer, max_seq_len: int, selection: TokenSelection,
+                 markers_as_text: bool = True) -> list[Sample | DeadLetter]:
     """One sample per window of at most `max_seq_len` tokens (non-overlapping)."""
-    ids = token_ids(tokenizer, doc.text)
+    ids = text_token_ids(tokenizer, doc.text, markers_as_text)
     return [
         select(Sample(f"{doc.key}#w{start // max_seq_len}", ids[start : start + max_seq_len], doc.source,
                       doc.line_number, doc_id=doc.doc_id), selection)
@@ -128,11 +139,24 @@ def arc_samples(view: ArcView, tokenizer, settings: PromptSettings, max_seq_len:
     return results
 
 
+def within_vocabulary(result: Sample | DeadLetter, vocab_size: int) -> Sample | DeadLetter:
+    """A token id past the model's embedding would silently read its last row (a gather clamps on
+    accelerators): such a sample is a dead letter naming the id."""
+    if isinstance(result, Sample) and len(result.token_ids) and int(result.token_ids.max()) >= vocab_size:
+        return DeadLetter(result.source, result.line_number, "tokenize", "token_out_of_range",
+                          f"{result.sample_id}: token id {int(result.token_ids.max())} has no row in the model's "
+                          f"embedding of {vocab_size} rows")
+    return result
+
+
 def to_samples(record: TextDoc | ArcView, tokenizer, settings: PromptSettings, max_seq_len: int,
-               selection: TokenSelection) -> list[Sample | DeadLetter]:
+               selection: TokenSelection, markers_as_text: bool = True,
+               vocab_size: int | None = None) -> list[Sample | DeadLetter]:
     try:
         if isinstance(record, ArcView):
-            return arc_samples(record, tokenizer, settings, max_seq_len, selection)
-        return text_samples(record, tokenizer, max_seq_len, selection)
+            results = arc_samples(record, tokenizer, settings, max_seq_len, selection)
+        else:
+            results = text_samples(record, tokenizer, max_seq_len, selection, markers_as_text)
+        return [within_vocabulary(r, vocab_size) for r in results] if vocab_size else results
     except Exception as error:  # a tokenizer failure on one record must not stop the job
         return [DeadLetter(record.source, record.line_number, "tokenize", "tokenizer_error", repr(error)[:500])]

@@ -116,3 +116,16 @@ def test_arbitrary_json_gives_a_record_or_a_reason(value, input_format):
     assert isinstance(result, (DeadLetter, TextDoc, ArcTask))
     if isinstance(result, DeadLetter):
         assert result.reason and result.raw
+
+
+def test_the_readme_lists_every_dead_letter_reason_by_stage():
+    import re
+    from pathlib import Path
+
+    from beam_extract.records.dead_letter import REASONS
+
+    readme = Path(__file__).parent.parent.joinpath("README.md").read_text()
+    paragraph = readme[readme.index("Reasons by\nstage:"):]
+    paragraph = paragraph[: paragraph.index("\n\n")]
+    listed = dict(re.findall(r"`(\w+)`\s+\(([^)]*)\)", paragraph))
+    assert {stage: tuple(re.findall(r"`(\w+)`", codes)) for stage, codes in listed.items()} == REASONS

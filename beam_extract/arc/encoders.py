@@ -138,6 +138,11 @@ ENCODERS: dict[str, type[Encoder]] = {cls.__name__: cls for cls in (
 _TOKEN = re.compile(r"\s*(?:(?P<name>[A-Za-z]+)|(?P<int>\d+)|(?P<str>'[^']*'|\"[^\"]*\")|(?P<punct>[(),]))")
 
 
+# Bounds on what a name can ask for: a grid's text grows with a repeat count, and the parser recurses.
+MAX_REPEAT = 16
+MAX_ENCODER_DEPTH = 16
+
+
 def parse_encoder(spec: str) -> Encoder:
     """Builds an encoder from a name like `RowNumberEncoder(GridWithSeparationEncoder('|'))`."""
     tokens = []
@@ -161,7 +166,9 @@ def parse_encoder(spec: str) -> Encoder:
         index += 1
         return got_text
 
-    def expression():
+    def expression(depth: int = 0):
+        if depth > MAX_ENCODER_DEPTH:
+            raise ValueError(f"encoder {spec[:80]!r}...: nested deeper than {MAX_ENCODER_DEPTH} encoders")
         kind, text = tokens[index]
         if kind == "int":
             return int(take("int"))
@@ -173,7 +180,7 @@ def parse_encoder(spec: str) -> Encoder:
         take("punct", "(")
         args = []
         while tokens[index] != ("punct", ")"):
-            args.append(expression())
+            args.append(expression(depth + 1))
             if tokens[index] == ("punct", ","):
                 take("punct", ",")
         take("punct", ")")
@@ -185,6 +192,8 @@ def parse_encoder(spec: str) -> Encoder:
             given = "Encoder" if isinstance(arg, Encoder) else type(arg).__name__
             if given != field.type:  # annotations are strings here (postponed evaluation)
                 raise ValueError(f"encoder {spec!r}: {name}'s {field.name} must be a {field.type}, not a {given}")
+            if given == "int" and not 1 <= arg <= MAX_REPEAT:
+                raise ValueError(f"encoder {spec!r}: {name}'s {field.name} must be 1 to {MAX_REPEAT}, not {arg}")
         return encoder
 
     encoder = expression()

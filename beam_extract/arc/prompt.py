@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 from jinja2 import StrictUndefined, TemplateError
+from jinja2.exceptions import SecurityError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from beam_extract.arc.encoders import Encoder
@@ -26,9 +27,47 @@ ANSWER_PREFIX = "```grid"
 END_OF_TURN = "<|im_end|>"
 BLOCKS = ("system", "user", "assistant")
 
-# Sandboxed: a template file can format text but cannot reach Python objects or the file system.
-_ENVIRONMENT = ImmutableSandboxedEnvironment(undefined=StrictUndefined, keep_trailing_newline=True,
-                                             trim_blocks=True, autoescape=False)
+# A rendered prompt longer than this is refused: far past any context window, and a bound on what a
+# template can make a worker allocate.
+MAX_PROMPT_CHARS = 4 << 20
+MAX_EXPONENT = 64
+MAX_TEMPLATE_BYTES = 1 << 20
+# Methods of strings whose arguments set how much they allocate (a width, a count).
+_SIZED_METHODS = frozenset({"center", "ljust", "rjust", "zfill", "expandtabs", "format", "format_map"})
+
+
+class _BoundedSandbox(ImmutableSandboxedEnvironment):
+    """Jinja's immutable sandbox (no Python objects, no file system), with bounded sizes. The
+    sandbox does not fold intercepted operators into constants at compile time, so `'a' * 10**10`
+    is checked here when rendered instead of being built while the template loads."""
+
+    intercepted_binops = frozenset({"*", "**", "+"})
+
+    def call_binop(self, context, operator, left, right):
+        if operator == "**" and isinstance(right, int) and abs(right) > MAX_EXPONENT:
+            raise SecurityError(f"exponent {right} is over {MAX_EXPONENT}")
+        if operator in ("*", "+"):
+            sizes = [len(v) if isinstance(v, (str, list, tuple)) else None for v in (left, right)]
+            if operator == "*" and None in sizes and sizes != [None, None]:
+                count = right if sizes[0] is not None else left
+                size = (sizes[0] or sizes[1]) * (count if isinstance(count, int) else 0)
+            else:
+                size = sum(n or 0 for n in sizes)
+            if size > MAX_PROMPT_CHARS:
+                raise SecurityError(f"an expression would make {size} items, over {MAX_PROMPT_CHARS}")
+        return super().call_binop(context, operator, left, right)
+
+    def call(self, context, obj, *args, **kwargs):
+        method = getattr(obj, "__wrapped__", obj)  # the sandbox wraps str.format
+        if isinstance(getattr(method, "__self__", None), str) and getattr(method, "__name__", "") in _SIZED_METHODS:
+            raise SecurityError(f"str.{method.__name__} is not available in prompt templates")
+        return super().call(context, obj, *args, **kwargs)
+
+
+_ENVIRONMENT = _BoundedSandbox(undefined=StrictUndefined, keep_trailing_newline=True, trim_blocks=True,
+                               autoescape=False)
+for _name in ("center", "indent", "wordwrap", "format", "filesizeformat"):  # filters that take a width or a format
+    _ENVIRONMENT.filters.pop(_name, None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,7 +78,11 @@ class PromptTemplate:
     def render(self, train_pairs: list[dict[str, str]], test_input: str, answer: str) -> list[dict[str, str]]:
         template = _ENVIRONMENT.from_string(self.source)
         context = template.new_context({"train_pairs": train_pairs, "test_input": test_input, "answer": answer})
-        return [{"role": block, "content": "".join(template.blocks[block](context))} for block in BLOCKS]
+        messages = [{"role": block, "content": "".join(template.blocks[block](context))} for block in BLOCKS]
+        size = sum(len(m["content"]) for m in messages)
+        if size > MAX_PROMPT_CHARS:
+            raise ValueError(f"prompt template {self.name!r} rendered {size} characters, over {MAX_PROMPT_CHARS}")
+        return messages
 
 
 def load_template(name_or_path: str) -> PromptTemplate:
@@ -51,7 +94,12 @@ def load_template(name_or_path: str) -> PromptTemplate:
         if not path.is_file():
             raise ValueError(f"prompt template {name_or_path!r} is neither built in "
                              f"({', '.join(BUILTIN_TEMPLATES)}) nor a file")
-        source = path.read_text("utf-8")
+        if path.stat().st_size > MAX_TEMPLATE_BYTES:
+            raise ValueError(f"prompt template {name_or_path!r} is over {MAX_TEMPLATE_BYTES} bytes")
+        try:
+            source = path.read_text("utf-8")
+        except UnicodeDecodeError as error:
+            raise ValueError(f"prompt template {name_or_path!r} is not UTF-8 (byte {error.start})") from None
     try:
         blocks = _ENVIRONMENT.from_string(source).blocks
     except TemplateError as error:
@@ -92,7 +140,7 @@ def _test_start(tokenizer, text: str, messages: list[dict[str, str]], encoded_in
 
 
 def token_ids(tokenizer, text: str) -> np.ndarray:
-    # Chat markers are in the text already; Qwen2.5 adds no BOS.
+    # The chat template wrote the markers, so they are control tokens here; Qwen2.5 adds no BOS.
     return np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=np.int32)
 
 

@@ -50,6 +50,13 @@ class SourceLine(NamedTuple):
     path: str
     line_number: int  # 1-based
     data: bytes  # without the line ending; decoding is the parser's job (invalid UTF-8 is a dead letter)
+    too_long: int = 0  # a line over the byte limit: its length (data holds its start only), for a dead letter
+
+
+# Default --max_line_bytes: a line longer than this is a `line_too_long` dead letter, read past
+# without being held in memory.
+MAX_LINE_BYTES = 64 << 20
+_KEPT_OF_A_LONG_LINE = 4096  # the start of an over-long line, kept for its dead letter
 
 
 _CHUNK = 1 << 16
@@ -163,7 +170,20 @@ def _refusal(path: str) -> tuple[str, str] | None:
     return None
 
 
-def read_lines(path: str) -> Iterator[SourceLine | DeadLetter]:
+def _lines(stream: BinaryIO, limit: int) -> Iterator[tuple[bytes, int]]:
+    """(line, 0), or for a line over `limit` bytes (its start, its length): no line is held whole
+    past the limit."""
+    while line := stream.readline(limit + 1):
+        if len(line) <= limit or line.endswith(b"\n"):
+            yield line, 0
+            continue
+        size, start = len(line), line[:_KEPT_OF_A_LONG_LINE]
+        while not line.endswith(b"\n") and (line := stream.readline(1 << 20)):
+            size += len(line)
+        yield start, size
+
+
+def read_lines(path: str, max_line_bytes: int = MAX_LINE_BYTES) -> Iterator[SourceLine | DeadLetter]:
     """Streams one file (local or gs://, compressed by suffix) line by line: memory does not grow
     with it. If the file fails, ends with one DeadLetter (see the module docstring)."""
     count = 0
@@ -178,9 +198,9 @@ def read_lines(path: str) -> Iterator[SourceLine | DeadLetter]:
             raise _Unreadable(error) from error
         # The decoders do not close a handle they were given: the outer `with` does.
         with _Raw(handle) as raw, _decoded(raw, path) as lines:
-            for line in iter(lines.readline, b""):
+            for line, too_long in _lines(lines, max_line_bytes):
                 count += 1
-                yield SourceLine(path, count, line.rstrip(b"\r\n"))
+                yield SourceLine(path, count, line.rstrip(b"\r\n"), too_long)
     except _Unreadable as error:
         yield _dead_letter(path, "unreadable_file", f"cannot read: {error}", count)
     except EOFError as error:
@@ -239,10 +259,13 @@ class _ReadFile(beam.DoFn):
     """A file's lines on the main output and its dead letter, if any, on DEAD_LETTER; both keep the
     path's timestamp and window."""
 
+    def __init__(self, max_line_bytes: int):
+        self._max_line_bytes = max_line_bytes
+
     def process(self, path: str):
         from beam_extract.records.dead_letter import DEAD_LETTER
 
-        for item in read_lines(path):
+        for item in read_lines(path, self._max_line_bytes):
             if isinstance(item, SourceLine):
                 yield item
             else:
@@ -252,7 +275,13 @@ class _ReadFile(beam.DoFn):
 
 class ReadLines(beam.PTransform):
     """File paths -> `lines` (a SourceLine per line) and DEAD_LETTER (one DeadLetter per file that
-    failed, see the module docstring): `read = paths | ReadLines(); read.lines; read[DEAD_LETTER]`."""
+    failed, see the module docstring): `read = paths | ReadLines(); read.lines; read[DEAD_LETTER]`.
+    A line over `max_line_bytes` arrives as its start with `too_long` set, for the parser to
+    dead-letter."""
+
+    def __init__(self, max_line_bytes: int = MAX_LINE_BYTES):
+        super().__init__()
+        self._max_line_bytes = max_line_bytes
 
     def expand(self, paths):
         from beam_extract.records.dead_letter import DEAD_LETTER
@@ -260,5 +289,5 @@ class ReadLines(beam.PTransform):
         return (
             paths
             | "SpreadFiles" >> beam.Reshuffle()
-            | "Lines" >> beam.ParDo(_ReadFile()).with_outputs(DEAD_LETTER, main="lines")
+            | "Lines" >> beam.ParDo(_ReadFile(self._max_line_bytes)).with_outputs(DEAD_LETTER, main="lines")
         )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import transformers
@@ -49,6 +50,8 @@ def _rope_theta(hf: transformers.PretrainedConfig) -> float:
     theta = rope.get("rope_theta", getattr(hf, "rope_theta", None))
     if theta is None:
         raise UnsupportedConfigError("rope_theta", None, "missing from config")
+    if not isinstance(theta, (int, float)) or not 0 < theta < float("inf"):
+        raise UnsupportedConfigError("rope_theta", theta, "must be a positive number")
     return float(theta)
 
 
@@ -84,6 +87,39 @@ def config_from_hf(hf: transformers.PretrainedConfig) -> ModelConfig:
     )
 
 
+# Sizes config.json may give, checked before any transformers constructor sees them (a constructor
+# builds per-layer lists, so `num_hidden_layers: 1e9` would hang it). Far above any model we load.
+CONFIG_BOUNDS = {
+    "num_hidden_layers": 1024, "num_attention_heads": 1024, "num_key_value_heads": 1024, "head_dim": 4096,
+    "hidden_size": 1 << 16, "intermediate_size": 1 << 20, "vocab_size": 1 << 22, "max_position_embeddings": 1 << 24,
+}
+MAX_CONFIG_BYTES = 1 << 20
+
+
+def check_config_json(path: Path) -> dict:
+    """config.json's sizes within CONFIG_BOUNDS, as whole numbers; anything else is an error naming the
+    field."""
+    if not path.is_file():
+        raise UnsupportedConfigError("config.json", str(path), "is missing")
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise UnsupportedConfigError("config.json", f"{path.stat().st_size} bytes", f"over {MAX_CONFIG_BYTES} bytes")
+    try:
+        raw = json.loads(path.read_text("utf-8"))
+    except (ValueError, RecursionError) as error:  # UnicodeDecodeError is a ValueError
+        raise UnsupportedConfigError("config.json", str(path), f"is not valid JSON: {str(error)[:120]}") from None
+    if not isinstance(raw, dict):
+        raise UnsupportedConfigError("config.json", type(raw).__name__, "must hold a JSON object")
+    for field, bound in CONFIG_BOUNDS.items():
+        value = raw.get(field)
+        if value is None and field in ("num_key_value_heads", "head_dim", "max_position_embeddings"):
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= bound:
+            raise UnsupportedConfigError(field, value, f"must be a whole number from 1 to {bound}")
+    return raw
+
+
 def load_hf_config(model_dir: str | Path) -> transformers.PretrainedConfig:
-    """config.json through AutoConfig: no remote code, so only transformers' own classes load."""
+    """config.json through AutoConfig, once its sizes are checked: no remote code, so only
+    transformers' own classes load."""
+    check_config_json(Path(model_dir) / "config.json")
     return transformers.AutoConfig.from_pretrained(str(model_dir), trust_remote_code=False)

@@ -40,22 +40,30 @@ RULES = {"vocab": "model", "heads": "model", "kv": "model", "mlp": "model", "emb
 AUTO_WEIGHT_SHARE = 0.5
 
 
+def mesh_sizes(spec: str, devices: int | None = None) -> dict[str, int] | None:
+    """The axis sizes of `data:4,model:2` (None for `auto`), checked against a device count when it
+    is known (the driver of a local job sees the workers' devices)."""
+    if spec == "auto":
+        return None
+    sizes = {"data": 1, "model": 1}
+    for part in spec.split(","):
+        name, _, size = part.strip().partition(":")
+        if name not in AXES or not size.isdigit() or int(size) < 1:
+            raise ValueError(f"--mesh {spec!r}: expected 'auto' or axes like data:4,model:2")
+        sizes[name] = int(size)
+    if devices is not None and sizes["data"] * sizes["model"] != devices:
+        raise ValueError(f"--mesh {spec!r} covers {sizes['data'] * sizes['model']} devices; this host has {devices}")
+    return sizes
+
+
 def parse_mesh(spec: str, devices: list | None = None, param_bytes: int = 0) -> Mesh:
     """`auto` or `data:4,model:2` over `devices` (default: this host's local devices, all of them)."""
     devices = list(devices if devices is not None else local_devices())
     n = len(devices)
-    if spec == "auto":
+    sizes = mesh_sizes(spec, n)
+    if sizes is None:
         model = _auto_model_axis(devices, param_bytes)
         sizes = {"data": n // model, "model": model}
-    else:
-        sizes = {"data": 1, "model": 1}
-        for part in spec.split(","):
-            name, _, size = part.strip().partition(":")
-            if name not in AXES or not size.isdigit() or int(size) < 1:
-                raise ValueError(f"--mesh {spec!r}: expected 'auto' or axes like data:4,model:2")
-            sizes[name] = int(size)
-    if sizes["data"] * sizes["model"] != n:
-        raise ValueError(f"--mesh {spec!r} covers {sizes['data'] * sizes['model']} devices; this host has {n}")
     return Mesh(np.asarray(devices).reshape(sizes["data"], sizes["model"]), AXES)
 
 

@@ -21,6 +21,8 @@ INDEX_FILE = "model.safetensors.index.json"
 METADATA_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
                   "special_tokens_map.json", "generation_config.json")
 WEIGHT_FILES = ("*.safetensors", INDEX_FILE)
+# Floating-point weights only: int8 and friends would need their quantisation scales, which we do not apply.
+STORED_DTYPES = ("BF16", "F16", "F32")
 
 # Hugging Face layer tensor -> (our stacked name, whether to transpose [out, in] -> [in, out]).
 LAYER_TENSORS = {
@@ -102,8 +104,20 @@ def checkpoint_files(model_dir: Path) -> dict[str, Path]:
     """Tensor name -> file holding it, from the shard index or the single file."""
     index = model_dir / INDEX_FILE
     if index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return {name: model_dir / file for name, file in weight_map.items()}
+        try:
+            weight_map = json.loads(index.read_text("utf-8"))["weight_map"]
+        except (ValueError, KeyError, TypeError, RecursionError) as error:
+            raise CheckpointError(f"{index} is not a shard index with a weight_map: {error!r}"[:300]) from None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise CheckpointError(f"{index}: weight_map must map tensor names to file names")
+        root = model_dir.resolve()
+        files = {}
+        for name, file in weight_map.items():
+            path = (model_dir / file).resolve()
+            if path.parent != root:  # no ../, no absolute path, no subdirectory: only the model's own files
+                raise CheckpointError(f"{index}: {name!r} names {file!r}, outside the model directory")
+            files[name] = path
+        return files
     single = model_dir / SINGLE_FILE
     if not single.exists():
         raise CheckpointError(f"{model_dir} has neither {SINGLE_FILE} nor {INDEX_FILE}")
@@ -156,7 +170,11 @@ def _read_tensors(config: ModelConfig, model_dir: Path) -> dict[str, np.ndarray]
                         raise CheckpointError(f"unexpected tensor {name!r} in {path.name}")
                     if name not in available:
                         raise CheckpointError(f"tensor {name!r} is indexed in {path.name} but not stored there")
-                    shape = tuple(handle.get_slice(name).get_shape())
+                    stored = handle.get_slice(name)
+                    if stored.get_dtype() not in STORED_DTYPES:
+                        raise CheckpointError(f"tensor {name!r} is stored as {stored.get_dtype()}; only "
+                                              f"{', '.join(STORED_DTYPES)} weights are read")
+                    shape = tuple(stored.get_shape())
                     want = expected.get(key) or optional[key]
                     if shape != want:
                         raise CheckpointError(f"tensor {name!r} has shape {shape}, config implies {want}")

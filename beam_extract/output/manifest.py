@@ -134,14 +134,18 @@ def problems(counts: dict, dead_letters: dict, whole_run: bool = True) -> list[s
     everything committed, by it and by the run it resumed. A `model_oom` sample is a dead letter,
     not a loss: it is extracted but not committed."""
     found = []
-    oom, changed = dead_letters.get("model_oom", 0), dead_letters.get("changed_since_commit", 0)
+    oom, broken = dead_letters.get("model_oom", 0), dead_letters.get("non_finite", 0)
+    changed = dead_letters.get("changed_since_commit", 0)
+    if broken:
+        found.append(f"{broken} samples had NaN or infinite activations (non_finite dead letters): check the weights")
+    failed = oom + broken  # extracted, then dead-lettered: not committed
     if counts["lines_unaccounted"]:
         found.append(f"{counts['lines_unaccounted']} lines read are neither written nor dead-lettered")
     if lost := sum(dead_letters.get(reason, 0) for reason in LOST_LINES):
         found.append(f"{lost} input files were not read to their end (see the read dead letters)")
-    if counts["samples_extracted_now"] != counts["samples_committed_now"] + oom:
+    if counts["samples_extracted_now"] != counts["samples_committed_now"] + failed:
         found.append(f"{counts['samples_extracted_now']} samples extracted but {counts['samples_committed_now']} "
-                     f"committed by this run{f' and {oom} dead-lettered as model_oom' if oom else ''}")
+                     f"committed by this run{f' and {failed} dead-lettered by the extraction' if failed else ''}")
     if counts["samples_committed_twice"]:
         found.append(f"{counts['samples_committed_twice']} samples committed more than once")
     if changed:
@@ -149,9 +153,9 @@ def problems(counts: dict, dead_letters: dict, whole_run: bool = True) -> list[s
                      "(changed_since_commit dead letters)")
     if not whole_run:
         return found
-    if counts["samples_committed"] != counts["samples"] - oom + changed:
-        found.append(f"{counts['samples_committed']} samples committed for {counts['samples'] - oom} produced from "
-                     "this input (the resumed run committed samples of other input)")
+    if counts["samples_committed"] != counts["samples"] - failed + changed:
+        found.append(f"{counts['samples_committed']} samples committed for {counts['samples'] - failed} produced "
+                     "from this input (the resumed run committed samples of other input)")
     if not counts["samples_committed"]:
         found.append("no sample was written")
     return found

@@ -44,9 +44,9 @@ class OutputRefused(Exception):
 
 # Options that change which samples exist or their activations. Everything else (batching, mesh,
 # shard size, shuffling, runner flags) may differ between a run and its resumption.
-FINGERPRINT_OPTIONS = ("input_format", "text_field", "max_seq_len", "views_per_task", "seed", "grid_encoder",
-                       "include_answer", "dtype", "output_dtype", "exclude_special_tokens", "positions",
-                       "arc_tokens")
+FINGERPRINT_OPTIONS = ("input_format", "text_field", "max_line_bytes", "special_tokens_in_text", "max_seq_len",
+                       "views_per_task", "seed", "grid_encoder", "include_answer", "dtype", "output_dtype",
+                       "exclude_special_tokens", "positions", "arc_tokens")
 
 
 def fingerprint(options: dict, *, weights_sha256: str, config: dict, tokenizer_sha256: str,
@@ -232,7 +232,7 @@ OURS = (RUN_DIR, "_committed", "_windows", "dead_letter", "manifest.json")
 GLOB_CHARACTERS = "*?[]{}"
 
 
-def check_output(output: str, run: dict, resume: bool, site_names: set[str]) -> dict | None:
+def check_output(output: str, run: dict, resume: bool, site_names: set[str], overwrite: bool = False) -> dict | None:
     """Refuses an output that this job must not write into; returns the fingerprint of the run it
     holds (None for an empty or new directory). Reads only: called before the lock is taken (so a
     refused directory is left as it was) and again once it is held."""
@@ -256,9 +256,11 @@ def check_output(output: str, run: dict, resume: bool, site_names: set[str]) -> 
     if foreign:
         raise OutputRefused(f"{output} holds files beam-extract did not write ({', '.join(foreign[:5])}); "
                             "nothing was changed: move them away or choose another --output")
+    if overwrite:
+        return before
     if not resume:
-        raise OutputRefused(f"{output} holds results of an earlier run: pass --resume to continue it, "
-                            "or choose another --output")
+        raise OutputRefused(f"{output} holds results of an earlier run: pass --resume to continue it, --overwrite "
+                            "to replace it, or choose another --output")
     changed = differences(before, run)
     if changed:
         raise OutputRefused(f"--resume refused: {output} holds a run with other settings: " + "; ".join(changed))
@@ -270,6 +272,15 @@ def remove_dead_letters(output: str, stages: tuple[str, ...]) -> None:
     dead-letter files (and Beam's temporary directories beside them) go; nothing else there."""
     patterns = [f"{output}/dead_letter/{stage}-*.jsonl" for stage in stages] + [f"{output}/dead_letter/beam-temp-*"]
     delete_quietly([path for pattern in patterns for path in list_paths(pattern)])
+
+
+def remove_our_output(output: str, sites: tuple[str, ...], stages: tuple[str, ...]) -> None:
+    """--overwrite: deletes what runs of ours wrote (by our file names), nothing else."""
+    patterns = [f"{output}/_committed/*.json", f"{output}/_windows/*.json", f"{output}/manifest.json",
+                f"{output}/{FINGERPRINT}", f"{output}/{INPUTS}", f"{output}/{RUN_DIR}/*.skip.json.gz",
+                *(f"{output}/{site}/layer_*/part-*.tfrecord" for site in sites)]
+    delete_quietly([path for pattern in patterns for path in list_paths(pattern)])
+    remove_dead_letters(output, stages)
 
 
 def record_fingerprint(output: str, run: dict) -> None:

@@ -11,14 +11,31 @@ DEAD_LETTER = "dead_letter"
 MAX_RAW_BYTES = 4096
 
 
+# Every reason code, by the stage that gives it (the README lists the same; a test compares them).
+REASONS: dict[str, tuple[str, ...]] = {
+    "read": ("truncated_file", "corrupt_file", "unreadable_file", "bad_file_name", "not_a_file"),
+    "parse": ("line_too_long", "invalid_json", "invalid_utf8", "invalid_unicode", "not_an_object", "missing_field",
+              "wrong_type", "empty_text", "blank_line", "ragged_grid", "value_out_of_range", "grid_too_large",
+              "empty_train", "empty_test"),
+    "dedup": ("duplicate_task_id",),
+    "tokenize": ("too_long", "no_tokens_selected", "token_out_of_range", "tokenizer_error"),
+    "resume": ("changed_since_commit",),
+    "extract": ("model_oom", "non_finite"),
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class DeadLetter:
     source: str
     line_number: int
-    stage: str  # parse | tokenize | extract
-    reason: str  # a stable code, e.g. invalid_json, too_long
+    stage: str  # a key of REASONS
+    reason: str  # a stable code of that stage, e.g. invalid_json, too_long
     detail: str
     raw: str = ""
+
+    def __post_init__(self):
+        if self.reason not in REASONS.get(self.stage, ()):
+            raise ValueError(f"dead letter reason {self.reason!r} is not one of stage {self.stage!r}'s")
 
     def to_json(self) -> str:
         """Always encodable as UTF-8: a lone surrogate from the input is written as an escape."""

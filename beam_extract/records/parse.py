@@ -40,6 +40,9 @@ def parse_line(line: SourceLine, input_format: str, text_field: str = "text",
     input_format: arc, text, or auto (an object with a "train" field is an ARC task).
     root: the input root (records.identity), which names files in ids.
     """
+    if line.too_long:
+        return DeadLetter(line.path, line.line_number, "parse", "line_too_long",
+                          f"{line.too_long} bytes, over --max_line_bytes", raw_excerpt(line.data))
     try:
         obj = decode_json_object(line.data)
         name = relative_name(line.path, root)
