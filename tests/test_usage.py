@@ -240,3 +240,15 @@ def test_make_run_twice_replaces_its_own_output_and_nothing_else(tmp_path):
     third = run_guarded(args, tmp_path, tmp_path / "log")
     assert third.returncode == 2 and "did not write" in third.stderr
     assert (tmp_path / "activations/notes.txt").read_text() == "mine"
+
+
+def test_the_readme_options_table_lists_every_option():
+    import re
+    from pathlib import Path
+
+    from beam_extract.options import OPTIONS
+
+    readme = Path(__file__).parent.parent.joinpath("README.md").read_text()
+    table = readme[readme.index("| option | default | meaning |"):]
+    table = table[: table.index("\n\n")]
+    assert sorted(re.findall(r"^\| `--(\w+)` \|", table, re.M)) == sorted(option.name for option in OPTIONS)
