@@ -264,3 +264,36 @@ def test_bad_tasks_have_typed_reasons(obj, reason):
     with pytest.raises(InvalidRecord) as error:
         parse_task(obj)
     assert error.value.reason == reason
+
+
+def test_fitting_a_long_task_renders_log2_of_its_train_examples_not_all_of_them():
+    """200 train pairs of 10x10 grids into a budget that holds about half: a search, not a loop that
+    drops one example per render (which made fitting quadratic in train pairs)."""
+    from beam_extract.arc.encoders import DEFAULT_ENCODER, parse_encoder
+    from beam_extract.arc.prompt import DEFAULT_TEMPLATE, PromptTemplate, build_prompts, load_template
+    from beam_extract.model.weights import resolve_model_dir
+    from beam_extract.records.arc import ArcTask
+    from beam_extract.tokenize import load_tokenizer
+
+    grid = tuple(tuple((r * c) % 10 for c in range(10)) for r in range(10))
+    task = ArcTask("long", tuple((grid, grid) for _ in range(200)), ((grid, None),), "in.jsonl", 1)
+    tokenizer = load_tokenizer(resolve_model_dir("tiny-random-qwen2", weights=False))
+    renders = []
+
+    class Counting(PromptTemplate):
+        def render(self, *args):
+            renders.append(len(args[0]))
+            return super().render(*args)
+
+    template = load_template(DEFAULT_TEMPLATE)
+    counted = Counting(template.name, template.source)
+    encoder = parse_encoder(DEFAULT_ENCODER)
+    one_pair = build_prompts(ArcTask("one", task.train[:1], task.test, "in.jsonl", 1), tokenizer, template, encoder,
+                             1 << 20)[0]
+    budget = len(one_pair.token_ids) * 100  # about 100 of the 200 pairs fit
+    [prompt] = build_prompts(task, tokenizer, counted, encoder, budget)
+    assert 0 < prompt.train_dropped < 200 and len(prompt.token_ids) <= budget
+    assert len(renders) <= 1 + 8  # all 200, then a bisection of 1..199
+    longer = [p for p in build_prompts(ArcTask("x", task.train[: 200 - prompt.train_dropped + 1], task.test,
+                                                "in.jsonl", 1), tokenizer, template, encoder, budget)]
+    assert longer[0].train_dropped == 1  # one more example would not have fit: the most that fit were kept

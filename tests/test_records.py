@@ -125,7 +125,7 @@ def test_the_readme_lists_every_dead_letter_reason_by_stage():
     from beam_extract.records.dead_letter import REASONS
 
     readme = Path(__file__).parent.parent.joinpath("README.md").read_text()
-    paragraph = readme[readme.index("Reasons by\nstage:"):]
+    paragraph = readme[re.search(r"Reasons by\s+stage:", readme).start():]
     paragraph = paragraph[: paragraph.index("\n\n")]
     listed = dict(re.findall(r"`(\w+)`\s+\(([^)]*)\)", paragraph))
     assert {stage: tuple(re.findall(r"`(\w+)`", codes)) for stage, codes in listed.items()} == REASONS

@@ -147,20 +147,36 @@ def token_ids(tokenizer, text: str) -> np.ndarray:
 def build_prompts(task: ArcTask, tokenizer, template: PromptTemplate, encoder: Encoder, max_seq_len: int,
                   include_answer: bool = False) -> list[Prompt | PromptTooLong]:
     """One prompt per test input. Over-long prompts drop train examples from the end until they fit;
-    the test input and the answer prefix are never cut."""
+    the test input and the answer prefix are never cut. A prompt grows with every train example it
+    keeps, so the most that fit are found by bisection: log2(train examples) renders, not one per
+    example dropped."""
     pairs = [{"input": encoder.encode(i), "output": encoder.encode(o)} for i, o in task.train]
     results: list[Prompt | PromptTooLong] = []
     for test_index, (test_input, test_output) in enumerate(task.test):
         answer = encoder.encode(test_output) if include_answer and test_output is not None else ANSWER_PREFIX
         encoded_input = encoder.encode(test_input)
-        for kept in range(len(pairs), 0, -1):
+        lengths: dict[int, int] = {}
+
+        def fitted(kept: int) -> tuple | None:
+            """(kept, messages, text, ids) if the prompt with `kept` train examples fits."""
             messages = template.render(pairs[:kept], encoded_input, answer)
             text = render_chat(tokenizer, messages)
             ids = token_ids(tokenizer, text)
-            if len(ids) <= max_seq_len:
-                results.append(Prompt(test_index, text, ids, len(pairs) - kept,
-                                      _test_start(tokenizer, text, messages, encoded_input)))
-                break
-        else:
-            results.append(PromptTooLong(test_index, len(ids)))
+            lengths[kept] = len(ids)
+            return (kept, messages, text, ids) if len(ids) <= max_seq_len else None
+
+        best = fitted(len(pairs))
+        low, high = (1, len(pairs) - 1) if best is None else (1, 0)
+        while low <= high:  # the most train examples that fit, if any, lie in low..high
+            middle = (low + high) // 2
+            if (candidate := fitted(middle)) is not None:
+                best, low = candidate, middle + 1
+            else:
+                high = middle - 1
+        if best is None:  # the search ended on one train example: its length says by how much
+            results.append(PromptTooLong(test_index, lengths[1]))
+            continue
+        kept, messages, text, ids = best
+        results.append(Prompt(test_index, text, ids, len(pairs) - kept,
+                              _test_start(tokenizer, text, messages, encoded_input)))
     return results

@@ -8,6 +8,7 @@ from beam_extract.records.errors import InvalidRecord, check_unicode
 
 Grid = tuple[tuple[int, ...], ...]
 MAX_GRID_SIDE = 30
+MAX_EXAMPLES = 256  # per split: ARC tasks have a handful; this bounds the work one line can cause
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +45,8 @@ def _pairs(obj: dict, split: str, output_required: bool) -> tuple:
         raise InvalidRecord("wrong_type", f"{split!r} is not a list")
     if not examples:
         raise InvalidRecord(f"empty_{split}", f"{split!r} has no examples")
+    if len(examples) > MAX_EXAMPLES:
+        raise InvalidRecord("too_many_examples", f"{split!r} has {len(examples)} examples, over {MAX_EXAMPLES}")
     pairs = []
     for i, example in enumerate(examples):
         where = f"{split}[{i}]"

@@ -16,7 +16,7 @@ REASONS: dict[str, tuple[str, ...]] = {
     "read": ("truncated_file", "corrupt_file", "unreadable_file", "bad_file_name", "not_a_file"),
     "parse": ("line_too_long", "invalid_json", "invalid_utf8", "invalid_unicode", "not_an_object", "missing_field",
               "wrong_type", "empty_text", "blank_line", "ragged_grid", "value_out_of_range", "grid_too_large",
-              "empty_train", "empty_test"),
+              "empty_train", "empty_test", "too_many_examples"),
     "dedup": ("duplicate_task_id",),
     "tokenize": ("too_long", "no_tokens_selected", "token_out_of_range", "tokenizer_error"),
     "resume": ("changed_since_commit",),
