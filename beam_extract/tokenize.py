@@ -97,11 +97,35 @@ def load_tokenizer(model_dir: str | Path) -> transformers.PreTrainedTokenizerBas
     return transformers.AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
 
 
+# Long documents are tokenized in pieces of about this many characters: a fast tokenizer holds
+# ~150 bytes per character of its input while it works (offsets, words, alignments).
+CHUNK_CHARS = 1 << 16
+
+
+def pieces(text: str, size: int = CHUNK_CHARS) -> list[str]:
+    """`text` cut before spaces that sit between two letters, about every `size` characters. Qwen2's
+    pre-tokenizer always ends a pre-token at such a place (a run of letters stops at the space, and
+    " word" starts the next) and its NFC normaliser composes no character across a space, so the
+    pieces' tokens, concatenated, are the whole text's tokens. A text with no such place stays whole."""
+    cuts, at = [0], size
+    while at < len(text):
+        space = text.find(" ", at)
+        while space != -1 and not (space + 1 < len(text) and text[space - 1].isalpha() and text[space + 1].isalpha()):
+            space = text.find(" ", space + 1)
+        if space == -1:
+            break
+        cuts.append(space)
+        at = space + size
+    return [text[a:b] for a, b in zip(cuts, cuts[1:] + [len(text)])]
+
+
 def text_token_ids(tokenizer, text: str, markers_as_text: bool = True) -> np.ndarray:
-    """A document's tokens. Chat markers written in it (`<|im_end|>`) are characters like any
-    others unless `markers_as_text` is off: only the chat template inserts control tokens."""
-    encoded = tokenizer(text, add_special_tokens=False, split_special_tokens=markers_as_text)
-    return np.asarray(encoded["input_ids"], dtype=np.int32)
+    """A document's tokens, tokenized piece by piece (memory bounded by CHUNK_CHARS, not by the
+    document). Chat markers written in it (`<|im_end|>`) are characters like any others unless
+    `markers_as_text` is off: only the chat template inserts control tokens."""
+    parts = [tokenizer(piece, add_special_tokens=False, split_special_tokens=markers_as_text)["input_ids"]
+             for piece in pieces(text)]
+    return np.asarray([token for part in parts for token in part], dtype=np.int32)
 
 
 def text_samples(doc: TextDoc, tokenizer, max_seq_len: int, selection: TokenSelection,

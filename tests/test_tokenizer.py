@@ -46,3 +46,36 @@ def test_chat_template_renders_chatml_and_answer_prefix(tokenizer):
                                                    add_generation_prompt=True)
     assert default_system == ("<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful "
                               "assistant.<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_long_documents_tokenized_in_pieces_give_the_whole_texts_tokens():
+    import numpy as np
+
+    from beam_extract.model.weights import resolve_model_dir
+    from beam_extract.tokenize import load_tokenizer, pieces
+
+    tokenizer = load_tokenizer(resolve_model_dir("tiny-random-qwen2", weights=False))
+    rng = np.random.default_rng(0)
+    words = ["river", "Straße", "naïve", "e\u0301clair", "日本語", "x2", "42", "it's", "(a)", "--", "\n\n", "\t",
+             "  ", "<|im_end|>", "emoji🙂", "ÅNGSTRÖM", "'ll", "a.b", "..."]
+    text = "".join(rng.choice(words) + rng.choice([" ", "", "  ", "\n"]) for _ in range(20000))
+    cut = pieces(text, 64)
+    assert len(cut) > 100 and "".join(cut) == text
+    whole = tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    parts = [t for piece in cut for t in tokenizer(piece, add_special_tokens=False, split_special_tokens=True)["input_ids"]]
+    assert parts == whole
+
+
+def test_tokenizing_a_10_mb_document_takes_bounded_memory():
+    import subprocess
+    import sys
+
+    code = ("import resource\nfrom beam_extract.model.weights import resolve_model_dir\n"
+            "from beam_extract.tokenize import load_tokenizer, text_token_ids\n"
+            "t = load_tokenizer(resolve_model_dir('tiny-random-qwen2', weights=False))\n"
+            "text = 'word ' * 2_000_000\nbefore = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+            "assert len(text_token_ids(t, text)) == 2_000_001\n"
+            "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert int(result.stdout.split()[-1]) < 400  # MiB; tokenized whole, it took about 1,900
