@@ -71,7 +71,8 @@ def batch_records(model_out: dict[Hook, np.ndarray], batch: Batch, hooks: tuple[
         broken = next((hook for hook, v in zip(hooks, as_float) if not np.isfinite(v).all()), None)
         if broken is not None:
             yield DeadLetter(sample.source, sample.line_number, "extract", "non_finite",
-                             f"{sample.sample_id}: NaN or infinite activations at {hook_name(*broken)}")
+                             f"{sample.sample_id}: NaN or infinite activations at {hook_name(*broken)}",
+                             record_id=sample.sample_id)
             continue
         digest = sample_digest(sample)
         for index, (hook, value, floats) in enumerate(zip(hooks, values, as_float)):
@@ -208,4 +209,4 @@ class ExtractDoFn(beam.DoFn):
                 sample.source, sample.line_number, "extract", "model_oom",
                 f"sample {sample.sample_id} ({len(sample.token_ids)} tokens) in a row of {row_length} tokens "
                 f"does not fit in device memory even as a batch of {batch.tokens.shape[0]} row(s): "
-                f"{oom}"[:500]))
+                f"{oom}"[:500], record_id=sample.sample_id))

@@ -107,7 +107,8 @@ class SkipCommitted(beam.DoFn):
             Metrics.counter("dead_letter.resume", "changed_since_commit").inc()
             yield beam.pvalue.TaggedOutput(DEAD_LETTER, DeadLetter(
                 sample.source, sample.line_number, "resume", "changed_since_commit",
-                f"{sample.sample_id} was committed by the run resumed with other tokens than its input gives now"))
+                f"{sample.sample_id} was committed by the run resumed with other tokens than its input gives now",
+                record_id=sample.sample_id))
 
 
 def is_duplicate_task(task_id: str, tasks: Iterable[ArcTask]):
@@ -116,7 +117,8 @@ def is_duplicate_task(task_id: str, tasks: Iterable[ArcTask]):
     yield first
     for task in rest:
         yield DeadLetter(task.source, task.line_number, "dedup", "duplicate_task_id",
-                         f"task id {task_id!r} is first used at {first.source}:{first.line_number}")
+                         f"task id {task_id!r} is first used at {first.source}:{first.line_number}", task.raw,
+                         task_id)
 
 
 class DropDuplicateTasks(beam.PTransform):

@@ -176,11 +176,16 @@ def within_vocabulary(result: Sample | DeadLetter, vocab_size: int) -> Sample | 
 def to_samples(record: TextDoc | ArcView, tokenizer, settings: PromptSettings, max_seq_len: int,
                selection: TokenSelection, markers_as_text: bool = True,
                vocab_size: int | None = None) -> list[Sample | DeadLetter]:
+    """A record's samples, or dead letters that carry its raw line and id."""
+    source = record.task if isinstance(record, ArcView) else record
     try:
         if isinstance(record, ArcView):
             results = arc_samples(record, tokenizer, settings, max_seq_len, selection)
         else:
             results = text_samples(record, tokenizer, max_seq_len, selection, markers_as_text)
-        return [within_vocabulary(r, vocab_size) for r in results] if vocab_size else results
+        results = [within_vocabulary(r, vocab_size) for r in results] if vocab_size else results
     except Exception as error:  # a tokenizer failure on one record must not stop the job
-        return [DeadLetter(record.source, record.line_number, "tokenize", "tokenizer_error", repr(error)[:500])]
+        results = [DeadLetter(record.source, record.line_number, "tokenize", "tokenizer_error", repr(error)[:500])]
+    record_id = source.task_id if isinstance(record, ArcView) else source.key
+    return [dataclasses.replace(r, raw=source.raw, record_id=r.record_id or record_id) if isinstance(r, DeadLetter)
+            else r for r in results]

@@ -252,3 +252,24 @@ def test_the_readme_options_table_lists_every_option():
     table = readme[readme.index("| option | default | meaning |"):]
     table = table[: table.index("\n\n")]
     assert sorted(re.findall(r"^\| `--(\w+)` \|", table, re.M)) == sorted(option.name for option in OPTIONS)
+
+
+def test_dead_letters_of_later_stages_carry_the_raw_line_and_the_id():
+    from beam_extract.arc.augment import ArcView, augment
+    from beam_extract.arc.encoders import DEFAULT_ENCODER, parse_encoder
+    from beam_extract.arc.prompt import DEFAULT_TEMPLATE, load_template
+    from beam_extract.io.sources import SourceLine
+    from beam_extract.model.weights import resolve_model_dir
+    from beam_extract.records import parse_line
+    from beam_extract.tokenize import PromptSettings, TokenSelection, load_tokenizer, to_samples
+
+    line = json.dumps({"task_id": "t7", "train": [{"input": [[1] * 30] * 30, "output": [[2] * 30] * 30}],
+                       "test": [{"input": [[1]]}]})
+    task = parse_line(SourceLine("/in/a.jsonl", 3, line.encode()), "arc", root="/in")
+    tokenizer = load_tokenizer(resolve_model_dir("tiny-random-qwen2", weights=False))
+    settings = PromptSettings(load_template(DEFAULT_TEMPLATE), DEFAULT_ENCODER, parse_encoder(DEFAULT_ENCODER), False)
+    [letter] = to_samples(ArcView(*augment(task, 0, 0)), tokenizer, settings, 256, TokenSelection())
+    assert letter.reason == "too_long" and letter.record_id == "t7"
+    assert line.startswith(letter.raw) and len(letter.raw) == 4096  # the start of the line, capped
+    bad = parse_line(SourceLine("/in/a.jsonl", 4, b'{"task_id": "t8", "train": [], "test": []}'), "arc")
+    assert bad.reason == "empty_train" and bad.record_id == "t8"

@@ -18,6 +18,7 @@ class ArcTask:
     test: tuple[tuple[Grid, Grid | None], ...]
     source: str
     line_number: int
+    raw: str = ""  # the start of its input line, for dead letters of later stages
 
 
 def validate_grid(value: object, where: str) -> Grid:

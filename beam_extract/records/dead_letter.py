@@ -31,7 +31,8 @@ class DeadLetter:
     stage: str  # a key of REASONS
     reason: str  # a stable code of that stage, e.g. invalid_json, too_long
     detail: str
-    raw: str = ""
+    raw: str = ""  # the start of the input line (MAX_RAW_BYTES), where the stage still has it
+    record_id: str = ""  # the task id, document (file:line) or sample id, where known
 
     def __post_init__(self):
         if self.reason not in REASONS.get(self.stage, ()):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 from beam_extract.io.sources import SourceLine
@@ -43,11 +44,16 @@ def parse_line(line: SourceLine, input_format: str, text_field: str = "text",
     if line.too_long:
         return DeadLetter(line.path, line.line_number, "parse", "line_too_long",
                           f"{line.too_long} bytes, over --max_line_bytes", raw_excerpt(line.data))
+    obj = None
     try:
         obj = decode_json_object(line.data)
         name = relative_name(line.path, root)
         if input_format == "arc" or (input_format == "auto" and "train" in obj):
-            return validate_task(obj, line.path, line.line_number, name)
-        return validate_text(obj, text_field, line.path, line.line_number, name)
+            record = validate_task(obj, line.path, line.line_number, name)
+        else:
+            record = validate_text(obj, text_field, line.path, line.line_number, name)
+        return dataclasses.replace(record, raw=raw_excerpt(line.data))
     except InvalidRecord as error:
-        return DeadLetter(line.path, line.line_number, "parse", error.reason, str(error), raw_excerpt(line.data))
+        given = obj.get("task_id", obj.get("id", "")) if isinstance(obj, dict) else ""
+        return DeadLetter(line.path, line.line_number, "parse", error.reason, str(error), raw_excerpt(line.data),
+                          record_id=str(given)[:200] if isinstance(given, (str, int)) else "")

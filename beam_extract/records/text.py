@@ -14,6 +14,7 @@ class TextDoc:
     source: str
     line_number: int
     doc_id: str = ""  # the document's own `id` field, kept as metadata ("" when absent)
+    raw: str = ""  # the start of its input line, for dead letters of later stages
 
 
 def validate_text(obj: dict, text_field: str, source: str, line_number: int, name: str | None = None) -> TextDoc:
