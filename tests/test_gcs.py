@@ -60,3 +60,21 @@ def test_pipeline_with_input_model_and_output_on_gcs(tmp_path, gcs_bucket):
     assert manifest["dead_letter_files"] == [f"dead_letter/{stage}-00000-of-00001.jsonl"
                                              for stage in ("dedup", "extract", "parse", "read", "resume", "tokenize")]
     assert json.loads(json.dumps(manifest))["model"]["name"] == f"{gcs_bucket}/models/tiny"
+
+
+def test_a_cached_gs_model_is_fetched_again_when_its_weights_change_at_the_same_size(tmp_path, gcs_bucket):
+    from apache_beam.io.filesystem import CompressionTypes
+    from apache_beam.io.filesystems import FileSystems
+    from safetensors.numpy import load_file, save_file
+
+    random_hf_checkpoint(tmp_path, seed=22, tie_word_embeddings=True)
+    url = f"{gcs_bucket}/models/changing"
+    upload_dir(tmp_path, url)
+    first = load_model(url).weights_sha256
+    tensors = load_file(tmp_path / "model.safetensors")
+    name = next(n for n in sorted(tensors) if n.endswith("mlp.up_proj.weight"))
+    tensors[name] = tensors[name] * np.float32(-1)
+    save_file(tensors, tmp_path / "model.safetensors")
+    with FileSystems.create(f"{url}/model.safetensors", compression_type=CompressionTypes.UNCOMPRESSED) as handle:
+        handle.write((tmp_path / "model.safetensors").read_bytes())
+    assert load_model(url).weights_sha256 == load_model(str(tmp_path)).weights_sha256 != first

@@ -5,6 +5,7 @@ Only safetensors are read: loading never unpickles or executes anything from the
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 import os
@@ -67,26 +68,35 @@ def resolve_model_dir(path_or_name: str, weights: bool = True) -> Path:
 
 
 def _copy_remote_dir(url: str, patterns: tuple[str, ...]) -> Path:
-    """Copies the matching files of a gs:// directory into the local cache, once per file."""
+    """Copies the matching files of a gs:// directory into the local cache. A cached file is used
+    again only if it came from the same object generation with the same CRC32C (recorded beside
+    it): new weights of the same size replace it."""
     from apache_beam.io.filesystem import CompressionTypes
     from apache_beam.io.filesystems import FileSystems
+    from google.cloud import storage
 
     base = url.rstrip("/")
+    bucket, _, prefix = base.removeprefix("gs://").partition("/")
     target = cache_dir() / "remote" / hashlib.sha256(base.encode()).hexdigest()[:16]
-    matches = FileSystems.match([f"{base}/{pattern}" for pattern in patterns])
-    files = {m.path: m.size_in_bytes for result in matches for m in result.metadata_list}
-    if not any(f.endswith("/config.json") for f in files):
+    listing = storage.Client().list_blobs(bucket, prefix=f"{prefix}/" if prefix else "", delimiter="/")
+    files = {blob.name.rsplit("/", 1)[-1]: f"{blob.generation}:{blob.crc32c}" for blob in listing
+             if any(fnmatch.fnmatchcase(blob.name.rsplit("/", 1)[-1], pattern) for pattern in patterns)}
+    if "config.json" not in files:
         raise CheckpointError(f"no config.json under {url}")
     target.mkdir(parents=True, exist_ok=True)
-    for remote, size in files.items():
-        local = target / remote.rsplit("/", 1)[-1]
-        if local.exists() and local.stat().st_size == size:
+    for name, identity in sorted(files.items()):
+        local, stamp = target / name, target / f".{name}.source"
+        if local.exists() and stamp.exists() and stamp.read_text() == identity:
             continue
-        partial = local.with_name(f".{local.name}.{os.getpid()}.partial")
-        with FileSystems.open(remote, compression_type=CompressionTypes.UNCOMPRESSED) as src, open(partial, "wb") as dst:
+        partial = local.with_name(f".{name}.{os.getpid()}.partial")
+        with FileSystems.open(f"{base}/{name}", compression_type=CompressionTypes.UNCOMPRESSED) as src, \
+                open(partial, "wb") as dst:
             while chunk := src.read(1 << 24):
                 dst.write(chunk)
         os.replace(partial, local)  # atomic: concurrent workers never see half a file
+        written = stamp.with_name(f"{stamp.name}.{os.getpid()}.partial")
+        written.write_text(identity)
+        os.replace(written, stamp)
     return target
 
 
