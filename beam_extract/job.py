@@ -195,7 +195,7 @@ def claim_output(job: Job) -> Job:
             ownership.remove_our_output(output, SITES, DEAD_LETTER_STAGES)
             recorded = None
         if not job.streaming:  # a streaming job's input is what arrives; its files are not known now
-            ownership.check_inputs(output, inventory(o["input"]))
+            ownership.record_inputs(output, inventory(o["input"]), resumed=recorded is not None)
         if recorded is None:
             ownership.record_fingerprint(output, job.fingerprint)
             return dataclasses.replace(job, lock=lock)

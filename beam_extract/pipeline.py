@@ -133,7 +133,8 @@ def build(paths: beam.PCollection, job: Job) -> None:
         o["output"], job.hooks, o["shard_size_mb"] << 20, o["seed"] if o["shuffle"] else None,
         job.driver))
     dead_by_stage = {"read": read[DEAD_LETTER], "parse": parsed[DEAD_LETTER], "dedup": duplicates,
-                     "tokenize": tokenized[DEAD_LETTER], "resume": samples[DEAD_LETTER], "extract": extracted[DEAD_LETTER]}
+                     "tokenize": tokenized[DEAD_LETTER], "resume": samples[DEAD_LETTER],
+                     "extract": extracted[DEAD_LETTER]}
     assert tuple(dead_by_stage) == DEAD_LETTER_STAGES
     dead_letter_files, reasons, lines = dead_by_stage | "AccountLines" >> AccountLines(
         o["output"], extracted.records, samples[RESUMED])

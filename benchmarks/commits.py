@@ -65,7 +65,8 @@ def measure(quick: bool) -> tuple[list[Figure], dict]:
     expected = int(np.ceil(many["bytes_per_hook"] / 2**20 / shard_mib))
     return [
         Figure("commits", f"files per hook, {many['batches']} batches of 1 row vs {few['batches']} of 8",
-               f"{many['files_per_hook']} vs {few['files_per_hook']} files for {many['bytes_per_hook'] / 2**20:.1f} MiB "
+               f"{many['files_per_hook']} vs {few['files_per_hook']} files for "
+               f"{many['bytes_per_hook'] / 2**20:.1f} MiB "
                f"per hook at --shard_size_mb {shard_mib} (bytes / shard size: {expected}; one file per batch would "
                f"be {many['batches']})", many["files_per_hook"] / few["files_per_hook"], "<= 1.5"),
         Figure("commits", "commit records, many vs few batches",

@@ -62,7 +62,8 @@ def test_long_documents_tokenized_in_pieces_give_the_whole_texts_tokens():
     cut = pieces(text, 64)
     assert len(cut) > 100 and "".join(cut) == text
     whole = tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
-    parts = [t for piece in cut for t in tokenizer(piece, add_special_tokens=False, split_special_tokens=True)["input_ids"]]
+    parts = [token for piece in cut
+             for token in tokenizer(piece, add_special_tokens=False, split_special_tokens=True)["input_ids"]]
     assert parts == whole
 
 

@@ -287,12 +287,13 @@ def record_fingerprint(output: str, run: dict) -> None:
     write_json(f"{output}/{FINGERPRINT}", run)
 
 
-def check_inputs(output: str, now: dict) -> None:
-    """Refuses to continue a run whose input files changed, vanished or are named otherwise; then
-    records `now` (which may add files) for the next resumption."""
+def record_inputs(output: str, now: dict, resumed: bool) -> None:
+    """Records the input files for the next resumption; a run that continues another is first
+    refused if its input files changed, vanished or are named otherwise (new files may be added)."""
     path = f"{output}/{INPUTS}"
-    if FileSystems.exists(path):
+    if resumed and FileSystems.exists(path):
         changed = inventory_changes(read_json(path), now)
         if changed:
-            raise OutputRefused("--resume refused: the input is not the one the run resumed read: " + "; ".join(changed))
+            raise OutputRefused("--resume refused: the input is not the one the run resumed read: "
+                                + "; ".join(changed))
     write_json(path, now)
