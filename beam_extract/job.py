@@ -23,7 +23,7 @@ from beam_extract.lifetime import Driver
 from beam_extract.model import hook_name
 from beam_extract.model.config import ModelConfig, config_from_hf, load_hf_config
 from beam_extract.model.qwen2 import SITES, Hook
-from beam_extract.model.weights import METADATA_FILES, resolve_model_dir, weights_checksum
+from beam_extract.model.weights import METADATA_FILES, check_checkpoint, resolve_model_dir, weights_checksum
 from beam_extract.model.mesh import mesh_sizes
 from beam_extract.options import UsageError, check_ranges, extract_options, parse_layers, parse_sites, sample_input
 from beam_extract.output import ownership
@@ -89,6 +89,7 @@ def _files_sha256(directory, names) -> str:
 def run_fingerprint(options: dict, config: ModelConfig, hooks: tuple[Hook, ...]) -> dict:
     """Everything that decides which samples exist and what their activations are."""
     model_dir = resolve_model_dir(options["model"])
+    check_checkpoint(config, model_dir)  # its headers, before a worker loads it
     return ownership.fingerprint(
         options, weights_sha256=weights_checksum(model_dir), config=dataclasses.asdict(config),
         tokenizer_sha256=_files_sha256(model_dir, [n for n in METADATA_FILES if n != "config.json"]),
@@ -186,7 +187,7 @@ def claim_output(job: Job) -> Job:
     lock, with --resume the same fingerprint and input files, and what the run resumed left (kept
     groups; the rest removed). Nothing is written or deleted before the lock is held and the checks
     pass."""
-    output, sites, o = job.output, {site for _, site in job.hooks}, job.options
+    output, sites, o = job.output, set(SITES), job.options  # a run of ours with other sites is ours too
     ownership.check_output(output, job.fingerprint, o["resume"], sites, o["overwrite"])
     lock = ownership.take_lock(output, job.run_id, "remote" if job.remote else "local", job.remote)
     try:

@@ -66,7 +66,10 @@ class _Renamed(argparse.Action):
                 parser.error(f"{self._old}: expected one of {', '.join(self._convert)}")
             value = self._convert[value]
         elif self._convert:
-            value = self._convert(value)
+            try:
+                value = self._convert(value)
+            except ValueError:
+                parser.error(f"{self._old}: {value!r} is not a whole number")
         notice(f"{self._old} is deprecated: it now sets --{self.dest}={value}")
         setattr(namespace, self.dest, value)
 

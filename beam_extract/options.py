@@ -189,10 +189,13 @@ def parse_layers(spec: str, num_layers: int) -> tuple[int, ...]:
     for part in spec.split(","):
         first, _, last = part.strip().partition("-")
         try:
-            layers.update(range(int(first), int(last or first) + 1))
+            first, last = int(first), int(last or first)
         except ValueError:
             raise UsageError(f"--layers {spec!r}: {part!r} is not a layer or a range a-b") from None
-    if not layers or min(layers) < 0 or max(layers) >= num_layers:
+        if not 0 <= first <= last < num_layers:  # checked before the range is built: 0-10**12 is no work
+            raise UsageError(f"--layers {spec!r}: the model has layers 0..{num_layers - 1}")
+        layers.update(range(first, last + 1))
+    if not layers:
         raise UsageError(f"--layers {spec!r}: the model has layers 0..{num_layers - 1}")
     return tuple(sorted(layers))
 

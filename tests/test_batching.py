@@ -6,7 +6,7 @@ import pytest
 from beam_extract.batching import (BatchPlan, assemble, bucket_length, form_batches, pack_rows, parse_buckets)
 from beam_extract.extract import batch_records, pad_rows
 from beam_extract.model import load_model
-from beam_extract.options import parse_layers, parse_sites
+from beam_extract.options import UsageError, parse_layers, parse_sites
 from beam_extract.output.schema import decode_record
 from beam_extract.tokenize import Sample
 from hf_reference import random_hf_checkpoint
@@ -90,9 +90,9 @@ def test_packed_rows_equal_unpacked_runs(tmp_path):
 def test_layer_and_site_options():
     assert parse_layers("all", 4) == (0, 1, 2, 3)
     assert parse_layers("3, 0-1", 4) == (0, 1, 3)
-    for bad in ("4", "x", "2-9", "-1"):
-        with pytest.raises(ValueError, match="--layers"):
+    for bad in ("4", "x", "2-9", "-1", "3-1", "0-1000000000000"):
+        with pytest.raises(UsageError, match="--layers"):
             parse_layers(bad, 4)
     assert parse_sites("resid_post,mlp_out,resid_post") == ("resid_post", "mlp_out")
-    with pytest.raises(ValueError, match="--sites"):
+    with pytest.raises(UsageError, match="--sites"):
         parse_sites("resid,mlp_out")

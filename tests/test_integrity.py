@@ -485,3 +485,27 @@ def test_odd_outputs_are_refused_in_one_line_and_left_as_they_were(tmp_path):
         assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "out[1]").exists() and (tmp_path / "afile").read_text() == "a file"
     assert sorted(p.name for p in (tmp_path / "theirs").iterdir()) == ["notes.txt"]  # no _run/ left behind
+
+
+@pytest.mark.slow
+def test_overwrite_and_cleanup_touch_only_files_named_as_ours(tmp_path):
+    """A user's files inside our own folders, named like ours but not ours, survive --overwrite and
+    --resume; an output with a symbolic link in it is refused before anything is deleted."""
+    first = cli(tmp_path, "--output=out", "--layers=0")
+    assert first.returncode == 0, first.stderr[-3000:]
+    planted = [tmp_path / "out/resid_post/layer_00/part-precious.tfrecord", tmp_path / "out/_committed/notes.json",
+               tmp_path / "out/dead_letter/parse-mine.jsonl", tmp_path / "out/resid_post/layer_07/part-x.tfrecord"]
+    for path in planted:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("the user's")
+    for extra in (["--resume"], ["--overwrite", "--sites=mlp_out"]):
+        result = cli(tmp_path, "--output=out", "--layers=0", *extra)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert all(path.read_text() == "the user's" for path in planted)
+    (tmp_path / "victim").mkdir()
+    (tmp_path / "victim/part-0123456789ab-0123456789ab.tfrecord").write_text("elsewhere")
+    shutil.rmtree(tmp_path / "out/resid_post/layer_07")
+    (tmp_path / "out/resid_post/layer_07").symlink_to(tmp_path / "victim")
+    refused = cli(tmp_path, "--output=out", "--layers=0", "--overwrite")
+    assert refused.returncode == 2 and "symbolic link" in refused.stderr
+    assert (tmp_path / "victim/part-0123456789ab-0123456789ab.tfrecord").read_text() == "elsewhere"

@@ -128,6 +128,9 @@ def test_a_deeply_nested_config_is_named(tmp_path, tiny_model):
     ('{"metadata": {}}', "not a shard index with a weight_map"),
     ('{"weight_map": {"model.embed_tokens.weight": "../../../etc/passwd"}}', "outside the model directory"),
     ('{"weight_map": {"model.embed_tokens.weight": "/etc/passwd"}}', "outside the model directory"),
+    ('{"weight_map": {"model.embed_tokens.weight": "missing.safetensors"}}', "cannot read"),
+    ('{"weight_map": {"model.embed_tokens.weight": "config.json"}}', "cannot read"),
+    ('{"weight_map": {}}', "missing tensor"),
 ])
 def test_shard_indexes_are_confined_to_the_model_directory(tmp_path, tiny_model, index, message):
     with pytest.raises(CheckpointError, match=message):
@@ -145,7 +148,9 @@ def test_integer_weights_are_refused(tmp_path, tiny_model):
     name = next(n for n in sorted(tensors) if n.endswith("mlp.up_proj.weight"))
     tensors[name] = tensors[name].astype(np.int8)
     save_file(tensors, tmp_path / "model/model.safetensors")
-    with pytest.raises(CheckpointError, match="stored as I8"):
+    with pytest.raises(CheckpointError, match="stored as I8"):  # in the driver, before any worker
+        job(tmp_path, f"--model={tmp_path / 'model'}")
+    with pytest.raises(CheckpointError, match="stored as I8"):  # and on a worker, if it got there
         load_params(config_from_hf(load_hf_config(tmp_path / "model")), tmp_path / "model", np.float32)
 
 

@@ -141,6 +141,7 @@ _TOKEN = re.compile(r"\s*(?:(?P<name>[A-Za-z]+)|(?P<int>\d+)|(?P<str>'[^']*'|\"[
 # Bounds on what a name can ask for: a grid's text grows with a repeat count, and the parser recurses.
 MAX_REPEAT = 16
 MAX_ENCODER_DEPTH = 16
+MAX_SEPARATOR = 16
 
 
 def parse_encoder(spec: str) -> Encoder:
@@ -194,6 +195,8 @@ def parse_encoder(spec: str) -> Encoder:
                 raise ValueError(f"encoder {spec!r}: {name}'s {field.name} must be a {field.type}, not a {given}")
             if given == "int" and not 1 <= arg <= MAX_REPEAT:
                 raise ValueError(f"encoder {spec!r}: {name}'s {field.name} must be 1 to {MAX_REPEAT}, not {arg}")
+            if given == "str" and len(arg) > MAX_SEPARATOR:
+                raise ValueError(f"encoder {spec[:80]!r}: {name}'s {field.name} is over {MAX_SEPARATOR} characters")
         return encoder
 
     encoder = expression()

@@ -162,14 +162,17 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _read_tensors(config: ModelConfig, model_dir: Path) -> dict[str, np.ndarray]:
+def check_checkpoint(config: ModelConfig, model_dir: Path) -> dict[Path, list[str]]:
+    """Every tensor we read, by file, checked from the files' headers alone (names, dtypes, shapes,
+    nothing missing): a checkpoint we cannot use fails here, in the driver, as a CheckpointError."""
     expected = expected_shapes(config)
     # The LM head is never used (no logits are computed), but a present one must still be well-formed.
     optional = {} if config.tie_word_embeddings else {"lm_head.weight": (config.vocab_size, config.hidden_size)}
     by_file: dict[Path, list[str]] = {}
     for name, path in checkpoint_files(model_dir).items():
         by_file.setdefault(path, []).append(name)
-    tensors = {}
+    wanted: dict[Path, list[str]] = {}
+    found = set()
     for path, names in sorted(by_file.items()):
         try:
             with safe_open(str(path), "np") as handle:
@@ -189,12 +192,25 @@ def _read_tensors(config: ModelConfig, model_dir: Path) -> dict[str, np.ndarray]
                     if shape != want:
                         raise CheckpointError(f"tensor {name!r} has shape {shape}, config implies {want}")
                     if key in expected:
-                        tensors[key] = handle.get_tensor(name)
+                        wanted.setdefault(path, []).append(name)
+                        found.add(key)
         except (SafetensorError, OSError) as error:
             raise CheckpointError(f"cannot read {path}: {error}") from error
-    missing = sorted(set(expected) - set(tensors))
+    missing = sorted(set(expected) - found)
     if missing:
         raise CheckpointError(f"missing tensor {missing[0]!r} ({len(missing)} missing in all)")
+    return wanted
+
+
+def _read_tensors(config: ModelConfig, model_dir: Path) -> dict[str, np.ndarray]:
+    tensors = {}
+    for path, names in check_checkpoint(config, model_dir).items():
+        try:
+            with safe_open(str(path), "np") as handle:
+                for name in names:
+                    tensors[name.removeprefix("model.")] = handle.get_tensor(name)
+        except (SafetensorError, OSError) as error:
+            raise CheckpointError(f"cannot read {path}: {error}") from error
     return tensors
 
 
@@ -219,8 +235,11 @@ def weights_checksum(model_dir: Path) -> str:
     """
     digest = hashlib.sha256()
     for name, path in sorted(checkpoint_files(model_dir).items()):
-        with safe_open(str(path), "np") as handle:
-            tensor = handle.get_tensor(name)
+        try:
+            with safe_open(str(path), "np") as handle:
+                tensor = handle.get_tensor(name)
+        except (SafetensorError, OSError) as error:
+            raise CheckpointError(f"cannot read {path}: {error}") from error
         digest.update(f"{name}|{tensor.dtype}|{tensor.shape}|".encode())
         digest.update(np.ascontiguousarray(tensor).tobytes())
     return digest.hexdigest()

@@ -14,6 +14,7 @@ killed, a set of groups on disk in which no sample appears twice.
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -22,6 +23,25 @@ from apache_beam.io.filesystems import FileSystems
 
 COMMITS = "_committed"
 TEMPORARY_SUFFIX = ".tmp"  # temporary files are hidden (.name.tmp) and never match *.tfrecord or *.json
+# The names runs of ours give their files: cleanup deletes nothing else, even beside them.
+GROUP = r"[0-9a-f]{12}-[0-9a-f]{12}"
+SPAN = r"\d{8}T\d{6}Z"
+OUR_NAMES = {
+    "part": re.compile(rf"part-(w{SPAN}-)?{GROUP}\.tfrecord"),
+    "commit": re.compile(rf"{GROUP}\.json"),
+    "temporary": re.compile(r"\..+\.[0-9a-f]{32}\.tmp"),
+    "window": re.compile(rf"{SPAN}-{SPAN}\.json"),
+    "skip": re.compile(r"[0-9a-f]{12}\.skip\.json\.gz"),
+    "dead_letter": re.compile(rf"[a-z]+-(w{SPAN}-)?\d{{5}}-of-\d{{5}}\.jsonl"),
+}
+
+
+def ours(path: str, *kinds: str) -> bool:
+    """Whether a file's name is one runs of ours give files of these kinds."""
+    name = path.rpartition("/")[2]
+    return any(OUR_NAMES[kind].fullmatch(name) for kind in kinds)
+
+
 RUN_SKIP_SUFFIX = ".skip.json.gz"  # OUT/_run/{run id}.skip.json.gz: the sample ids a resumed run skips
 READ_THREADS = 32  # commits are small objects: reading them is latency-bound, so many at once
 

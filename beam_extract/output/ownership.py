@@ -29,7 +29,7 @@ from apache_beam.io.filesystems import FileSystems
 
 from beam_extract.io.inventory import changes as inventory_changes
 from beam_extract.lifetime import machine_id, process_start, this_driver
-from beam_extract.output.commits import TEMPORARY_SUFFIX, delete_quietly, list_paths, read_json, write_json
+from beam_extract.output.commits import TEMPORARY_SUFFIX, delete_quietly, list_paths, ours, read_json, write_json
 
 RUN_DIR = "_run"
 FINGERPRINT = f"{RUN_DIR}/fingerprint.json"
@@ -241,6 +241,12 @@ def check_output(output: str, run: dict, resume: bool, site_names: set[str], ove
                             "path (its files are found by patterns)")
     if not output.startswith("gs://") and os.path.exists(output) and not os.path.isdir(output):
         raise OutputRefused(f"--output {output} is a file, not a directory")
+    if not output.startswith("gs://"):
+        for directory, subdirectories, files in os.walk(output):
+            link = next((name for name in subdirectories + files if os.path.islink(f"{directory}/{name}")), None)
+            if link:  # cleanup would reach through it, out of the output
+                raise OutputRefused(f"--output {output} holds a symbolic link, {directory}/{link}; nothing was "
+                                    "changed: remove it or choose another --output")
     entries = _entries(output)
     entries = [e for e in entries if not (e.startswith(".") and e.endswith(TEMPORARY_SUFFIX))]
     recorded = f"{output}/{FINGERPRINT}"
@@ -270,16 +276,20 @@ def check_output(output: str, run: dict, resume: bool, site_names: set[str], ove
 def remove_dead_letters(output: str, stages: tuple[str, ...]) -> None:
     """A resumed run reads every line again and writes their dead letters anew: the earlier runs'
     dead-letter files (and Beam's temporary directories beside them) go; nothing else there."""
-    patterns = [f"{output}/dead_letter/{stage}-*.jsonl" for stage in stages] + [f"{output}/dead_letter/beam-temp-*"]
-    delete_quietly([path for pattern in patterns for path in list_paths(pattern)])
+    patterns = [f"{output}/dead_letter/{stage}-*.jsonl" for stage in stages]
+    delete_quietly([path for pattern in patterns for path in list_paths(pattern) if ours(path, "dead_letter")]
+                   + list_paths(f"{output}/dead_letter/beam-temp-*"))
 
 
 def remove_our_output(output: str, sites: tuple[str, ...], stages: tuple[str, ...]) -> None:
-    """--overwrite: deletes what runs of ours wrote (by our file names), nothing else."""
-    patterns = [f"{output}/_committed/*.json", f"{output}/_windows/*.json", f"{output}/manifest.json",
-                f"{output}/{FINGERPRINT}", f"{output}/{INPUTS}", f"{output}/{RUN_DIR}/*.skip.json.gz",
-                *(f"{output}/{site}/layer_*/part-*.tfrecord" for site in sites)]
-    delete_quietly([path for pattern in patterns for path in list_paths(pattern)])
+    """--overwrite: deletes what runs of ours wrote, by the names we give our files, and nothing else
+    (check_output refused an output with symbolic links, so every path is inside it)."""
+    kinds = {f"{output}/_committed/*": ("commit", "temporary"), f"{output}/_windows/*": ("window", "temporary"),
+             f"{output}/{RUN_DIR}/*": ("skip", "temporary"),
+             **{f"{output}/{site}/layer_*/*": ("part", "temporary") for site in sites}}
+    delete_quietly([path for pattern, allowed in kinds.items() for path in list_paths(pattern) if ours(path, *allowed)]
+                   + [f"{output}/{name}" for name in ("manifest.json", FINGERPRINT, INPUTS)
+                      if FileSystems.exists(f"{output}/{name}")])
     remove_dead_letters(output, stages)
 
 

@@ -30,7 +30,7 @@ from beam_extract.lifetime import Driver, exit_with_driver, stop_if_driver_gone
 from beam_extract.model import hook_name
 from beam_extract.model.qwen2 import Hook
 from beam_extract.output.commits import (COMMITS, TEMPORARY_SUFFIX, commit_path, delete_quietly, group_files,
-                                         list_paths, write_json)
+                                         list_paths, ours, write_json)
 from beam_extract.output.tfrecord import write_record
 
 
@@ -149,7 +149,8 @@ def remove_unlisted(output: str, hooks: tuple[Hook, ...], kept: list[dict]) -> l
     patterns = [f"{output}/{COMMITS}/*.json", f"{output}/{COMMITS}/.*{TEMPORARY_SUFFIX}"]
     for hook in hooks:
         patterns += [f"{hook_dir(output, hook)}/part-*.tfrecord", f"{hook_dir(output, hook)}/.*{TEMPORARY_SUFFIX}"]
-    stray = [path for pattern in patterns for path in list_paths(pattern) if path not in listed]
+    stray = [path for pattern in patterns for path in list_paths(pattern)
+             if path not in listed and ours(path, "part", "commit", "temporary")]
     delete_quietly(stray)
     return stray
 
