@@ -5,9 +5,11 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import weakref
 from pathlib import Path
 
 import numpy as np
+import tokenizers
 import transformers
 
 from beam_extract.arc.augment import ArcView
@@ -97,34 +99,60 @@ def load_tokenizer(model_dir: str | Path) -> transformers.PreTrainedTokenizerBas
     return transformers.AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
 
 
-# Long documents are tokenized in pieces of about this many characters: a fast tokenizer holds
-# ~150 bytes per character of its input while it works (offsets, words, alignments).
+# Long documents are tokenized in pieces of about this many characters, a batch of pieces at a
+# time: a fast tokenizer holds ~150 bytes per character of its input while it works.
 CHUNK_CHARS = 1 << 16
+PIECES_AT_ONCE = 8
+
+
+def _cut_before(text: str, at: int) -> bool:
+    """Where Qwen2's pre-tokenizer ends a pre-token whatever follows: after a letter or digit (a run
+    of letters, or a digit, which is a pre-token of its own), when a space or a digit comes next.
+    Cut there, a piece's last pre-token needs no look past the cut (unlike whitespace, whose
+    pre-tokens depend on what follows), so the pieces' tokens are the whole text's; NFC composes
+    nothing across a space or a digit."""
+    return text[at - 1].isalnum() and (text[at] == " " or text[at].isdecimal())
 
 
 def pieces(text: str, size: int = CHUNK_CHARS) -> list[str]:
-    """`text` cut before spaces that sit between two letters, about every `size` characters. Qwen2's
-    pre-tokenizer always ends a pre-token at such a place (a run of letters stops at the space, and
-    " word" starts the next) and its NFC normaliser composes no character across a space, so the
-    pieces' tokens, concatenated, are the whole text's tokens. A text with no such place stays whole."""
+    """`text` cut at safe places (`_cut_before`) about every `size` characters. A stretch with no
+    safe place (a run of letters in a script written without spaces) stays whole."""
     cuts, at = [0], size
     while at < len(text):
-        space = text.find(" ", at)
-        while space != -1 and not (space + 1 < len(text) and text[space - 1].isalpha() and text[space + 1].isalpha()):
-            space = text.find(" ", space + 1)
-        if space == -1:
+        while at < len(text) and not _cut_before(text, at):
+            at += 1
+        if at >= len(text):
             break
-        cuts.append(space)
-        at = space + size
+        cuts.append(at)
+        at += size
     return [text[a:b] for a, b in zip(cuts, cuts[1:] + [len(text)])]
+
+
+_PLAIN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _plain_tokenizer(tokenizer) -> tokenizers.Tokenizer:
+    """The tokenizer without its added tokens: text is tokenized by its vocabulary alone, so
+    markers written in a document (`<|im_end|>`, `<tool_call>`) are characters, whether the
+    tokenizer calls them special or not."""
+    if tokenizer not in _PLAIN:
+        definition = json.loads(tokenizer.backend_tokenizer.to_str())
+        definition["added_tokens"] = []
+        _PLAIN[tokenizer] = tokenizers.Tokenizer.from_str(json.dumps(definition))
+    return _PLAIN[tokenizer]
 
 
 def text_token_ids(tokenizer, text: str, markers_as_text: bool = True) -> np.ndarray:
     """A document's tokens, tokenized piece by piece (memory bounded by CHUNK_CHARS, not by the
-    document). Chat markers written in it (`<|im_end|>`) are characters like any others unless
-    `markers_as_text` is off: only the chat template inserts control tokens."""
-    parts = [tokenizer(piece, add_special_tokens=False, split_special_tokens=markers_as_text)["input_ids"]
-             for piece in pieces(text)]
+    document). Markers written in it are characters like any others unless `markers_as_text` is
+    off (the first release's behaviour): only the chat template inserts control tokens."""
+    cut = pieces(text)
+    if not markers_as_text:
+        parts = [tokenizer(piece, add_special_tokens=False)["input_ids"] for piece in cut]
+    else:
+        plain = _plain_tokenizer(tokenizer)
+        parts = [encoding.ids for at in range(0, len(cut), PIECES_AT_ONCE)
+                 for encoding in plain.encode_batch(cut[at: at + PIECES_AT_ONCE], add_special_tokens=False)]
     return np.asarray([token for part in parts for token in part], dtype=np.int32)
 
 

@@ -52,19 +52,26 @@ def test_long_documents_tokenized_in_pieces_give_the_whole_texts_tokens():
     import numpy as np
 
     from beam_extract.model.weights import resolve_model_dir
-    from beam_extract.tokenize import load_tokenizer, pieces
+    from beam_extract.tokenize import load_tokenizer, pieces, text_token_ids
 
     tokenizer = load_tokenizer(resolve_model_dir("tiny-random-qwen2", weights=False))
     rng = np.random.default_rng(0)
     words = ["river", "Straße", "naïve", "e\u0301clair", "日本語", "x2", "42", "it's", "(a)", "--", "\n\n", "\t",
              "  ", "<|im_end|>", "emoji🙂", "ÅNGSTRÖM", "'ll", "a.b", "..."]
     text = "".join(rng.choice(words) + rng.choice([" ", "", "  ", "\n"]) for _ in range(20000))
+    words += ["1 2 3 4", "12345", "a\u00a0b", "x\u200dy", "\u05e9\u05dc\u05d5\u05dd", "'S", "e\u0301 "]
+    text = "".join(rng.choice(words) + rng.choice([" ", "", "  ", "\n"]) for _ in range(20000))
     cut = pieces(text, 64)
     assert len(cut) > 100 and "".join(cut) == text
-    whole = tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
-    parts = [token for piece in cut
-             for token in tokenizer(piece, add_special_tokens=False, split_special_tokens=True)["input_ids"]]
-    assert parts == whole
+    plain = text.replace("<|im_end|>", "")  # no added token: the plain vocabulary's tokens are the tokenizer's
+    whole = tokenizer(plain, add_special_tokens=False)["input_ids"]
+    assert text_token_ids(tokenizer, plain).tolist() == whole
+    for size in (1, 7, 64):
+        parts = [token for piece in pieces(plain, size)
+                 for token in tokenizer(piece, add_special_tokens=False)["input_ids"]]
+        assert parts == whole
+    digits = "1 2 3 4 " * 100_000
+    assert len(pieces(digits)) > 10  # text with digits or spaces is cut, so its memory is bounded
 
 
 def test_tokenizing_a_10_mb_document_takes_bounded_memory():
