@@ -28,7 +28,7 @@ def reason(data, input_format="text"):
 
 def test_text_document():
     doc = parse_line(line('{"text": "hello", "id": "d1"}'), "text", root="/data")
-    assert doc == TextDoc("in.jsonl:7", "hello", "/data/in.jsonl", 7, doc_id="d1")
+    assert doc == TextDoc("in.jsonl:7", "hello", "/data/in.jsonl", 7, doc_id="d1", raw='{"text": "hello", "id": "d1"}')
     assert parse_line(line('{"text": "hello", "id": 5}'), "text").doc_id == "5"
     assert parse_line(line('{"text": "hello", "id": null}'), "text").doc_id == ""
     assert parse_line(line('{"text": "hello"}'), "text").key == "/data/in.jsonl:7"  # no root: the whole path

@@ -71,6 +71,13 @@ def test_a_mistake_is_a_usage_error_naming_it(tmp_path, args, message):
     ("{{ 'a' * 10000000000 }}", "over 4194304"),  # would be built at load by constant folding
     ("{{ '{:>999999999}'.format(1) }}", "str.format is not available"),
     ("{{ 'x'|center(999999999) }}", "No filter named 'center'"),
+    ("{{ '%900000000s' % 'x' }}", "printf-style formatting"),
+    ("{{ range(100000)|join('y' * 4000000) }}", "No filter named 'join'"),
+    ("{% macro d(s, n) %}{{ d(s + s, n - 1) }}{% endmacro %}{{ d('x', 40) }}", "Macro (line 1)"),
+    ("{{ 'a' ~ 'b' }}", "Concat (line 1)"),
+    ("{% set ns = namespace(s='x') %}{% for i in range(40) %}{% set ns.s = ns.s + ns.s %}{% endfor %}", "NSRef"),
+    ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}", "a loop inside a loop"),
+    ("{% for i in range(100000) %}{{ 'x' * 1000 }}{% endfor %}", "renders over 4194304 characters"),
 ])
 def test_templates_that_fail_or_blow_up_are_refused_before_the_job(tmp_path, body, message):
     with pytest.raises(UsageError) as refused:

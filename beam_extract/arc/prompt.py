@@ -14,7 +14,7 @@ from importlib import resources
 from pathlib import Path
 
 import numpy as np
-from jinja2 import StrictUndefined, TemplateError
+from jinja2 import StrictUndefined, TemplateError, nodes
 from jinja2.exceptions import SecurityError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -41,11 +41,13 @@ class _BoundedSandbox(ImmutableSandboxedEnvironment):
     sandbox does not fold intercepted operators into constants at compile time, so `'a' * 10**10`
     is checked here when rendered instead of being built while the template loads."""
 
-    intercepted_binops = frozenset({"*", "**", "+"})
+    intercepted_binops = frozenset({"*", "**", "+", "%"})
 
     def call_binop(self, context, operator, left, right):
         if operator == "**" and isinstance(right, int) and abs(right) > MAX_EXPONENT:
             raise SecurityError(f"exponent {right} is over {MAX_EXPONENT}")
+        if operator == "%" and isinstance(left, str):
+            raise SecurityError("printf-style formatting (a width can be any size) is not available")
         if operator in ("*", "+"):
             sizes = [len(v) if isinstance(v, (str, list, tuple)) else None for v in (left, right)]
             if operator == "*" and None in sizes and sizes != [None, None]:
@@ -66,8 +68,30 @@ class _BoundedSandbox(ImmutableSandboxedEnvironment):
 
 _ENVIRONMENT = _BoundedSandbox(undefined=StrictUndefined, keep_trailing_newline=True, trim_blocks=True,
                                autoescape=False)
-for _name in ("center", "indent", "wordwrap", "format", "filesizeformat"):  # filters that take a width or a format
-    _ENVIRONMENT.filters.pop(_name, None)
+# Filters that cannot make their output much larger than their input (no join, replace, center,
+# indent, format: their size is set by an argument).
+_ENVIRONMENT.filters = {name: _ENVIRONMENT.filters[name] for name in (
+    "length", "count", "upper", "lower", "title", "capitalize", "trim", "default", "d", "string", "int", "float",
+    "abs", "round", "first", "last", "list", "reverse", "sort", "unique", "min", "max", "sum", "e", "escape",
+    "safe", "tojson", "wordcount")}
+
+
+def _refuse_unbounded(source: str, name: str) -> None:
+    """Constructs whose cost a template file could make unbounded: macros and call blocks (recursion),
+    `~` (unchecked concatenation), namespaces (state across loop iterations), loops inside loops
+    and recursive loops (time without output), filter blocks."""
+    ast = _ENVIRONMENT.parse(source)
+    for kind in (nodes.Macro, nodes.CallBlock, nodes.FilterBlock, nodes.Concat, nodes.NSRef):
+        found = next(ast.find_all(kind), None)
+        if found is not None:
+            raise ValueError(f"prompt template {name!r}: {kind.__name__} (line {found.lineno}) is not available in "
+                             "prompt templates")
+    for loop in ast.find_all(nodes.For):
+        inner = any(isinstance(node, nodes.For) or next(node.find_all(nodes.For), None) is not None
+                    for node in loop.body + loop.else_)
+        if loop.recursive or inner:
+            raise ValueError(f"prompt template {name!r}: a loop inside a loop or a recursive loop (line "
+                             f"{loop.lineno}) is not available in prompt templates")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,10 +102,15 @@ class PromptTemplate:
     def render(self, train_pairs: list[dict[str, str]], test_input: str, answer: str) -> list[dict[str, str]]:
         template = _ENVIRONMENT.from_string(self.source)
         context = template.new_context({"train_pairs": train_pairs, "test_input": test_input, "answer": answer})
-        messages = [{"role": block, "content": "".join(template.blocks[block](context))} for block in BLOCKS]
-        size = sum(len(m["content"]) for m in messages)
-        if size > MAX_PROMPT_CHARS:
-            raise ValueError(f"prompt template {self.name!r} rendered {size} characters, over {MAX_PROMPT_CHARS}")
+        messages, size = [], 0
+        for block in BLOCKS:
+            parts = []
+            for part in template.blocks[block](context):  # stops as soon as the prompt is too long
+                size += len(part)
+                if size > MAX_PROMPT_CHARS:
+                    raise ValueError(f"prompt template {self.name!r} renders over {MAX_PROMPT_CHARS} characters")
+                parts.append(part)
+            messages.append({"role": block, "content": "".join(parts)})
         return messages
 
 
@@ -101,6 +130,7 @@ def load_template(name_or_path: str) -> PromptTemplate:
         except UnicodeDecodeError as error:
             raise ValueError(f"prompt template {name_or_path!r} is not UTF-8 (byte {error.start})") from None
     try:
+        _refuse_unbounded(source, name_or_path)
         blocks = _ENVIRONMENT.from_string(source).blocks
     except TemplateError as error:
         raise ValueError(f"prompt template {name_or_path!r}: {error}") from None
@@ -113,6 +143,8 @@ def load_template(name_or_path: str) -> PromptTemplate:
 def render_chat(tokenizer, messages: list[dict[str, str]]) -> str:
     """The chat-templated text, cut after the assistant's content so it ends at the answer."""
     text = tokenizer.apply_chat_template(messages, tokenize=False)
+    if len(text) > 2 * MAX_PROMPT_CHARS:  # the model's own chat template, rendered by transformers
+        raise ValueError(f"the model's chat template renders {len(text)} characters, over {2 * MAX_PROMPT_CHARS}")
     return text[: text.rindex(END_OF_TURN)]
 
 
