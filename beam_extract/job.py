@@ -23,7 +23,8 @@ from beam_extract.lifetime import Driver
 from beam_extract.model import hook_name
 from beam_extract.model.config import ModelConfig, config_from_hf, load_hf_config
 from beam_extract.model.qwen2 import SITES, Hook
-from beam_extract.model.weights import METADATA_FILES, check_checkpoint, resolve_model_dir, weights_checksum
+from beam_extract.model.weights import (METADATA_FILES, check_checkpoint, remote_weights_checksum, resolve_model_dir,
+                                        weights_checksum)
 from beam_extract.model.mesh import mesh_sizes
 from beam_extract.options import UsageError, check_ranges, extract_options, parse_layers, parse_sites, sample_input
 from beam_extract.output import ownership
@@ -88,10 +89,15 @@ def _files_sha256(directory, names) -> str:
 
 def run_fingerprint(options: dict, config: ModelConfig, hooks: tuple[Hook, ...]) -> dict:
     """Everything that decides which samples exist and what their activations are."""
-    model_dir = resolve_model_dir(options["model"])
-    check_checkpoint(config, model_dir)  # its headers, before a worker loads it
+    if options["model"].startswith("gs://"):  # identified by its objects; the workers check and load it
+        model_dir = resolve_model_dir(options["model"], weights=False)
+        weights = remote_weights_checksum(options["model"])
+    else:
+        model_dir = resolve_model_dir(options["model"])
+        check_checkpoint(config, model_dir)  # its headers, before a worker loads it
+        weights = weights_checksum(model_dir)
     return ownership.fingerprint(
-        options, weights_sha256=weights_checksum(model_dir), config=dataclasses.asdict(config),
+        options, weights_sha256=weights, config=dataclasses.asdict(config),
         tokenizer_sha256=_files_sha256(model_dir, [n for n in METADATA_FILES if n != "config.json"]),
         hooks=[hook_name(*hook) for hook in hooks],
         template_sha256=hashlib.sha256(load_template(options["prompt_template"]).source.encode()).hexdigest())

@@ -177,8 +177,12 @@ def test_a_second_job_on_the_same_output_is_refused_while_the_first_runs(tmp_pat
     while not lock.exists():
         assert first.poll() is None and time.monotonic() < deadline
         time.sleep(0.05)
-    holder = json.loads(lock.read_text())
-    second = cli(tmp_path, "--input=in/*.jsonl", "--output=out", "--resume")
+    first.send_signal(signal.SIGSTOP)  # holding the lock for as long as the second job needs to start
+    try:
+        holder = json.loads(lock.read_text())
+        second = cli(tmp_path, "--input=in/*.jsonl", "--output=out", "--resume")
+    finally:
+        first.send_signal(signal.SIGCONT)
     assert second.returncode == 2 and "in use by" in second.stderr and str(holder["pid"]) in second.stderr
     assert first.wait(timeout=600) == 0, first.stderr.read()[-3000:]
     assert not lock.exists()  # released when the job ended

@@ -228,6 +228,21 @@ def load_params(config: ModelConfig, model_dir: Path, dtype: np.dtype) -> dict:
     }
 
 
+def remote_weights_checksum(url: str) -> str:
+    """sha256 over the name, size and CRC32C of each weight object of a gs:// model: its identity
+    without downloading it (a Dataflow launcher need not hold the weights)."""
+    from google.cloud import storage
+
+    bucket, _, prefix = url.rstrip("/").removeprefix("gs://").partition("/")
+    digest = hashlib.sha256()
+    for blob in sorted(storage.Client().list_blobs(bucket, prefix=f"{prefix}/" if prefix else "", delimiter="/"),
+                       key=lambda blob: blob.name):
+        name = blob.name.rsplit("/", 1)[-1]
+        if any(fnmatch.fnmatchcase(name, pattern) for pattern in WEIGHT_FILES):
+            digest.update(f"{name}|{blob.size}|{blob.crc32c}\n".encode())
+    return digest.hexdigest()
+
+
 def weights_checksum(model_dir: Path) -> str:
     """sha256 over every tensor's name, dtype, shape and bytes, in name order.
 

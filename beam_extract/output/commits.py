@@ -97,7 +97,7 @@ def commit_path(output: str, group: str) -> str:
 
 def read_groups_on_disk(output: str) -> list[dict]:
     """Every group recorded under OUT/_committed/, in name order (accepted or not)."""
-    return read_all(list_paths(f"{output}/{COMMITS}/*.json"))
+    return read_all(path for path in list_paths(f"{output}/{COMMITS}/*.json") if ours(path, "commit"))
 
 
 def select_groups(groups: list[dict]) -> tuple[list[dict], list[dict]]:
