@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from beam_extract.output.reader import read_activations
+from beam_extract.output.reader import read_activations, token_batches
 from beam_extract.output.schema import OUTPUT_DTYPES, encode_record
 from beam_extract.output.tfrecord import write_record
 from benchmarks.report import Figure
@@ -43,9 +43,15 @@ def measure(quick: bool) -> tuple[list[Figure], dict]:
         start = time.perf_counter()
         tokens = sum(r["n_tokens"] for r in read_activations(str(tmp), "h"))
         read_seconds = time.perf_counter() - start
+        # Half the tokens: the buffer fills, then every token read replaces one drawn from it.
+        buffer = tokens // 2
+        start = time.perf_counter()
+        shuffled = sum(len(b) for b in token_batches(str(tmp), "h", batch_tokens=4096, shuffle_buffer=buffer))
+        shuffle_seconds = time.perf_counter() - start
     mib = 2**20
     raw = {"records": records, "tokens": tokens, "written_bytes": written, "raw_activation_bytes": raw_bytes,
-           "reader_tok_s": tokens / read_seconds, "raw_read_mib_s": file_bytes / raw_seconds / mib}
+           "reader_tok_s": tokens / read_seconds, "raw_read_mib_s": file_bytes / raw_seconds / mib,
+           "token_batches_tok_s": shuffled / shuffle_seconds}
     return [
         Figure("output", "bytes written per raw activation byte",
                f"{written / mib:.1f} MiB written for {raw_bytes / mib:.1f} MiB of bf16 activations ({tokens} tokens)",
@@ -53,4 +59,7 @@ def measure(quick: bool) -> tuple[list[Figure], dict]:
         Figure("output", "numpy reader vs raw file read",
                f"{tokens / read_seconds:,.0f} tok/s ({file_bytes / read_seconds / mib:.0f} MiB/s, decoded to float32) "
                f"vs {file_bytes / raw_seconds / mib:.0f} MiB/s", raw_seconds / read_seconds, ""),
+        Figure("output", "token_batches (shuffle buffer of half the tokens) vs the numpy reader",
+               f"{shuffled / shuffle_seconds:,.0f} vs {tokens / read_seconds:,.0f} tok/s ({buffer:,}-token buffer; "
+               f"{shuffled} of {tokens} tokens in whole batches of 4096)", shuffle_seconds / read_seconds, "<= 2"),
     ], raw

@@ -121,3 +121,22 @@ def test_token_batches_shuffle_every_token_once(tmp_path):
     assert all(tuple(r) in rows for r in got) and len({tuple(r) for r in got}) == len(got)  # each token at most once
     again = list(token_batches(str(tmp_path), "h", batch_tokens=7, shuffle_buffer=20, seed=1))
     assert all(np.array_equal(a, b) for a, b in zip(batches, again))  # seeded
+
+
+@pytest.mark.parametrize("buffer", [0, 1, 13, 64, 10_000])
+def test_token_batches_draw_every_token_exactly_once_whatever_the_buffer(tmp_path, buffer):
+    rng = np.random.default_rng(2)
+    payloads, rows = [], []
+    for i in range(30):
+        args = record_args(n_tokens=int(rng.integers(1, 40)), d_model=2, sample_id=f"s{i}")
+        args["activations"] = np.stack([np.full(args["activations"].shape[0], i, np.float32),
+                                        np.arange(args["activations"].shape[0], dtype=np.float32)], axis=1)
+        payloads.append(encode_record(**args))
+        rows += [tuple(r) for r in args["activations"]]
+    write_tfrecord(tmp_path / "p.tfrecord", payloads)
+    manifest = {"output_dtype": "float32", "hooks": {"h": {"files": ["p.tfrecord"]}}}
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    batch = 5
+    got = [tuple(r) for b in token_batches(str(tmp_path), "h", batch_tokens=batch, shuffle_buffer=buffer, seed=3)
+           for r in b]
+    assert len(got) == len(rows) // batch * batch and len(set(got)) == len(got) and set(got) <= set(rows)
