@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import collections
 from collections.abc import Iterator
 
 import numpy as np
@@ -62,65 +61,36 @@ def read_activations(path: str, hook: str) -> Iterator[dict]:
     return _decoded(hook_files(path, hook))
 
 
-class _Tokens:
-    """A queue of token rows taken out a batch at a time: each row is copied once."""
-
-    def __init__(self):
-        self._arrays: collections.deque = collections.deque()
-        self.size = 0
-
-    def put(self, rows: np.ndarray) -> None:
-        if len(rows):
-            self._arrays.append(rows)
-            self.size += len(rows)
-
-    def take(self, n: int) -> np.ndarray:
-        parts, wanted = [], n
-        while wanted:
-            head = self._arrays[0]
-            parts.append(head[:wanted])
-            if len(head) <= wanted:
-                self._arrays.popleft()
-            else:
-                self._arrays[0] = head[wanted:]
-            wanted -= len(parts[-1])
-        self.size -= n
-        return np.concatenate(parts) if len(parts) > 1 else parts[0].copy()
-
-
 def token_batches(path: str, hook: str, batch_tokens: int, shuffle_buffer: int = 65536, seed: int = 0,
                   epochs: int = 1) -> Iterator[np.ndarray]:
     """Float32 [batch_tokens, d_model] batches of single tokens, from files visited in a seeded
-    random order through a shuffle buffer of `shuffle_buffer` tokens (as tf.data's): each token
-    read takes the place of a uniformly chosen one in the buffer, which goes out. A batch costs
-    O(batch_tokens), whatever the buffer's size. Every token is drawn once per epoch; a final
+    random order through a shuffle buffer (as tf.data's): once `shuffle_buffer + batch_tokens`
+    tokens are held, a batch is drawn uniformly from them and the tokens read next take its
+    places. Each token is copied twice (into the buffer, out in its batch), so a batch costs
+    O(batch_tokens) whatever the buffer's size. Every token is drawn once per epoch; a final
     partial batch is dropped."""
     rng = np.random.default_rng(seed)
     files = hook_files(path, hook)
-    ready, pool, filled = _Tokens(), None, 0
+    capacity = shuffle_buffer + batch_tokens
+    pool, free = None, np.arange(capacity)  # free: the places not holding a token, filled first to last
     for _ in range(epochs):
         for index in rng.permutation(len(files)):
             for data in iter_tfrecord(files[index]):
                 tokens = decode_record(data)["activations"]
-                if not shuffle_buffer:
-                    ready.put(tokens)
-                else:
-                    if pool is None:
-                        pool = np.empty((shuffle_buffer, tokens.shape[1]), np.float32)
-                    room = min(len(tokens), shuffle_buffer - filled)
-                    pool[filled: filled + room] = tokens[:room]
-                    filled += room
-                    for start in range(room, len(tokens), shuffle_buffer):
-                        chunk = tokens[start: start + shuffle_buffer]
-                        slots = rng.choice(shuffle_buffer, len(chunk), replace=False, shuffle=False)
-                        ready.put(pool[slots])  # fancy indexing copies: the rows leave before new ones land
-                        pool[slots] = chunk
-                while ready.size >= batch_tokens:
-                    yield ready.take(batch_tokens)
-    if filled:
-        ready.put(pool[:filled][rng.permutation(filled)])
-    while ready.size >= batch_tokens:
-        yield ready.take(batch_tokens)
+                if pool is None:
+                    pool = np.empty((capacity, tokens.shape[1]), np.float32)
+                while len(tokens):
+                    if not len(free):  # full: a batch leaves, its places take the next tokens
+                        free = rng.choice(capacity, batch_tokens, replace=False, shuffle=False)
+                        yield pool[free]
+                    placed = min(len(tokens), len(free))
+                    pool[free[:placed]] = tokens[:placed]
+                    free, tokens = free[placed:], tokens[placed:]
+    if pool is not None:
+        held = np.setdiff1d(np.arange(capacity), free, assume_unique=True)
+        order = held[rng.permutation(len(held))]
+        for start in range(0, len(order) - batch_tokens + 1, batch_tokens):
+            yield pool[order[start: start + batch_tokens]]
 
 
 def tf_dataset(path: str, hook: str):
