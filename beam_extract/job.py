@@ -34,8 +34,8 @@ from beam_extract.output.writer import remove_unlisted
 from beam_extract.records.arc import ArcTask
 from beam_extract.records.dead_letter import DeadLetter
 from beam_extract.records.text import TextDoc
-from beam_extract.tokenize import (PromptSettings, TokenSelection, load_tokenizer, parse_positions, special_token_ids,
-                                   to_samples)
+from beam_extract.stages import prompt_and_selection
+from beam_extract.tokenize import load_tokenizer, parse_positions, to_samples
 
 
 # The stages that dead-letter, in the order of the data path (each writes dead_letter/{stage}-*.jsonl).
@@ -131,10 +131,7 @@ def dry_render(options: dict, vocab_size: int) -> None:
     """Renders a built-in ARC task and text document the way the job will, so a template, encoder,
     length or token selection that would dead-letter every sample fails now, in one line."""
     tokenizer = load_tokenizer(resolve_model_dir(options["model"], weights=False))
-    settings = PromptSettings(load_template(options["prompt_template"]), options["grid_encoder"],
-                              parse_encoder(options["grid_encoder"]), options["include_answer"])
-    selection = TokenSelection(special_token_ids(tokenizer) if options["exclude_special_tokens"] else frozenset(),
-                               parse_positions(options["positions"]), options["arc_tokens"] == "test")
+    settings, selection = prompt_and_selection(options, tokenizer)
     fmt = options["input_format"]
     checks = []
     if fmt in ("text", "auto"):

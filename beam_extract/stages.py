@@ -49,26 +49,30 @@ def expand_views(record, seed: int, views_per_task: int) -> list:
     return views(record, seed, views_per_task) if isinstance(record, ArcTask) else [record]
 
 
+def prompt_and_selection(options: dict, tokenizer) -> tuple[PromptSettings, TokenSelection]:
+    """How the job's options render ARC prompts and choose the stored tokens (workers and the
+    driver's dry render alike)."""
+    settings = PromptSettings(load_template(options["prompt_template"]), options["grid_encoder"],
+                              parse_encoder(options["grid_encoder"]), options["include_answer"])
+    selection = TokenSelection(special_token_ids(tokenizer) if options["exclude_special_tokens"] else frozenset(),
+                               parse_positions(options["positions"]), options["arc_tokens"] == "test")
+    return settings, selection
+
+
 class TokenizeDoFn(beam.DoFn):
     """Records -> samples; the tokenizer and prompt settings are loaded once per DoFn instance."""
 
     def __init__(self, options: dict, vocab_size: int, driver: Driver | None = None):
         self._driver = driver  # a local job's driver: this worker process dies with it
-        self._model, self._max_seq_len, self._vocab_size = options["model"], options["max_seq_len"], vocab_size
-        self._prompt = (options["prompt_template"], options["grid_encoder"], options["include_answer"])
-        self._selection = (options["exclude_special_tokens"], options["positions"], options["arc_tokens"] == "test")
+        self._options, self._max_seq_len, self._vocab_size = options, options["max_seq_len"], vocab_size
         self._markers_as_text = not options["special_tokens_in_text"]
         self._dropped = Metrics.counter("arc", "train_examples_dropped")
         self._fitted = Metrics.counter("arc", "prompts_fitted_by_dropping")
 
     def setup(self):
         exit_with_driver(self._driver)
-        self._tokenizer = load_tokenizer(resolve_model_dir(self._model, weights=False))
-        template, encoder, include_answer = self._prompt
-        self._settings = PromptSettings(load_template(template), encoder, parse_encoder(encoder), include_answer)
-        exclude_special, positions, arc_test_only = self._selection
-        self._tokens = TokenSelection(special_token_ids(self._tokenizer) if exclude_special else frozenset(),
-                                      parse_positions(positions), arc_test_only)
+        self._tokenizer = load_tokenizer(resolve_model_dir(self._options["model"], weights=False))
+        self._settings, self._tokens = prompt_and_selection(self._options, self._tokenizer)
 
     def process(self, record):
         results = to_samples(record, self._tokenizer, self._settings, self._max_seq_len, self._tokens,

@@ -15,14 +15,10 @@ import stat
 import google_crc32c
 from apache_beam.io.filesystems import FileSystems
 
+from beam_extract.io.sources import printable_path
 from beam_extract.records.identity import input_root, relative_name
 
 _CHUNK = 1 << 22
-
-
-def printable(path: str) -> str:
-    """A local name that is not UTF-8 (surrogate escapes), shown with backslash escapes."""
-    return os.fsencode(path).decode("utf-8", "backslashreplace") if "://" not in path else path
 
 
 def _local_crc32c(path: str) -> str:
@@ -53,7 +49,7 @@ def inventory(pattern: str) -> dict:
             try:
                 if not stat.S_ISREG(os.stat(path).st_mode):
                     continue
-                files[printable(relative_name(path, root))] = {"size": os.path.getsize(path),
+                files[printable_path(relative_name(path, root))] = {"size": os.path.getsize(path),
                                                                "crc32c": _local_crc32c(path)}
             except OSError:
                 continue  # unreadable: the read stage dead-letters it
