@@ -19,8 +19,8 @@ FILE_STAGE = "read"
 
 class AccountLines(beam.PTransform):
     """{stage: dead letters} -> (dead-letter file paths, {reason: count} pairs, {outcome: lines}
-    pairs). Lines that produced samples are marked from `written` (lists of records, as the
-    extraction emits them) and `resumed` (samples committed by the run resumed)."""
+    pairs). Lines that produced samples are marked from `written` (the extraction's
+    ExtractedBatches) and `resumed` (samples committed by the run resumed)."""
 
     def __init__(self, output: str, written: beam.PCollection, resumed: beam.PCollection):
         super().__init__()
@@ -37,8 +37,8 @@ class AccountLines(beam.PTransform):
                                | f"BitmapsDead[{stage}]" >> beam.CombinePerKey(LineBitmaps()))
         bitmaps += [
             self._written
-            | "LinesWithSample" >> beam.FlatMap(lambda rs: [(r.source, (r.line_number, True)) for r in rs
-                                                            if r.hook_index == 0])
+            | "LinesWithSample" >> beam.FlatMap(lambda batch: [(s.sample.source, (s.sample.line_number, True))
+                                                               for s in batch.samples])
             | "BitmapsWritten" >> beam.CombinePerKey(LineBitmaps()),
             self._resumed
             | "LinesResumed" >> beam.Map(lambda s: (s.source, (s.line_number, True)))

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-import time
 import logging
-from collections.abc import Iterator
+import time
 
 import apache_beam as beam
 import jax
@@ -13,11 +12,15 @@ import numpy as np
 from apache_beam.metrics import Metrics
 from apache_beam.utils import shared
 
-from beam_extract.batching import Batch
+from apache_beam.utils.windowed_value import WindowedValue
+
+from beam_extract.batching import Batch, Placement
 from beam_extract.lifetime import Driver, exit_with_driver
 from beam_extract.model import Model, hook_name, load_model
+from beam_extract.model.loaded import Dispatched
 from beam_extract.model.qwen2 import Hook
-from beam_extract.output.schema import OUTPUT_DTYPES, encode_record
+from beam_extract.output.extracted import ExtractedBatch, StoredSample, extracted_batch
+from beam_extract.output.schema import OUTPUT_DTYPES
 from beam_extract.records.dead_letter import DEAD_LETTER, DeadLetter
 from beam_extract.tokenize import sample_digest
 
@@ -26,25 +29,14 @@ BATCH_STATS = "batch_stats"
 
 
 @dataclasses.dataclass(frozen=True)
-class ActivationRecord:
-    hook_index: int  # position in the job's hook list: selects the output dataset
-    sample_id: str
-    source: str  # input file and line, for the accounting of lines
-    line_number: int
-    n_tokens: int
-    sum_l2_norm: float  # over tokens, for the manifest's normalisation statistics
-    sum_squared_norm: float
-    example: bytes  # serialized tf.train.Example
-    digest: str = ""  # tokenize.sample_digest of the sample, recorded with its commit
-
-
-@dataclasses.dataclass(frozen=True)
 class BatchStats:
     row_length: int
     real_tokens: int
     computed_tokens: int
     compile_seconds: float  # > 0 only for the batch that compiled its shape in this process
-    forward_seconds: float  # wall seconds of the forward and the copy to the host, compiling aside
+    # Wall seconds from dispatch to the outputs on the host, compiling aside. The previous batch's
+    # host work runs meanwhile, so this bounds the device's time from above.
+    forward_seconds: float
 
 
 def pad_rows(batch: Batch, multiple: int) -> Batch:
@@ -57,34 +49,36 @@ def pad_rows(batch: Batch, multiple: int) -> Batch:
                                segment_ids=grow(batch.segment_ids))
 
 
-def batch_records(model_out: dict[Hook, np.ndarray], batch: Batch, hooks: tuple[Hook, ...],
-                  output_dtype: str) -> Iterator[ActivationRecord | DeadLetter]:
-    """One record per (sample, hook), holding only the sample's selected tokens (never padding). A
-    sample with a NaN or infinite activation at any hook (broken weights, an overflow) is a
-    `non_finite` dead letter instead, at every hook."""
+def stored_columns(placement: Placement) -> slice | np.ndarray:
+    """The row's columns holding a placed sample's stored tokens: a slice (a view of the
+    activations) when they are contiguous, as they nearly always are."""
+    sample, start = placement.sample, placement.start
+    if sample.stored is None:
+        return slice(start, start + len(sample.token_ids))
+    stored = np.asarray(sample.stored)
+    if stored[-1] - stored[0] + 1 == len(stored):
+        return slice(start + int(stored[0]), start + int(stored[-1]) + 1)
+    return start + stored
+
+
+def extract_batch(activations: dict[Hook, np.ndarray], squared_norms: dict[Hook, np.ndarray], batch: Batch,
+                  hooks: tuple[Hook, ...], output_dtype: str) -> tuple[ExtractedBatch, list[DeadLetter]]:
+    """A forward's host outputs -> the batch for the writer. A sample with a NaN or infinite
+    activation at any hook (broken weights, an overflow) is a `non_finite` dead letter instead, at
+    every hook: `squared_norms` (see `token_squared_norms`) are NaN exactly there."""
+    kept, dead = [], []
     for placement in batch.placements:
-        sample, row, start = placement.sample, placement.row, placement.start
-        stored = slice(None) if sample.stored is None else sample.stored
-        columns = np.arange(start, start + len(sample.token_ids))[stored]
-        values = [model_out[hook][row, columns] for hook in hooks]
-        as_float = [v.astype(np.float32) for v in values]
-        broken = next((hook for hook, v in zip(hooks, as_float) if not np.isfinite(v).all()), None)
-        if broken is not None:
-            yield DeadLetter(sample.source, sample.line_number, "extract", "non_finite",
-                             f"{sample.sample_id}: NaN or infinite activations at {hook_name(*broken)}",
-                             record_id=sample.sample_id)
-            continue
-        digest = sample_digest(sample)
-        for index, (hook, value, floats) in enumerate(zip(hooks, values, as_float)):
-            squared = np.einsum("td,td->t", floats, floats)
-            example = encode_record(
-                sample_id=sample.sample_id, hook_name=hook_name(*hook), layer=hook[0], activations=value,
-                token_ids=sample.token_ids[stored], positions=batch.positions[row, columns],
-                output_dtype=output_dtype, source=f"{sample.source}:{sample.line_number}",
-                task_id=sample.task_id, doc_id=sample.doc_id, augmentation=sample.augmentation,
-            )
-            yield ActivationRecord(index, sample.sample_id, sample.source, sample.line_number, len(value),
-                                   float(np.sqrt(squared).sum()), float(squared.sum()), example, digest)
+        sample, columns = placement.sample, stored_columns(placement)
+        broken = next((hook for hook in hooks if np.isnan(squared_norms[hook][placement.row, columns]).any()), None)
+        if broken is None:
+            kept.append(StoredSample(sample, placement.row, columns, sample_digest(sample)))
+        else:
+            dead.append(DeadLetter(sample.source, sample.line_number, "extract", "non_finite",
+                                   f"{sample.sample_id}: NaN or infinite activations at {hook_name(*broken)}",
+                                   record_id=sample.sample_id))
+    extracted = extracted_batch(kept, batch.positions, tuple(activations[h] for h in hooks),
+                                tuple(squared_norms[h] for h in hooks), output_dtype)
+    return extracted, dead
 
 
 def is_device_oom(error: BaseException) -> bool:
@@ -124,10 +118,15 @@ def _first_line(error: BaseException) -> str:
 
 
 class ExtractDoFn(beam.DoFn):
-    """Batch -> its list of ActivationRecords (+ BatchStats on a tagged output).
+    """Batch -> its ExtractedBatch (+ BatchStats on a tagged output).
+
+    One batch is in flight on the device while the host hands the previous one on: `process`
+    dispatches its batch (JAX returns at once) and then finishes the batch before it, whose
+    encoding and writing (the fused writer downstream) run while the device computes. So at most
+    two batches' outputs are held; each output keeps its own batch's window and timestamp.
 
     A batch that runs out of device memory is split by rows into halves, recursively; each forward
-    that succeeds yields its own list and BatchStats. The samples of a row that does not fit even
+    that succeeds yields its own batch and BatchStats. The samples of a row that does not fit even
     alone are `model_oom` dead letters. Any other forward error fails the job: it is a bug or a
     broken device, and dead-lettering every sample would hide it behind a job that succeeds."""
 
@@ -143,6 +142,7 @@ class ExtractDoFn(beam.DoFn):
         self._real_tokens = Metrics.counter("extract", "real_tokens")
         self._computed_tokens = Metrics.counter("extract", "computed_tokens")
         self._oom_splits = Metrics.counter("extract", "oom_splits")  # batches re-run smaller after an OOM
+        self._waited = Metrics.distribution("extract", "host_wait_ms")  # host idle, waiting for the device
 
     def setup(self):
         exit_with_driver(self._driver)
@@ -150,57 +150,87 @@ class ExtractDoFn(beam.DoFn):
         _LOG.info("model %s on mesh %s (%s)", self._load[0], dict(self._model.mesh.shape),
                   self._model.mesh.devices.flat[0].platform)
 
-    def process(self, batch: Batch):
-        yield from self._extract(pad_rows(batch, self._model.mesh.shape["data"]))
+    def start_bundle(self):
+        self._in_flight = None  # (the dispatched forward, its batch, its element's window and timestamp)
 
-    def _extract(self, batch: Batch):
-        rows = used_rows(batch)
-        oom = ""
-        start = time.perf_counter()
+    def process(self, batch: Batch, timestamp=beam.DoFn.TimestampParam, window=beam.DoFn.WindowParam):
+        batch = pad_rows(batch, self._model.mesh.shape["data"])
+        started = self._dispatch(batch), batch, WindowedValue(None, timestamp, (window,))
+        previous, self._in_flight = self._in_flight, started
+        if previous:
+            yield from self._finish(*previous)
+
+    def finish_bundle(self):
+        if self._in_flight:
+            yield from self._finish(*self._in_flight)
+        self._in_flight = None
+
+    def _dispatch(self, batch: Batch) -> Dispatched | str:
+        """The forward started on the device, or the text of its out-of-memory error."""
         try:
-            out, compile_seconds = self._model.forward(batch.tokens, batch.positions, batch.segment_ids,
-                                                       self._hooks, OUTPUT_DTYPES[self._output_dtype], rows)
+            return self._model.dispatch(batch.tokens, batch.positions, batch.segment_ids, self._hooks,
+                                        OUTPUT_DTYPES[self._output_dtype], used_rows(batch))
         except Exception as error:
-            if not is_device_oom(error):
-                ids = [p.sample.sample_id for p in batch.placements]
-                raise RuntimeError(
-                    f"the forward failed on a batch of shape {tuple(batch.tokens.shape)} with {len(ids)} "
-                    f"samples ({', '.join(ids[:3])}{', ...' if len(ids) > 3 else ''}): {_first_line(error)}"
-                ) from error
-            # Only its text: retrying inside this block would keep the failed forward's frames (and
-            # any device buffers they hold) alive, and chain later errors to this one.
-            oom = _first_line(error)
-        if oom:
-            yield from self._after_oom(batch, rows, oom)
+            return self._oom_text(error, batch)
+
+    def _finish(self, started: Dispatched | str, batch: Batch, context: WindowedValue):
+        for output in self._outputs(started, batch):
+            if isinstance(output, beam.pvalue.TaggedOutput):
+                yield beam.pvalue.TaggedOutput(output.tag, context.with_value(output.value))
+            else:
+                yield context.with_value(output)
+
+    def _outputs(self, started: Dispatched | str, batch: Batch):
+        if not isinstance(started, str):
+            began = time.perf_counter()
+            try:
+                activations, squared_norms = started.fetch()
+            except Exception as error:
+                started = self._oom_text(error, batch)
+            else:
+                self._waited.update(int(1000 * (time.perf_counter() - began)))
+        if isinstance(started, str):
+            yield from self._after_oom(batch, started)
             return
-        forward_seconds = time.perf_counter() - start - compile_seconds
-        if compile_seconds:
+        if started.compile_seconds:
             self._compilations.inc()
         self._real_tokens.inc(batch.real_tokens)
         self._computed_tokens.inc(batch.tokens.size)
-        yield beam.pvalue.TaggedOutput(BATCH_STATS, BatchStats(batch.tokens.shape[1], batch.real_tokens,
-                                                               batch.tokens.size, compile_seconds, forward_seconds))
-        records = []
-        for result in batch_records(out, batch, self._hooks, self._output_dtype):
-            if isinstance(result, DeadLetter):
-                Metrics.counter("dead_letter.extract", result.reason).inc()
-                yield beam.pvalue.TaggedOutput(DEAD_LETTER, result)
-            else:
-                records.append(result)
-        if records:
-            yield records  # written and committed together
+        yield beam.pvalue.TaggedOutput(BATCH_STATS, BatchStats(
+            batch.tokens.shape[1], batch.real_tokens, batch.tokens.size, started.compile_seconds,
+            time.perf_counter() - started.dispatched - started.compile_seconds))
+        extracted, dead = extract_batch(activations, squared_norms, batch, self._hooks, self._output_dtype)
+        for letter in dead:
+            Metrics.counter("dead_letter.extract", letter.reason).inc()
+            yield beam.pvalue.TaggedOutput(DEAD_LETTER, letter)
+        if extracted.samples:
+            yield extracted  # written and committed together
 
-    def _after_oom(self, batch: Batch, rows: int, oom: str):
-        """Re-runs an out-of-memory batch in smaller pieces; a lone row that still does not fit (in
-        a batch no larger than one row padded for the mesh) dead-letters its samples."""
+    @staticmethod
+    def _oom_text(error: Exception, batch: Batch) -> str:
+        """An out-of-memory error's first line; any other error fails the bundle, naming the batch."""
+        if not is_device_oom(error):
+            ids = [p.sample.sample_id for p in batch.placements]
+            raise RuntimeError(
+                f"the forward failed on a batch of shape {tuple(batch.tokens.shape)} with {len(ids)} "
+                f"samples ({', '.join(ids[:3])}{', ...' if len(ids) > 3 else ''}): {_first_line(error)}"
+            ) from error
+        # Only its text: retrying inside the handler would keep the failed forward's frames (and any
+        # device buffers they hold) alive, and chain later errors to this one.
+        return _first_line(error)
+
+    def _after_oom(self, batch: Batch, oom: str):
+        """Re-runs an out-of-memory batch in smaller pieces, one at a time; a lone row that still
+        does not fit (in a batch no larger than one row padded for the mesh) dead-letters its
+        samples."""
         multiple = self._model.mesh.shape["data"]
-        if rows > 1 or batch.tokens.shape[0] > multiple:  # the smallest batch: one row, padded for the mesh
+        if used_rows(batch) > 1 or batch.tokens.shape[0] > multiple:
             pieces = split_batch(batch, multiple)
             self._oom_splits.inc()
             _LOG.warning("out of device memory on a batch of shape %s (%d used rows): re-running it as %s",
-                         tuple(batch.tokens.shape), rows, [tuple(p.tokens.shape) for p in pieces])
+                         tuple(batch.tokens.shape), used_rows(batch), [tuple(p.tokens.shape) for p in pieces])
             for piece in pieces:
-                yield from self._extract(piece)
+                yield from self._outputs(self._dispatch(piece), piece)
             return
         row_length = batch.tokens.shape[1]
         for placement in batch.placements:

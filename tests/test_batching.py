@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from beam_extract.batching import (BatchPlan, assemble, bucket_length, form_batches, pack_rows, parse_buckets)
-from beam_extract.extract import batch_records, pad_rows
+from beam_extract.extract import extract_batch, pad_rows
 from beam_extract.model import load_model
 from beam_extract.options import UsageError, parse_layers, parse_sites
 from beam_extract.output.schema import decode_record
@@ -78,8 +78,11 @@ def test_packed_rows_equal_unpacked_runs(tmp_path):
     samples = [sample(n, f"doc{n}") for n in (17, 5, 30, 9, 1, 12)]
     [batch], _ = form_batches(samples, 64, rows_per_batch=2, pack=True, final=True)
     assert any(len([p for p in batch.placements if p.row == r]) > 2 for r in range(2))  # really packed
-    out, _ = model.forward(batch.tokens, batch.positions, batch.segment_ids, hooks)
-    records = [decode_record(r.example) for r in batch_records(out, batch, hooks, "float32")]
+    activations, norms = model.dispatch(batch.tokens, batch.positions, batch.segment_ids, hooks).fetch()
+    extracted, dead = extract_batch(activations, norms, batch, hooks, "float32")
+    assert dead == []
+    records = [decode_record(data) for index, (layer, site) in enumerate(hooks)
+               for data in extracted.records(index, f"blocks.{layer}.hook_{site}", layer)]
     assert len(records) == len(samples) * len(hooks)
     for record in records:
         alone = model.run_with_cache(record["token_ids"][None], [record["hook_name"]])[record["hook_name"]][0]

@@ -242,11 +242,17 @@ def test_a_directory_we_did_not_write_is_refused_with_nothing_deleted(tmp_path, 
 
 # -- retries --------------------------------------------------------------------------------------
 
-def batch_of_records(samples, hooks=2, tokens=5):
-    from beam_extract.extract import ActivationRecord
+def extracted(samples, hooks=2, tokens=5):
+    """An ExtractedBatch of these sample ids, a row each."""
+    from beam_extract.output.extracted import StoredSample, extracted_batch
+    from beam_extract.tokenize import Sample
 
-    return [ActivationRecord(h, s, "in.jsonl", n, tokens, 1.0, 1.0, f"{h}:{s}".encode() * 10)
-            for n, s in enumerate(samples) for h in range(hooks)]
+    stored = [StoredSample(Sample(s, np.arange(1, tokens + 1, dtype=np.int32), "in.jsonl", n + 1), n,
+                           slice(0, tokens), "digest") for n, s in enumerate(samples)]
+    rows = len(samples)
+    return extracted_batch(stored, np.tile(np.arange(tokens), (rows, 1)),
+                           tuple(np.full((rows, tokens, 2), h, np.float32) for h in range(hooks)),
+                           tuple(np.ones((rows, tokens), np.float32) for _ in range(hooks)), "float32")
 
 
 def test_a_retried_bundle_with_other_batches_is_committed_once(tmp_path):
@@ -257,6 +263,7 @@ def test_a_retried_bundle_with_other_batches_is_committed_once(tmp_path):
 
     from beam_extract.output.commits import read_groups_on_disk
     from beam_extract.output.reader import hook_files
+    from beam_extract.output.schema import decode_record
     from beam_extract.output.tfrecord import iter_tfrecord
     from beam_extract.output.writer import WriteShards, remove_unlisted
 
@@ -265,9 +272,12 @@ def test_a_retried_bundle_with_other_batches_is_committed_once(tmp_path):
 
     def attempt(batches):
         writer = WriteShards(output, hooks, shard_bytes=1 << 20)
+        writer.setup()
         writer.start_bundle()
-        groups = [g for b in batches for g in writer.process(batch_of_records(b), window=GlobalWindow())]
-        return groups + [wv.value for wv in writer.finish_bundle()]
+        groups = [g for b in batches for g in writer.process(extracted(b), window=GlobalWindow())]
+        groups += [wv.value for wv in writer.finish_bundle()]
+        writer.teardown()
+        return groups
 
     failed = attempt([samples[:4], samples[4:]])
     retried = attempt([samples[:1], samples[1:3], samples[3:]])
@@ -275,7 +285,7 @@ def test_a_retried_bundle_with_other_batches_is_committed_once(tmp_path):
     assert len(read_groups_on_disk(output)) == 2
 
     def ids_read():
-        return sorted(data.decode().split(":")[1][:2] for f in hook_files(output, "blocks.0.hook_resid_post")
+        return sorted(decode_record(data)["sample_id"] for f in hook_files(output, "blocks.0.hook_resid_post")
                       for data in iter_tfrecord(f))
 
     assert ids_read() == samples  # a killed run read back: the overlapping group is left out

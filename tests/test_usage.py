@@ -167,19 +167,25 @@ def test_token_ids_past_the_embedding_are_refused_not_clamped(tmp_path, tiny_mod
 
 
 def test_non_finite_activations_are_dead_letters_at_every_hook():
+    import jax.numpy as jnp
+
     from beam_extract.batching import assemble
-    from beam_extract.extract import ActivationRecord, batch_records
-    from beam_extract.records.dead_letter import DeadLetter
+    from beam_extract.extract import extract_batch
+    from beam_extract.model.loaded import token_squared_norms
     from beam_extract.tokenize import Sample
 
-    samples = [Sample(f"s{i}", np.arange(1, 5, dtype=np.int32), "in.jsonl", i + 1) for i in range(2)]
-    batch = assemble([[s] for s in samples], 2, 8)
+    samples = [Sample(f"s{i}", np.arange(1, 5, dtype=np.int32), "in.jsonl", i + 1) for i in range(3)]
+    batch = assemble([[s] for s in samples], 3, 8)
     hooks = ((0, "resid_post"), (1, "resid_post"))
-    out = {hook: np.ones((2, 8, 4), np.float32) for hook in hooks}
+    out = {hook: np.ones((3, 8, 4), np.float32) for hook in hooks}
     out[hooks[1]][1, 2, 3] = np.nan
-    results = list(batch_records(out, batch, hooks, "float32"))
-    assert [type(r) for r in results] == [ActivationRecord, ActivationRecord, DeadLetter]
-    assert results[2].reason == "non_finite" and "s1" in results[2].detail and "blocks.1" in results[2].detail
+    out[hooks[0]][2, 0, 0] = 1e30  # finite, though its square overflows float32
+    out[hooks[0]][0, 6, 0] = np.inf  # padding: never stored, never checked
+    norms = {hook: np.asarray(token_squared_norms(jnp.asarray(value))) for hook, value in out.items()}
+    extracted, dead = extract_batch(out, norms, batch, hooks, "float32")
+    assert [s.sample.sample_id for s in extracted.samples] == ["s0", "s2"]
+    assert len(dead) == 1 and dead[0].reason == "non_finite" and dead[0].record_id == "s1"
+    assert "s1" in dead[0].detail and "blocks.1" in dead[0].detail
 
 
 def test_chat_markers_in_a_document_are_text_unless_asked():

@@ -1,4 +1,4 @@
-"""tf.train.Example messages without TensorFlow.
+"""tf.train.Example messages without TensorFlow, for reading records (`wire` writes them).
 
 The message layout is TensorFlow's example.proto/feature.proto, registered under our own package
 name in a private descriptor pool: the bytes are wire-identical to TensorFlow's, and the classes
@@ -50,30 +50,6 @@ def _build_pool() -> descriptor_pool.DescriptorPool:
 
 _POOL = _build_pool()
 Example = message_factory.GetMessageClass(_POOL.FindMessageTypeByName(f"{_PACKAGE}.Example"))
-
-FeatureValue = bytes | str | int | list[int] | list[float] | list[bytes]
-
-
-def encode_example(features: dict[str, FeatureValue]) -> bytes:
-    """Serialises a feature dict: bytes/str -> bytes_list, int or list of ints -> int64_list,
-    list of floats -> float_list. Keys are written in sorted order (deterministic bytes)."""
-    example = Example()
-    for key, value in features.items():
-        feature = example.features.feature[key]
-        if isinstance(value, str):
-            feature.bytes_list.value.append(value.encode("utf-8"))
-        elif isinstance(value, bytes):
-            feature.bytes_list.value.append(value)
-        elif isinstance(value, int):
-            feature.int64_list.value.append(value)
-        elif value and all(isinstance(v, bytes) for v in value):
-            feature.bytes_list.value.extend(value)
-        elif all(isinstance(v, int) for v in value):
-            feature.int64_list.SetInParent()  # an empty list is still an int64_list
-            feature.int64_list.value.extend(value)
-        else:
-            feature.float_list.value.extend(value)
-    return example.SerializeToString(deterministic=True)
 
 
 def decode_example(data: bytes) -> dict[str, list]:

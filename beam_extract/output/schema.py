@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import ml_dtypes
 import numpy as np
 
-from beam_extract.output.example_proto import decode_example, encode_example
+from beam_extract.output import wire
+from beam_extract.output.example_proto import decode_example
 
 # Little-endian storage dtypes for `activations`.
 OUTPUT_DTYPES = {
@@ -35,26 +37,69 @@ FEATURES: dict[str, tuple[str, str, str]] = {
 }
 
 
+# The features that differ between a sample's records at different hooks; all others are encoded
+# once per sample. Records are assembled in sorted key order, as protobuf serialises a map.
+HOOK_FEATURES = ("hook_name", "layer")
+_KEYS = sorted(FEATURES)
+_HOOK_AT = _KEYS.index(HOOK_FEATURES[0])
+assert _KEYS[0] == "activations" and tuple(_KEYS[_HOOK_AT:_HOOK_AT + 2]) == HOOK_FEATURES
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleFields:
+    """A sample's encoded features other than its activations and the hook's: the map entries that
+    sort before the hook's and those after."""
+
+    before: bytes
+    after: bytes
+
+
+def sample_fields(*, token_ids: np.ndarray, positions: np.ndarray, d_model: int, output_dtype: str,
+                  sample_id: str, source: str, task_id: str = "", doc_id: str = "",
+                  augmentation: str = "") -> SampleFields:
+    values = {"token_ids": token_ids, "positions": positions, "n_tokens": len(token_ids), "d_model": d_model,
+              "dtype": output_dtype, "sample_id": sample_id, "source": source, "task_id": task_id,
+              "doc_id": doc_id, "augmentation": augmentation}
+    entries = [wire.map_entry(key, wire.bytes_feature(values[key]) if FEATURES[key][0] == "bytes"
+                              else wire.int64_feature(values[key])) for key in _KEYS if key in values]
+    return SampleFields(b"".join(entries[:_HOOK_AT - 1]), b"".join(entries[_HOOK_AT - 1:]))
+
+
+def hook_fields(hook_name: str, layer: int) -> bytes:
+    return wire.map_entry("hook_name", wire.bytes_feature(hook_name)) + wire.map_entry("layer", wire.int64_feature(layer))
+
+
+def record_parts(activations: memoryview, sample: SampleFields, hook: bytes) -> list:
+    """One record's bytes as parts to join; `activations` is the buffer of its little-endian
+    [n_tokens, d_model] array in the output dtype, used as is."""
+    n = activations.nbytes
+    bytes_list = 1 + len(wire.varint(n)) + n
+    feature = 1 + len(wire.varint(bytes_list)) + bytes_list
+    key = wire.delimited(1, b"activations")
+    entry = len(key) + 1 + len(wire.varint(feature)) + feature
+    features = 1 + len(wire.varint(entry)) + entry + len(sample.before) + len(hook) + len(sample.after)
+    head = (wire.field_head(1, features) + wire.field_head(1, entry) + key + wire.field_head(2, feature)
+            + wire.field_head(1, bytes_list) + wire.field_head(1, n))
+    return [head, activations, sample.before, hook, sample.after]
+
+
+def activation_bytes(activations: np.ndarray, output_dtype: str) -> memoryview:
+    """The buffer of activations as stored: little-endian, C order, in the output dtype (a view when
+    they are so already)."""
+    stored = np.ascontiguousarray(activations, dtype=OUTPUT_DTYPES[output_dtype])
+    return memoryview(stored.view(np.uint8)).cast("B")
+
+
 def encode_record(*, sample_id: str, hook_name: str, layer: int, activations: np.ndarray,
                   token_ids: np.ndarray, positions: np.ndarray, output_dtype: str, source: str,
                   task_id: str = "", doc_id: str = "", augmentation: str = "") -> bytes:
-    """activations: [n_tokens, d_model] (any float dtype; stored as `output_dtype`)."""
-    n_tokens, d_model = activations.shape
-    return encode_example({
-        "activations": np.ascontiguousarray(activations, dtype=OUTPUT_DTYPES[output_dtype]).tobytes(),
-        "token_ids": [int(t) for t in token_ids],
-        "positions": [int(p) for p in positions],
-        "n_tokens": n_tokens,
-        "d_model": d_model,
-        "layer": layer,
-        "hook_name": hook_name,
-        "dtype": output_dtype,
-        "sample_id": sample_id,
-        "source": source,
-        "task_id": task_id,
-        "doc_id": doc_id,
-        "augmentation": augmentation,
-    })
+    """One record's bytes; activations: [n_tokens, d_model] (any float dtype; stored as `output_dtype`)."""
+    if len(token_ids) != len(activations):
+        raise ValueError(f"{len(token_ids)} token ids for {len(activations)} rows of activations")
+    fields = sample_fields(token_ids=token_ids, positions=positions, d_model=activations.shape[1],
+                           output_dtype=output_dtype, sample_id=sample_id, source=source, task_id=task_id,
+                           doc_id=doc_id, augmentation=augmentation)
+    return b"".join(record_parts(activation_bytes(activations, output_dtype), fields, hook_fields(hook_name, layer)))
 
 
 def decode_record(data: bytes) -> dict:

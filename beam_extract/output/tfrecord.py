@@ -19,7 +19,9 @@ def _masked_crc(data: bytes) -> int:
 def write_record(handle: BinaryIO, data: bytes) -> int:
     """Appends one record; returns the bytes written."""
     length = struct.pack("<Q", len(data))
-    handle.write(length + struct.pack("<I", _masked_crc(length)) + data + struct.pack("<I", _masked_crc(data)))
+    handle.write(length + struct.pack("<I", _masked_crc(length)))
+    handle.write(data)  # not joined to its framing: that would copy a record of activations again
+    handle.write(struct.pack("<I", _masked_crc(data)))
     return len(data) + 16
 
 

@@ -18,6 +18,7 @@ import hashlib
 import os
 import socket
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 import apache_beam as beam
 import numpy as np
@@ -31,7 +32,11 @@ from beam_extract.model import hook_name
 from beam_extract.model.qwen2 import Hook
 from beam_extract.output.commits import (COMMITS, TEMPORARY_SUFFIX, commit_path, delete_quietly, group_files,
                                          list_paths, ours, write_json)
+from beam_extract.output.extracted import ExtractedBatch
 from beam_extract.output.tfrecord import write_record
+
+# Threads writing a batch's hooks at once; more buys nothing once the disk or network is busy.
+MAX_WRITE_THREADS = 8
 
 
 def hook_dir(output: str, hook: Hook) -> str:
@@ -60,21 +65,25 @@ class _ShardGroup:
         self.stats = [{"records": 0, "tokens": 0, "sum_l2_norm": 0.0, "sum_squared_norm": 0.0} for _ in hooks]
         self.size = 0  # bytes of the largest file
 
-    def add(self, records: list) -> None:
-        sizes = [0] * len(self.files)
-        for record in records:
-            index = record.hook_index
+    def add(self, batch: ExtractedBatch, hooks: tuple[Hook, ...], pool: ThreadPoolExecutor | None) -> None:
+        """Appends a batch's records to every hook's file, the hooks in parallel on `pool`."""
+
+        def write(index: int) -> int:
             if self.handles[index] is None:
                 self.handles[index] = FileSystems.create(self.files[index])
-            sizes[index] += write_record(self.handles[index], record.example)
-            stats = self.stats[index]
-            stats["records"] += 1
-            stats["tokens"] += record.n_tokens
-            stats["sum_l2_norm"] += record.sum_l2_norm
-            stats["sum_squared_norm"] += record.sum_squared_norm
-            if index == 0:
-                self.samples.append(record.sample_id)
-                self.digests.append(record.digest)
+            layer, site = hooks[index]
+            size = sum(write_record(self.handles[index], data)
+                       for data in batch.records(index, hook_name(layer, site), layer))
+            stats, added = self.stats[index], batch.hook_stats(index)
+            stats["records"] += len(batch.samples)
+            for key, value in added.items():
+                stats[key] += value
+            return size
+
+        indices = range(len(self.files))
+        sizes = list(pool.map(write, indices) if pool else map(write, indices))
+        self.samples += [s.sample.sample_id for s in batch.samples]
+        self.digests += [s.digest for s in batch.samples]
         self.size += max(sizes)
 
     def close(self, output: str, hooks: tuple[Hook, ...]) -> dict:
@@ -96,8 +105,9 @@ class _ShardGroup:
 
 
 class WriteShards(beam.DoFn):
-    """Lists of one forward batch's records -> shard groups, each committed when closed; yields each
-    committed group (its record under OUT/_committed/) in the window of its records."""
+    """Extracted batches -> shard groups, each committed when closed; yields each committed group
+    (its record under OUT/_committed/) in the window of its records. A batch's hooks are encoded and
+    written in parallel threads: the CRCs, joins and writes of large records release the GIL."""
 
     def __init__(self, output: str, hooks: tuple[Hook, ...], shard_bytes: int, shuffle_seed: int | None = None,
                  driver: Driver | None = None):
@@ -107,25 +117,31 @@ class WriteShards(beam.DoFn):
 
     def setup(self):
         exit_with_driver(self._driver)
+        threads = min(len(self._hooks), os.cpu_count() or 1, MAX_WRITE_THREADS)
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="write-hooks") if threads > 1 else None
+
+    def teardown(self):
+        if getattr(self, "_pool", None):
+            self._pool.shutdown()
 
     def start_bundle(self):
         self._attempt = uuid.uuid4().hex[:12]  # new for every attempt at a bundle
         self._open: dict = {}  # window -> _ShardGroup
 
-    def process(self, records: list, window=beam.DoFn.WindowParam):
-        if not records:
+    def process(self, batch: ExtractedBatch, window=beam.DoFn.WindowParam):
+        if not batch.samples:
             return
+        ids = "\x00".join(sorted(s.sample.sample_id for s in batch.samples)).encode()
         if self._shuffle_seed is not None:
-            batch = hashlib.sha256("\x00".join(sorted({r.sample_id for r in records})).encode()).digest()
-            rng = np.random.default_rng([self._shuffle_seed, int.from_bytes(batch[:8], "little")])
-            records = [records[i] for i in rng.permutation(len(records))]
+            rng = np.random.default_rng([self._shuffle_seed, int.from_bytes(hashlib.sha256(ids).digest()[:8], "little")])
+            batch = batch.in_order(rng.permutation(len(batch.samples)))
         group = self._open.get(window)
         if group is None:
             # Named by its first batch, so a rerun lists its files in the same order, and by the
             # attempt, so a retry never writes the name of a failed attempt's file.
-            first = hashlib.sha256("\x00".join(sorted({r.sample_id for r in records})).encode()).hexdigest()[:12]
+            first = hashlib.sha256(ids).hexdigest()[:12]
             group = self._open[window] = _ShardGroup(self._output, self._hooks, f"{first}-{self._attempt}", window)
-        group.add(records)
+        group.add(batch, self._hooks, self._pool)
         if group.size >= self._shard_bytes:
             yield self._commit(self._open.pop(window))
 

@@ -1,0 +1,72 @@
+"""What one forward batch hands to the writer, and its records encoded per (batch, hook).
+
+The activations stay as the device returned them ([rows, S, d] per hook, in the output dtype); a
+record takes a view of its sample's stored tokens, so encoding copies each activation byte once.
+What a sample's records share (token ids, positions, ids) is encoded once for all hooks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+
+import numpy as np
+
+from beam_extract.output.schema import SampleFields, activation_bytes, hook_fields, record_parts, sample_fields
+from beam_extract.tokenize import Sample
+
+
+@dataclasses.dataclass(frozen=True)
+class StoredSample:
+    sample: Sample
+    row: int
+    columns: slice | np.ndarray  # the row's columns holding the sample's stored tokens, in order
+    digest: str  # tokenize.sample_digest, recorded with its commit
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ExtractedBatch:
+    """The samples of a batch whose activations are finite at every hook, and per hook (in the job's
+    hook order) the batch's activations [rows, S, d] in `output_dtype` and each token's squared
+    L2 norm [rows, S] (float32, computed on the device from the stored values). Build it with
+    `extracted_batch`."""
+
+    samples: tuple[StoredSample, ...]
+    fields: tuple[SampleFields, ...]  # each sample's encoded features, shared by its records
+    activations: tuple[np.ndarray, ...]
+    squared_norms: tuple[np.ndarray, ...]
+    output_dtype: str
+
+    def in_order(self, order: np.ndarray) -> ExtractedBatch:
+        """The same batch with its samples (and so its records in every file) in another order."""
+        return dataclasses.replace(self, samples=tuple(self.samples[i] for i in order),
+                                   fields=tuple(self.fields[i] for i in order))
+
+    def records(self, hook: int, name: str, layer: int) -> Iterator[bytes]:
+        """The serialized tf.train.Example of each sample at the hook'th hook, in sample order."""
+        values, tail = self.activations[hook], hook_fields(name, layer)
+        for stored, fields in zip(self.samples, self.fields):
+            data = activation_bytes(values[stored.row, stored.columns], self.output_dtype)
+            yield b"".join(record_parts(data, fields, tail))
+
+    def hook_stats(self, hook: int) -> dict:
+        """Tokens and the sums of their L2 and squared L2 norms at the hook'th hook."""
+        if not self.samples:
+            return {"tokens": 0, "sum_l2_norm": 0.0, "sum_squared_norm": 0.0}
+        squared = np.concatenate([self.squared_norms[hook][s.row, s.columns] for s in self.samples])
+        squared = squared.astype(np.float64)
+        return {"tokens": len(squared), "sum_l2_norm": float(np.sqrt(squared).sum()),
+                "sum_squared_norm": float(squared.sum())}
+
+
+def extracted_batch(samples: list[StoredSample], positions: np.ndarray, activations: tuple[np.ndarray, ...],
+                    squared_norms: tuple[np.ndarray, ...], output_dtype: str) -> ExtractedBatch:
+    """positions: the batch's [rows, S] positions."""
+    d_model = activations[0].shape[-1]
+    fields = tuple(
+        sample_fields(token_ids=s.sample.token_ids if s.sample.stored is None else s.sample.token_ids[s.sample.stored],
+                      positions=positions[s.row, s.columns], d_model=d_model, output_dtype=output_dtype,
+                      sample_id=s.sample.sample_id, source=f"{s.sample.source}:{s.sample.line_number}",
+                      task_id=s.sample.task_id, doc_id=s.sample.doc_id, augmentation=s.sample.augmentation)
+        for s in samples)
+    return ExtractedBatch(tuple(samples), fields, activations, squared_norms, output_dtype)
