@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import threading
 import time
 from collections.abc import Sequence
@@ -15,12 +16,14 @@ import ml_dtypes
 import numpy as np
 from jax.sharding import Mesh
 
+from beam_extract.model import compile_cache
 from beam_extract.model.config import ModelConfig, config_from_hf, load_hf_config
 from beam_extract.model.hooks import parse_hook_name
-from beam_extract.model.mesh import batch_sharding, param_shardings, parse_mesh, tree_bytes
+from beam_extract.model.mesh import batch_sharding, param_shardings, parse_mesh, shard_attention, tree_bytes
 from beam_extract.model.qwen2 import SITES, Attention, Hook, attention, forward
 from beam_extract.model.weights import load_params, resolve_model_dir, weights_checksum
 
+_LOG = logging.getLogger(__name__)
 COMPUTE_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
 
 
@@ -34,6 +37,7 @@ class Model:
     # (batch shape, hooks, output dtype) -> compiled forward. Each entry is one XLA compilation.
     _compiled: dict = dataclasses.field(default_factory=dict, repr=False)
     _lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False)
+    cache_hits: int = dataclasses.field(default=0, repr=False)  # compiles loaded from the persistent cache
 
     @functools.cached_property
     def weights_sha256(self) -> str:
@@ -41,8 +45,10 @@ class Model:
 
     def compiled(self, shape: tuple[int, int], hooks: tuple[Hook, ...],
                  out_dtype: np.dtype) -> tuple[jax.stages.Compiled, float]:
-        """The compiled forward for this batch shape; returns (executable, seconds spent compiling
-        now, 0.0 when it was compiled before)."""
+        """The compiled forward for this batch shape; returns (executable, seconds spent getting it
+        now: 0.0 when this model had it already). With the persistent compilation cache on
+        (compile_cache.enable_compilation_cache) a program compiled by an earlier process is loaded
+        instead: the seconds are then those of lowering and loading, and `cache_hits` counts it."""
         key = (shape, hooks, np.dtype(out_dtype).name)
         with self._lock:
             if key in self._compiled:
@@ -62,9 +68,18 @@ class Model:
             # float32 means float32: GPUs would otherwise run float32 matmuls in TF32 and TPUs in
             # bf16 passes (about 1e-3 relative error), silently breaking parity; speed is what
             # --dtype bfloat16 is for. bfloat16 matmuls are unaffected.
+            hits = compile_cache.hits_in_this_thread()
             with jax.default_matmul_precision("highest"):
                 self._compiled[key] = fn.lower(self.params, arg, arg, arg).compile()
-            return self._compiled[key], time.perf_counter() - start
+            loaded = compile_cache.hits_in_this_thread() > hits
+            if loaded:
+                self.cache_hits += 1
+            else:
+                compile_cache.publish_new_entries()  # a gs:// cache gets the new program (else a no-op)
+            seconds = time.perf_counter() - start
+            _LOG.info("forward for %s %s in %.2f s", key, "loaded from the compilation cache" if loaded else "compiled",
+                      seconds)
+            return self._compiled[key], seconds
 
     @functools.cached_property
     def _output_memory(self) -> str | None:
@@ -78,12 +93,12 @@ class Model:
 
     def _attention(self) -> Attention:
         """The fused kernel on NVIDIA GPUs for 16-bit compute; else the portable tiled attention
-        (float32 stays exact: the kernel's float32 dots would run in TF32)."""
+        (float32 stays exact: the kernel's float32 dots would run in TF32), run per shard of the mesh."""
         if self.mesh.devices.flat[0].platform == "gpu" and self.dtype != "float32":
             from beam_extract.model.gpu_attention import flash_attention
 
             return functools.partial(flash_attention, mesh=self.mesh)
-        return attention
+        return shard_attention(attention, self.mesh)
 
     def forward(self, tokens: np.ndarray, positions: np.ndarray, segment_ids: np.ndarray,
                 hooks: tuple[Hook, ...], out_dtype: np.dtype = np.float32,

@@ -8,6 +8,7 @@ the vocabulary). Changing the layout is editing RULES, not matching parameter na
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import jax
 import numpy as np
@@ -116,3 +117,19 @@ def batch_sharding(mesh: Mesh, ndim: int, memory_kind: str | None = None) -> Nam
 
 def tree_bytes(params: dict) -> int:
     return sum(math.prod(p.shape) * p.dtype.itemsize for p in jax.tree.leaves(params))
+
+
+def shard_attention(attend: Callable, mesh: Mesh) -> Callable:
+    """`attend` (the contract of qwen2.attention: q [B, S, KV, G, D], k/v [B, S, KV, D], segment ids
+    [B, S]) run on each device over its own rows ("data") and, where they divide, its own k/v heads
+    ("model"). Each device then decides alone which of its tiles to skip: over the global arrays the
+    skip predicate would be an all-reduce inside the tile loop, one collective per tile. (No
+    varying-axes check: the tile loop's initial state is a constant, its updates vary per device.)"""
+
+    def sharded(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array) -> jax.Array:
+        heads = "model" if q.shape[2] % mesh.shape["model"] == 0 else None  # else each keeps all heads
+        q_spec, kv_spec = PartitionSpec("data", None, heads, None, None), PartitionSpec("data", None, heads, None)
+        return jax.shard_map(attend, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, PartitionSpec("data", None)),
+                             out_specs=q_spec, check_vma=False)(q, k, v, segment_ids)
+
+    return sharded

@@ -153,14 +153,30 @@ def forward(
     attend: Attention = attention,
 ) -> dict[Hook, jax.Array]:
     """Activations at `hooks` for tokens [B, S]; each value is [B, S, d] in the compute dtype.
-    `attend` may replace the portable attention with a kernel for the platform."""
+    `attend` may replace the portable attention with a kernel for the platform.
+
+    The layer scan carries one buffer per requested site with a slot per requested layer and one
+    scratch slot: each step writes its activation into its layer's slot, or into the scratch slot
+    when that layer was not asked for. Device memory thus grows with the hooks, not with the depth
+    of the deepest one, and there is still one scan, so compile time does not grow with depth.
+    """
     depth = max(layer for layer, _ in hooks) + 1
-    sites = sorted({site for _, site in hooks})
-    layers = jax.tree.map(lambda stacked: stacked[:depth], params["layers"])
+    requested = {site: sorted({layer for layer, s in hooks if s == site}) for _, site in hooks}
+    # site -> the slot each layer writes to; the last slot is scratch, overwritten by every layer not asked for.
+    slot_of = {site: jnp.asarray([kept.index(layer) if layer in kept else len(kept) for layer in range(depth)],
+                                 jnp.int32) for site, kept in requested.items()}
+    x = params["embed"][tokens]
+    buffers = {site: jnp.zeros((len(kept) + 1, *x.shape), x.dtype) for site, kept in requested.items()}
 
-    def step(x, layer):
+    def step(carry, scanned):
+        x, buffers = carry
+        index, slots = scanned
+        # One layer's weights per step, read in place (a slice [:depth] of the stack would copy the weights).
+        layer = jax.tree.map(lambda stacked: lax.dynamic_index_in_dim(stacked, index, keepdims=False), params["layers"])
         acts = decoder_block(x, layer, positions, segment_ids, config, attend)
-        return acts["resid_post"], {site: acts[site] for site in sites}
+        buffers = {site: lax.dynamic_update_index_in_dim(buffer, acts[site], slots[site], axis=0)
+                   for site, buffer in buffers.items()}
+        return (acts["resid_post"], buffers), None
 
-    _, per_layer = lax.scan(step, params["embed"][tokens], layers)
-    return {(layer, site): per_layer[site][layer] for layer, site in hooks}
+    (_, buffers), _ = lax.scan(step, (x, buffers), (jnp.arange(depth), slot_of))
+    return {(layer, site): buffers[site][requested[site].index(layer)] for layer, site in hooks}
