@@ -25,6 +25,7 @@ from beam_extract.job import DEAD_LETTER_STAGES, LOCAL_RUNNERS, Job, claim_outpu
 from beam_extract.options import template_switches
 from beam_extract.output import ownership
 from beam_extract.output.commits import read_sample_ids, without_samples
+from beam_extract.output.extracted import ExtractedBatch
 from beam_extract.output.manifest import (SumCounts, SummarizeBatches, SummarizeCommits, build_manifest, problems,
                                           write_manifest)
 from beam_extract.output.windows import WriteWindowIndex
@@ -127,7 +128,7 @@ def build(paths: beam.PCollection, job: Job) -> None:
         | "Batch" >> BatchSamples(job.plan)
         | "Extract" >> beam.ParDo(ExtractDoFn(o["model"], o["dtype"], o["mesh"], job.hooks, o["output_dtype"],
                                               job.driver))
-        .with_outputs(DEAD_LETTER, BATCH_STATS, main="records")
+        .with_output_types(ExtractedBatch).with_outputs(DEAD_LETTER, BATCH_STATS, main="records")
     )
     groups = extracted.records | "Write" >> beam.ParDo(WriteShards(
         o["output"], job.hooks, o["shard_size_mb"] << 20, o["seed"] if o["shuffle"] else None,

@@ -57,12 +57,12 @@ class Model:
             data = batch_sharding(self.mesh, 2)
             attend = self._attention()
             fn = jax.jit(
-                lambda params, tokens, positions, segments: {
-                    hook: value.astype(out_dtype) for hook, value in
-                    forward(params, tokens, positions, segments, config=self.config, hooks=hooks,
-                            attend=attend).items()},
+                lambda params, tokens, positions, segments: _outputs(
+                    forward(params, tokens, positions, segments, config=self.config, hooks=hooks, attend=attend),
+                    out_dtype),
                 in_shardings=(param_shardings(self.params, self.mesh), data, data, data),
-                out_shardings=batch_sharding(self.mesh, 3, memory_kind=self._output_memory),
+                out_shardings=(batch_sharding(self.mesh, 3, memory_kind=self._output_memory),
+                               batch_sharding(self.mesh, 2)),
             )
             arg = jax.ShapeDtypeStruct(shape, jnp.int32)
             # float32 means float32: GPUs would otherwise run float32 matmuls in TF32 and TPUs in
@@ -92,21 +92,29 @@ class Model:
         return None
 
     def _attention(self) -> Attention:
-        """The fused kernel on NVIDIA GPUs for 16-bit compute; else the portable tiled attention
-        (float32 stays exact: the kernel's float32 dots would run in TF32), run per shard of the mesh."""
-        if self.mesh.devices.flat[0].platform == "gpu" and self.dtype != "float32":
+        """For 16-bit compute, the fused kernel of the platform: Pallas flash attention (Triton) on
+        NVIDIA GPUs, splash attention on TPUs (for the head sizes it is known to lower); else the
+        portable tiled attention, run per shard of the mesh. float32 stays exact: the kernels'
+        float32 dots would run in TF32 or bf16 passes."""
+        platform = self.mesh.devices.flat[0].platform
+        if platform == "gpu" and self.dtype != "float32":
             from beam_extract.model.gpu_attention import flash_attention
 
             return functools.partial(flash_attention, mesh=self.mesh)
+        if platform == "tpu" and self.dtype != "float32":
+            from beam_extract.model import tpu_attention
+
+            if tpu_attention.supported(platform, COMPUTE_DTYPES[self.dtype], self.config.head_dim):
+                return functools.partial(tpu_attention.splash_attention, mesh=self.mesh)
         return shard_attention(attention, self.mesh)
 
-    def forward(self, tokens: np.ndarray, positions: np.ndarray, segment_ids: np.ndarray,
-                hooks: tuple[Hook, ...], out_dtype: np.dtype = np.float32,
-                rows: int | None = None) -> tuple[dict[Hook, np.ndarray], float]:
-        """Host arrays [rows, S, d] in `out_dtype` per (layer, site), and the seconds spent compiling.
+    def dispatch(self, tokens: np.ndarray, positions: np.ndarray, segment_ids: np.ndarray,
+                 hooks: tuple[Hook, ...], out_dtype: np.dtype = np.float32, rows: int | None = None) -> Dispatched:
+        """Starts the forward on the devices and returns at once (compiling first if this shape is
+        new); `Dispatched.fetch` waits for its outputs on the host.
 
         Segment ids: tokens attend to earlier tokens with the same id (0 marks padding); positions
-        restart per packed document. Only the first `rows` rows (default all) are returned; where
+        restart per packed document. Only the first `rows` rows (default all) are fetched; where
         outputs stay in device memory, the trailing rows of pure padding never leave it.
         """
         bad = [hook for hook in hooks if not (0 <= hook[0] < self.config.num_layers and hook[1] in SITES)]
@@ -115,15 +123,22 @@ class Model:
         shards = self.mesh.shape["data"]
         if tokens.shape[0] % shards:
             raise ValueError(f"batch of {tokens.shape[0]} rows does not split over the mesh's {shards} data shards")
+        began = time.perf_counter()
         executable, seconds = self.compiled(tokens.shape, hooks, out_dtype)
         data = batch_sharding(self.mesh, 2)
         args = [jax.device_put(np.asarray(a, np.int32), data) for a in (tokens, positions, segment_ids)]
-        out = executable(self.params, *args)
+        activations, norms = executable(self.params, *args)
         if rows is not None and rows < tokens.shape[0] and self._output_memory is None:
-            out = {hook: value[:rows] for hook, value in out.items()}  # padding rows stay on the device
-        # One call for all hooks: their copies overlap. (One stacked [hooks, B, S, d] array copied
-        # 3x slower on an H100.)
-        return {hook: value[:rows] for hook, value in jax.device_get(out).items()}, seconds
+            activations = {hook: value[:rows] for hook, value in activations.items()}  # padding rows stay
+        return Dispatched(activations, norms, rows, seconds, began)
+
+    def forward(self, tokens: np.ndarray, positions: np.ndarray, segment_ids: np.ndarray,
+                hooks: tuple[Hook, ...], out_dtype: np.dtype = np.float32,
+                rows: int | None = None) -> tuple[dict[Hook, np.ndarray], float]:
+        """Host arrays [rows, S, d] in `out_dtype` per (layer, site), and the seconds spent compiling
+        (see `dispatch`)."""
+        dispatched = self.dispatch(tokens, positions, segment_ids, hooks, out_dtype, rows)
+        return dispatched.fetch()[0], dispatched.compile_seconds
 
     def run_with_cache(
         self, input_ids: np.ndarray, names: Sequence[str], lengths: Sequence[int] | None = None
@@ -145,6 +160,40 @@ class Model:
         segment_ids = (np.arange(seq)[None, :] < lengths[:, None]).astype(np.int32)
         acts, _ = self.forward(tokens, positions, segment_ids, tuple(sorted(set(hooks.values()))))
         return {name: acts[hook] for name, hook in hooks.items()}
+
+
+def token_squared_norms(value: jax.Array) -> jax.Array:
+    """[..., d] -> [...]: each token's squared L2 norm in float32, NaN where any element is NaN or
+    infinite (a large finite value whose square overflows gives inf, not NaN)."""
+    x = value.astype(jnp.float32)
+    return jnp.where(jnp.isfinite(x).all(axis=-1), jnp.einsum("...d,...d->...", x, x), jnp.nan)
+
+
+def _outputs(activations: dict[Hook, jax.Array], out_dtype: np.dtype) -> tuple[dict, dict]:
+    """The forward's outputs: activations in the output dtype, and their tokens' squared norms,
+    computed on the device so the host never converts or reduces activations."""
+    stored = {hook: value.astype(out_dtype) for hook, value in activations.items()}
+    return stored, {hook: token_squared_norms(value) for hook, value in stored.items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class Dispatched:
+    """A forward in flight: device arrays (or, on GPUs, pinned host arrays) still being computed."""
+
+    activations: dict[Hook, jax.Array]
+    squared_norms: dict[Hook, jax.Array]
+    rows: int | None
+    compile_seconds: float
+    dispatched: float  # time.perf_counter() when it was started, compiling included
+
+    def fetch(self) -> tuple[dict[Hook, np.ndarray], dict[Hook, np.ndarray]]:
+        """Waits for the outputs: host arrays [rows, S, d] per hook and their squared norms [rows, S]."""
+        # One call for everything: the copies overlap. (One stacked [hooks, B, S, d] array copied
+        # 3x slower on an H100.)
+        activations, norms = jax.device_get((self.activations, self.squared_norms))
+        rows = self.rows
+        return ({hook: value[:rows] for hook, value in activations.items()},
+                {hook: value[:rows] for hook, value in norms.items()})
 
 
 def load_model(path_or_name: str, dtype: str = "float32", mesh: str | Mesh = "auto") -> Model:
