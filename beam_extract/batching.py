@@ -1,18 +1,26 @@
-"""Samples -> fixed-shape batches, so the jitted forward compiles once per row length.
+"""Samples -> fixed-shape batches, so the jitted forward compiles once per batch shape.
 
 Two ways to fill a row: a sample alone in a row of its length bucket, or several samples packed
 into one row of `pack_length` tokens. A packed row gives each sample its own segment id and
 restarts positions at 0, so attention never crosses samples and each sample's activations equal
 those of an unpacked run. Padding is compute we pay for, never data we store.
+
+Shapes are few: row lengths come from the bucket set, and a batch has the plan's rows, except the
+last, partial batch of a key that never filled a batch (a small job, a rare length, a streaming
+trickle): it gets the smallest shape that holds it, a power of two of rows and, for packed rows,
+the smallest bucket that holds its fullest row. That adds at most ceil(log2(rows)) row counts per
+length (3 for 8 rows), and no compilation to the key's own: its full shape never ran. A key that
+filled a batch keeps that shape for its last one, which is compiled already.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 import threading
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import apache_beam as beam
 import numpy as np
@@ -49,19 +57,44 @@ class Batch:
         return int((self.segment_ids > 0).sum())
 
 
+BUCKET_GRAIN = 32  # geometric buckets are rounded up to multiples of this many tokens
+
+
+def geometric_buckets(ratio: float, max_seq_len: int) -> set[int]:
+    """Each power of two from 32 and its multiples by ratio, ratio^2, ... below the next power of
+    two, rounded up to a multiple of 32: a row is padded by at most about a factor `ratio`, and the
+    number of lengths grows with log(max_seq_len), not with max_seq_len."""
+    buckets, octave = set(), BUCKET_GRAIN
+    while octave < max_seq_len:
+        step = 0
+        while octave * ratio**step < 2 * octave * (1 - 1e-9):
+            buckets.add(math.ceil(octave * ratio**step / BUCKET_GRAIN - 1e-9) * BUCKET_GRAIN)
+            step += 1
+        octave *= 2
+    return {b for b in buckets if b < max_seq_len}
+
+
 def parse_buckets(spec: str, max_seq_len: int) -> tuple[int, ...]:
-    """`multiples:N` (N, 2N, ...), `pow2` (powers of two from 16), or a list like `256,1024,4096`.
-    max_seq_len is always the largest bucket."""
+    """`geometric:R` (powers of two from 32 and R, R^2, ... times each, rounded up to multiples of
+    32; 1.01 <= R <= 2), `multiples:N` (N, 2N, ...), `pow2` (powers of two from 16), or a list like
+    `256,1024,4096`. max_seq_len is always the largest bucket."""
     try:
-        if spec.startswith("multiples:"):
+        if spec.startswith("geometric:"):
+            ratio = float(spec.partition(":")[2])
+            if not 1.01 <= ratio <= 2:
+                raise ValueError(f"--buckets {spec!r}: the ratio must be from 1.01 to 2")
+            buckets = geometric_buckets(ratio, max_seq_len)
+        elif spec.startswith("multiples:"):
             step = int(spec.partition(":")[2])
             buckets = set(range(step, max_seq_len, step))
         elif spec == "pow2":
             buckets = {2**i for i in range(4, max_seq_len.bit_length()) if 2**i < max_seq_len}
         else:
             buckets = {int(b) for b in spec.split(",") if int(b) < max_seq_len}
-    except ValueError:
-        raise ValueError(f"--buckets {spec!r}: use multiples:N, pow2, or a list of lengths") from None
+    except ValueError as error:
+        if str(error).startswith("--buckets"):
+            raise
+        raise ValueError(f"--buckets {spec!r}: use geometric:R, multiples:N, pow2, or a list of lengths") from None
     if any(b < 1 for b in buckets):
         raise ValueError(f"--buckets {spec!r}: lengths must be positive")
     return tuple(sorted(buckets | {max_seq_len}))
@@ -116,16 +149,37 @@ def assemble(rows: Sequence[Sequence[Sample]], n_rows: int, row_length: int) -> 
     return Batch(tuple(placements), tokens, positions, segment_ids)
 
 
+def row_counts(rows: int) -> tuple[int, ...]:
+    """The row counts a batch of a length whose batches have `rows` rows may have: `rows`, and for
+    a last partial batch the powers of two below it."""
+    return tuple(sorted({1 << i for i in range(rows.bit_length()) if 1 << i < rows} | {rows}))
+
+
+def row_fill(row: Sequence[Sample]) -> int:
+    return sum(len(s.token_ids) for s in row)
+
+
+TailShape = Callable[[Sequence[Sequence[Sample]], bool], "tuple[int, int] | None"]
+SHRINK_POLICIES = ("unfilled", "always", "never")
+
+
 def form_batches(samples: Sequence[Sample], row_length: int, rows_per_batch: int, pack: bool,
-                 final: bool) -> tuple[list[Batch], list[Sample]]:
+                 final: bool, tail_shape: TailShape | None = None) -> tuple[list[Batch], list[Sample]]:
     """Full batches from the fullest rows, and the samples left for later. `final` also emits the
-    rest, padding the last batch with empty rows."""
+    rest: a last batch of the least-filled rows, of shape `tail_shape(rows, full batches emitted
+    with it?)` (rows, length) where that gives one, else padded with empty rows to a full batch."""
     rows = pack_rows(samples, row_length) if pack else [[s] for s in sorted(samples, key=lambda s: s.sample_id)]
-    rows.sort(key=lambda row: -sum(len(s.token_ids) for s in row))  # stable: ties keep their order
-    n_emit = len(rows) if final else len(rows) // rows_per_batch * rows_per_batch
+    rows.sort(key=lambda row: -row_fill(row))  # stable: ties keep their order
+    n_full = len(rows) // rows_per_batch * rows_per_batch
     batches = [assemble(rows[i : i + rows_per_batch], rows_per_batch, row_length)
-               for i in range(0, n_emit, rows_per_batch)]
-    return batches, [s for row in rows[n_emit:] for s in row]
+               for i in range(0, n_full, rows_per_batch)]
+    if not final:
+        return batches, [s for row in rows[n_full:] for s in row]
+    if n_full < len(rows):
+        tail = rows[n_full:]
+        shape = tail_shape(tail, bool(batches)) if tail_shape else None
+        batches.append(assemble(tail, *(shape or (rows_per_batch, row_length))))
+    return batches, []
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,6 +204,57 @@ class BatchPlan:
     def rows(self, row_length: int) -> int:
         return max(1, self.tokens_per_batch // row_length) if self.tokens_per_batch else self.batch_size
 
+    def weight(self, sample: Sample, packed: bool) -> int:
+        """What a key's buffer counts: tokens if packed, else samples."""
+        return len(sample.token_ids) if packed else 1
+
+    def ready(self, weight: int, row_length: int, packed: bool) -> bool:
+        """Whether a key's buffer holds enough to emit full batches."""
+        rows = self.rows(row_length)
+        return weight >= (PACK_LOOKAHEAD_BATCHES * rows * row_length if packed else rows)
+
+    def tail_shape(self, rows: Sequence[Sequence[Sample]], row_length: int) -> tuple[int, int]:
+        """The smallest shape for a last, partial batch of these rows: the shortest bucket (at most
+        `row_length`) that holds the fullest row, and the fewest of that length's row counts."""
+        length = min(row_length, bucket_length(max(map(row_fill, rows)), sorted({*self.buckets, row_length})))
+        return next(n for n in row_counts(self.rows(length)) if n >= len(rows)), length
+
+    def form(self, samples: Sequence[Sample], row_length: int, packed: bool, final: bool, filled: bool,
+             shrink: str = "unfilled") -> tuple[list[Batch], list[Sample]]:
+        """form_batches with this plan's rows. `filled`: the key has emitted a full batch before.
+        The last batch takes its smallest shape by the `shrink` policy: `unfilled` (BatchDoFn's)
+        when the key emits no full batch, before or with it (its full shape is then not compiled
+        for it, and the small shape costs no extra compilation), `always`, or `never`."""
+        def tail(rows, with_full_batches):
+            if shrink == "always" or (shrink == "unfilled" and not filled and not with_full_batches):
+                return self.tail_shape(rows, row_length)
+            return None
+
+        return form_batches(samples, row_length, self.rows(row_length), packed, final, tail)
+
+    def batch_all(self, samples: Sequence[Sample], shrink: str = "unfilled") -> list[Batch]:
+        """What BatchSamples makes of these samples, in this order, in one window on one shard,
+        computed in memory (for the padding benchmark and tests); `shrink` as in `form`."""
+        buffers: dict[tuple[int, bool], list[Sample]] = {}
+        weights: dict[tuple[int, bool], int] = {}
+        filled: set[tuple[int, bool]] = set()
+        batches = []
+        for sample in samples:
+            key = self.key(sample)
+            buffers.setdefault(key, []).append(sample)
+            weights[key] = weights.get(key, 0) + self.weight(sample, key[1])
+            if self.ready(weights[key], *key):
+                emitted, buffers[key] = self.form(buffers[key], *key, final=False, filled=key in filled,
+                                                  shrink=shrink)
+                weights[key] = sum(self.weight(s, key[1]) for s in buffers[key])
+                if emitted:
+                    filled.add(key)
+                batches += emitted
+        for key, buffered in buffers.items():
+            if buffered:
+                batches += self.form(buffered, *key, final=True, filled=key in filled, shrink=shrink)[0]
+        return batches
+
 
 # Batching keys carry a shard per worker process and thread (as Beam's GroupIntoBatches.WithShardedKey
 # does), so a popular row length is batched in parallel instead of on one worker.
@@ -167,6 +272,7 @@ class BatchDoFn(beam.DoFn):
 
     BUFFER = BagStateSpec("buffer", coders.PickleCoder())
     WEIGHT = ReadModifyWriteStateSpec("weight", coders.VarIntCoder())  # buffered tokens if packed, else samples
+    FILLED = ReadModifyWriteStateSpec("filled", coders.BooleanCoder())  # a full batch was emitted
     END_OF_WINDOW = TimerSpec("end_of_window", TimeDomain.WATERMARK)
     # Processing time, set from the wall clock as Beam's GroupIntoBatches does. Batch jobs leave it
     # unset: their one window ends when the input does (and the FnApiRunner fired such a timer
@@ -178,42 +284,43 @@ class BatchDoFn(beam.DoFn):
         self._flushed = Metrics.counter("batching", "partial_batches_flushed_after_timeout")
 
     def process(self, element, window=beam.DoFn.WindowParam, buffer=beam.DoFn.StateParam(BUFFER),
-                weight=beam.DoFn.StateParam(WEIGHT), end_of_window=beam.DoFn.TimerParam(END_OF_WINDOW),
-                flush=beam.DoFn.TimerParam(FLUSH)):
+                weight=beam.DoFn.StateParam(WEIGHT), filled=beam.DoFn.StateParam(FILLED),
+                end_of_window=beam.DoFn.TimerParam(END_OF_WINDOW), flush=beam.DoFn.TimerParam(FLUSH)):
         (row_length, packed, _), sample = element
         end_of_window.set(window.max_timestamp())
         if self._plan.flush_seconds and not weight.read():
             flush.set(Timestamp.now() + self._plan.flush_seconds)
         buffer.add(sample)
-        weight.write((weight.read() or 0) + (len(sample.token_ids) if packed else 1))
-        rows = self._plan.rows(row_length)
-        if weight.read() >= (PACK_LOOKAHEAD_BATCHES * rows * row_length if packed else rows):
-            yield from self._emit(buffer, weight, row_length, packed, final=False)
+        weight.write((weight.read() or 0) + self._plan.weight(sample, packed))
+        if self._plan.ready(weight.read(), row_length, packed):
+            yield from self._emit(buffer, weight, filled, row_length, packed, final=False)
 
     @on_timer(END_OF_WINDOW)
     def flush_at_end_of_window(self, key=beam.DoFn.KeyParam, buffer=beam.DoFn.StateParam(BUFFER),
-                               weight=beam.DoFn.StateParam(WEIGHT)):
+                               weight=beam.DoFn.StateParam(WEIGHT), filled=beam.DoFn.StateParam(FILLED)):
         row_length, packed, _ = key
-        yield from self._emit(buffer, weight, row_length, packed, final=True)
+        yield from self._emit(buffer, weight, filled, row_length, packed, final=True)
 
     @on_timer(FLUSH)
     def flush_after_timeout(self, key=beam.DoFn.KeyParam, buffer=beam.DoFn.StateParam(BUFFER),
-                            weight=beam.DoFn.StateParam(WEIGHT)):
+                            weight=beam.DoFn.StateParam(WEIGHT), filled=beam.DoFn.StateParam(FILLED)):
         row_length, packed, _ = key
-        for batch in self._emit(buffer, weight, row_length, packed, final=True):
+        for batch in self._emit(buffer, weight, filled, row_length, packed, final=True):
             self._flushed.inc()
             yield batch
 
-    def _emit(self, buffer, weight, row_length: int, packed: bool, final: bool):
+    def _emit(self, buffer, weight, filled, row_length: int, packed: bool, final: bool):
         samples = list(buffer.read())
         buffer.clear()
         weight.clear()
         if not samples:
             return
-        batches, leftover = form_batches(samples, row_length, self._plan.rows(row_length), packed, final)
+        batches, leftover = self._plan.form(samples, row_length, packed, final, filled=bool(filled.read()))
         for sample in leftover:
             buffer.add(sample)
-        weight.write(sum(len(s.token_ids) for s in leftover) if packed else len(leftover))
+        weight.write(sum(self._plan.weight(s, packed) for s in leftover))
+        if any(batch.tokens.shape == (self._plan.rows(row_length), row_length) for batch in batches):
+            filled.write(True)
         yield from batches
 
 
@@ -239,7 +346,8 @@ class ShuffleSamples(beam.PTransform):
 
 
 class BatchSamples(beam.PTransform):
-    """Samples -> Batches of static shape [rows(row_length), row_length].
+    """Samples -> Batches of static shapes: [rows(row_length), row_length], and for the last batch
+    of a key that never filled one, the smaller BatchPlan.tail_shape.
 
     Not Beam's BatchElements: it varies batch sizes on purpose, and every new shape recompiles.
     """

@@ -115,13 +115,17 @@ OPTIONS: tuple[Option, ...] = (
            minimum=1, maximum=65536),
     Option("tokens_per_batch", 0, "If set, rows per batch = tokens_per_batch // row length instead of batch_size",
            "batching", int, minimum=0, maximum=1 << 30),
-    Option("buckets", "multiples:32", "Row lengths of unpacked samples: multiples:N, pow2, or a list like "
-           "512,2048,8192 (max_seq_len is always the last)", "batching"),
+    Option("buckets", "geometric:1.5", "Row lengths of unpacked samples and of a small job's last packed rows: "
+           "geometric:R (each power of two from 32, times R, R^2, ... below the next, rounded up to multiples of "
+           "32; R from 1.01 to 2), multiples:N, pow2, or a list like 512,2048,8192 (max_seq_len is always the "
+           "last). Each length compiles once per worker: the default's few lengths (10 on ARC-AGI-1, at 0.82 real "
+           "per computed token) cost less than finer ones' padding saves (benchmarks/padding.py)", "batching"),
     Option("packing", "text", "Pack several samples per row (own segment, positions from 0): text documents, all "
            "samples (ARC prompts too), or off", "batching", choices=PACKING_MODES),
     Option("pack_length", 0, "Row length of packed rows (0: max_seq_len); longer samples use buckets. Attention "
-           "skips tiles between packed samples, so long rows cost little extra", "batching", int, minimum=0,
-           maximum=MAX_SEQ_LEN),
+           "skips tiles between packed samples, so long rows cost little extra; the last, partial batch of a "
+           "packing key that never filled a batch shrinks to the fewest rows (a power of two) and the shortest "
+           "bucket that hold it", "batching", int, minimum=0, maximum=MAX_SEQ_LEN),
     Option("output", "activations", "Output directory, local or gs://", "output"),
     Option("output_dtype", "float32", "Storage dtype of the activations", "output", choices=tuple(OUTPUT_DTYPES)),
     Option("exclude_special_tokens", True, "Do not store <|endoftext|>, <|im_start|>, <|im_end|> and pad tokens "

@@ -1,9 +1,16 @@
 """Static-shape batches: buckets, packing, and packed rows that equal unpacked runs."""
 
+import math
+
+import apache_beam as beam
 import numpy as np
 import pytest
+from apache_beam.testing.util import assert_that, equal_to
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from beam_extract.batching import (BatchPlan, assemble, bucket_length, form_batches, pack_rows, parse_buckets)
+from beam_extract.batching import (BatchDoFn, BatchPlan, assemble, bucket_length, form_batches, pack_rows,
+                                   parse_buckets, row_counts)
 from beam_extract.extract import extract_batch, pad_rows
 from beam_extract.model import load_model
 from beam_extract.options import UsageError, parse_layers, parse_sites
@@ -24,9 +31,25 @@ def test_buckets():
     assert [bucket_length(n, (128, 256, 300)) for n in (1, 128, 129, 300)] == [128, 128, 256, 300]
     with pytest.raises(ValueError):
         bucket_length(301, (128, 256, 300))
-    for bad in ("multiples:x", "a,b", "0,5"):
+    for bad in ("multiples:x", "a,b", "0,5", "geometric:x", "geometric:1", "geometric:2.5", "geometric:nan"):
         with pytest.raises(ValueError, match="--buckets"):
             parse_buckets(bad, 100)
+
+
+def test_geometric_buckets_step_by_a_ratio_within_each_power_of_two():
+    assert parse_buckets("geometric:1.5", 8192) == (32, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048,
+                                                    3072, 4096, 6144, 8192)
+    assert parse_buckets("geometric:2", 1000) == (32, 64, 128, 256, 512, 1000)
+    assert parse_buckets("geometric:1.41", 4096) == (32, 64, 96, 128, 192, 256, 384, 512, 736, 1024, 1472, 2048,
+                                                     2912, 4096)
+    fine = parse_buckets("geometric:1.19", 1 << 20)
+    assert all(b % 32 == 0 for b in fine) and len(fine) < 70
+    assert all(later / earlier <= 1.19 + 32 / earlier for earlier, later in zip(fine[4:], fine[5:]))
+
+
+def test_row_counts_are_the_rows_and_the_powers_of_two_below():
+    assert row_counts(8) == (1, 2, 4, 8) and row_counts(6) == (1, 2, 4, 6) and row_counts(1) == (1,)
+    assert all(len(row_counts(n)) <= math.ceil(math.log2(n)) + 1 for n in range(1, 300))  # extra: ceil(log2 n)
 
 
 def test_pack_rows_first_fit_decreasing():
@@ -99,3 +122,99 @@ def test_layer_and_site_options():
     assert parse_sites("resid_post,mlp_out,resid_post") == ("resid_post", "mlp_out")
     with pytest.raises(UsageError, match="--sites"):
         parse_sites("resid,mlp_out")
+
+
+def text(n, name):
+    return sample(n, name)
+
+
+def shapes(batches):
+    return sorted(b.tokens.shape for b in batches)
+
+
+def test_a_small_job_gets_the_smallest_shapes():
+    """The default job's text: six short documents once filled an 8x8192 batch."""
+    plan = BatchPlan(parse_buckets("geometric:1.5", 8192), 8, 0, "text", 8192)
+    docs = [text(n, f"doc{i}") for i, n in enumerate((29, 32, 45, 48, 51, 408))]
+    [batch] = plan.batch_all(docs)
+    assert batch.tokens.shape == (1, 768) and batch.real_tokens == 613
+    # Rows: the fewest power of two; an unpacked key's length is its bucket.
+    arc = [sample(300, f"t{i}", task_id="t") for i in range(3)]
+    assert shapes(plan.batch_all(arc)) == [(4, 384)]
+    # Packed rows of a key that never filled a batch: the bucket of the fullest row.
+    docs = [text(n, f"d{i}") for i, n in enumerate((8000, 7000, 3000, 100))]
+    assert shapes(plan.batch_all(docs)) == [(4, 8192)]
+    assert shapes(BatchPlan(parse_buckets("geometric:1.5", 8192), 8, 0, "text", 4096).batch_all(
+        [text(n, f"e{i}") for i, n in enumerate((1000, 900))])) == [(1, 2048)]
+    # With --tokens_per_batch a shorter row has more rows: the last batch takes that length's counts.
+    plan = BatchPlan(parse_buckets("geometric:1.5", 8192), 8, 65536, "text", 8192)
+    assert plan.rows(6144) == 10 and shapes(plan.batch_all([text(5000, f"f{i}") for i in range(5)])) == [(8, 6144)]
+    assert shapes(plan.batch_all([text(100, "g")])) == [(1, 128)]
+
+
+def test_a_key_that_filled_a_batch_keeps_its_shape_for_the_last():
+    """Its full shape is compiled already: a smaller last batch would only add a compilation."""
+    plan = BatchPlan((16, 32), 4, 0, "off", 32)
+    samples = [sample(10, f"s{i}") for i in range(6)]
+    assert shapes(plan.batch_all(samples)) == [(4, 16), (4, 16)]
+    assert shapes(plan.batch_all(samples, shrink="always")) == [(2, 16), (4, 16)]
+    assert shapes(plan.batch_all(samples[:2])) == [(2, 16)]
+    assert shapes(plan.batch_all(samples[:2], shrink="never")) == [(4, 16)]
+    # Packed: the final emission fills a batch and leaves a tail; the tail keeps the full shape.
+    plan = BatchPlan((16, 32), 2, 0, "text", 32)
+    docs = [text(n, f"p{i}") for i, n in enumerate((30, 30, 20, 5))]
+    assert shapes(plan.batch_all(docs)) == [(2, 32), (2, 32)]
+    assert shapes(plan.batch_all(docs, shrink="always")) == [(1, 32), (2, 32)]
+
+
+@settings(max_examples=60, deadline=None)
+@given(lengths=st.lists(st.tuples(st.integers(1, 300), st.booleans()), min_size=1, max_size=60),
+       batch_size=st.integers(1, 9), tokens_per_batch=st.sampled_from([0, 256, 1000]),
+       packing=st.sampled_from(["text", "all", "off"]), pack_length=st.sampled_from([64, 200, 300]),
+       spec=st.sampled_from(["geometric:1.5", "pow2", "multiples:50", "40,90"]),
+       shrink=st.sampled_from(["unfilled", "always", "never"]))
+def test_every_sample_once_in_few_shapes_and_segments_apart(lengths, batch_size, tokens_per_batch, packing,
+                                                              pack_length, spec, shrink):
+    plan = BatchPlan(parse_buckets(spec, 300), batch_size, tokens_per_batch, packing, pack_length)
+    samples = [sample(n, f"x{i:03d}", task_id="t" if is_arc else "", seed=i) for i, (n, is_arc) in enumerate(lengths)]
+    batches = plan.batch_all(samples, shrink)
+    placed = [p.sample.sample_id for b in batches for p in b.placements]
+    assert sorted(placed) == sorted(s.sample_id for s in samples)  # each sample exactly once
+    lengths_used = set(plan.buckets) | {pack_length}
+    for batch in batches:
+        rows, length = batch.tokens.shape
+        assert length in lengths_used and rows in row_counts(plan.rows(length))
+        for p in batch.placements:  # its own segment, positions from 0, nothing else in its span
+            n = len(p.sample.token_ids)
+            span = slice(p.start, p.start + n)
+            np.testing.assert_array_equal(batch.tokens[p.row, span], p.sample.token_ids)
+            np.testing.assert_array_equal(batch.positions[p.row, span], np.arange(n))
+            segment = batch.segment_ids[p.row, p.start]
+            assert segment > 0 and (batch.segment_ids[p.row, span] == segment).all()
+            assert (batch.segment_ids[p.row] == segment).sum() == n
+        assert batch.real_tokens == sum(len(p.sample.token_ids) for p in batch.placements)
+    per_length = {}
+    for batch in batches:
+        per_length.setdefault(batch.tokens.shape[1], set()).add(batch.tokens.shape[0])
+    assert all(len(rows) <= math.ceil(math.log2(plan.rows(length))) + 1 for length, rows in per_length.items())
+    again = plan.batch_all(samples, shrink)  # deterministic for a given input order
+    assert [(b.tokens.shape, [(p.sample.sample_id, p.row, p.start) for p in b.placements]) for b in again] == \
+        [(b.tokens.shape, [(p.sample.sample_id, p.row, p.start) for p in b.placements]) for b in batches]
+
+
+def test_batch_dofn_shapes_equal_the_in_memory_batching():
+    """BatchDoFn in a pipeline (state: whether a key filled a batch) against BatchPlan.batch_all."""
+    plan = BatchPlan(parse_buckets("geometric:1.5", 512), 4, 0, "text", 512)
+    samples = ([sample(300, f"a{i}", task_id="t") for i in range(6)]  # fills a batch: 4 + 4 rows
+               + [sample(100, f"b{i}", task_id="t") for i in range(3)]  # never fills: 4 rows of 128
+               + [sample(90, "c0", task_id="t")]  # alone: 1 row
+               + [text(n, f"d{i}") for i, n in enumerate((50, 60, 70))])  # packed into one row of 192
+    expected = shapes(plan.batch_all(samples))
+    assert expected == [(1, 96), (1, 192), (4, 128), (4, 384), (4, 384)]
+    with beam.Pipeline() as pipeline:
+        got = (pipeline
+               | beam.Create(samples)
+               | beam.Map(lambda s: ((*plan.key(s), "one shard"), s))
+               | beam.ParDo(BatchDoFn(plan))
+               | beam.Map(lambda batch: batch.tokens.shape))
+        assert_that(got, equal_to(expected))
