@@ -18,6 +18,7 @@ from apache_beam.utils.windowed_value import WindowedValue
 from beam_extract.batching import Batch, Placement
 from beam_extract.lifetime import Driver, exit_with_driver
 from beam_extract.model import Model, hook_name, load_model
+from beam_extract.model.compile_cache import enable_compilation_cache
 from beam_extract.model.loaded import Dispatched
 from beam_extract.model.qwen2 import Hook
 from beam_extract.output.extracted import ExtractedBatch, StoredSample, extracted_batch
@@ -38,6 +39,7 @@ class BatchStats:
     # Wall seconds from dispatch to the outputs on the host, compiling aside. The previous batch's
     # host work runs meanwhile, so this bounds the device's time from above.
     forward_seconds: float
+    compile_cached: bool = False  # its compile was a load from the persistent compilation cache
 
 
 def pad_rows(batch: Batch, multiple: int) -> Batch:
@@ -153,8 +155,9 @@ class ExtractDoFn(beam.DoFn):
     broken device, and dead-lettering every sample would hide it behind a job that succeeds."""
 
     def __init__(self, model: str, dtype: str, mesh: str, hooks: tuple[Hook, ...], output_dtype: str,
-                 driver: Driver | None = None):
+                 driver: Driver | None = None, compilation_cache_dir: str = ""):
         self._load = (model, dtype, mesh)
+        self._compilation_cache = compilation_cache_dir  # "" for none
         self._driver = driver  # a local job's driver: this worker process dies with it
         self._hooks, self._output_dtype = hooks, output_dtype
         # One model per worker process, shared by all DoFn instances and threads in it.
@@ -168,6 +171,8 @@ class ExtractDoFn(beam.DoFn):
 
     def setup(self):
         exit_with_driver(self._driver)
+        if self._compilation_cache:  # before anything compiles in this process
+            enable_compilation_cache(self._compilation_cache)
         self._model = self._shared.acquire(lambda: load_model(*self._load), tag="|".join(self._load))
         _LOG.info("model %s on mesh %s (%s)", self._load[0], dict(self._model.mesh.shape),
                   self._model.mesh.devices.flat[0].platform)
@@ -220,7 +225,7 @@ class ExtractDoFn(beam.DoFn):
         self._computed_tokens.inc(batch.tokens.size)
         yield beam.pvalue.TaggedOutput(BATCH_STATS, BatchStats(
             batch.tokens.shape[1], batch.real_tokens, batch.tokens.size, started.compile_seconds,
-            time.perf_counter() - started.dispatched - started.compile_seconds))
+            time.perf_counter() - started.dispatched - started.compile_seconds, started.compile_cached))
         extracted, dead = extract_batch(activations, squared_norms, batch, self._hooks, self._output_dtype)
         for letter in dead:
             Metrics.counter("dead_letter.extract", letter.reason).inc()

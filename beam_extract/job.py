@@ -10,7 +10,7 @@ import uuid
 from collections.abc import Callable
 
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.options.pipeline_options import PipelineOptions, PortableOptions, StandardOptions
+from apache_beam.options.pipeline_options import GoogleCloudOptions, PipelineOptions, PortableOptions, StandardOptions
 
 from beam_extract.arc.augment import ArcView, augment
 from beam_extract.arc.encoders import parse_encoder
@@ -150,6 +150,19 @@ def dry_render(options: dict, vocab_size: int) -> None:
                              "--prompt_template, --grid_encoder, --max_seq_len, --positions and --arc_tokens")
 
 
+def compilation_cache_dir(given: str, options: PipelineOptions) -> str:
+    """Where workers keep compiled forwards: as given (a local path made absolute), or on Dataflow,
+    where every worker would otherwise compile every shape anew, under the job's temp location."""
+    if given:
+        if "://" in given and not given.startswith("gs://"):
+            raise UsageError(f"--compilation_cache_dir {given!r}: use a local directory or gs://bucket/path")
+        return given.rstrip("/") if "://" in given else os.path.abspath(given)
+    temp = options.view_as(GoogleCloudOptions).temp_location
+    if options.view_as(StandardOptions).runner == "DataflowRunner" and temp:
+        return f"{temp.rstrip('/')}/beam-extract-compile-cache"
+    return ""
+
+
 def make_job(options: PipelineOptions) -> Job:
     """Resolves and checks everything in the driver, before the graph is built: a mistake is a
     UsageError (or a CheckpointError, UnsupportedConfigError) naming the option, never a failure on
@@ -174,6 +187,7 @@ def make_job(options: PipelineOptions) -> Job:
     # Syntax and arithmetic only: counting devices here would start JAX in the driver (on a GPU it
     # would take the memory the workers need); the workers check the size against their devices.
     _usage(mesh_sizes, ours["mesh"])
+    ours["compilation_cache_dir"] = compilation_cache_dir(ours["compilation_cache_dir"], options)
     config = config_from_hf(load_hf_config(resolve_model_dir(ours["model"], weights=False)))
     layers, sites = parse_layers(ours["layers"], config.num_layers), parse_sites(ours["sites"])
     dry_render(ours, config.vocab_size)

@@ -111,6 +111,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("dtype", "float32", "Compute dtype", "model", choices=COMPUTE_DTYPES),
     Option("mesh", "auto", "Device mesh over each worker's local devices: auto (all on 'data' while the weights "
            "fit one device, else split on 'model'), or axes like data:4,model:2", "model"),
+    Option("compilation_cache_dir", "", "Persistent compilation cache, local or gs://: a worker loads the forwards "
+           "compiled by earlier workers and jobs instead of compiling them again (default: none locally; on "
+           "Dataflow {temp_location}/beam-extract-compile-cache). Only the job's own principals may write there",
+           "model"),
     Option("batch_size", 8, "Rows per forward batch (fixed, so each row length compiles once)", "batching", int,
            minimum=1, maximum=65536),
     Option("tokens_per_batch", 0, "If set, rows per batch = tokens_per_batch // row length instead of batch_size",

@@ -127,7 +127,7 @@ def build(paths: beam.PCollection, job: Job) -> None:
         todo
         | "Batch" >> BatchSamples(job.plan)
         | "Extract" >> beam.ParDo(ExtractDoFn(o["model"], o["dtype"], o["mesh"], job.hooks, o["output_dtype"],
-                                              job.driver))
+                                              job.driver, o["compilation_cache_dir"]))
         .with_output_types(ExtractedBatch).with_outputs(DEAD_LETTER, BATCH_STATS, main="records")
     )
     groups = extracted.records | "Write" >> beam.ParDo(WriteShards(

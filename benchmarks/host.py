@@ -45,7 +45,7 @@ BUNDLE = 16  # batches per bundle
 class SimulatedForward:
     def __init__(self, activations: dict, norms: dict, rows: int | None, ready: float):
         self._outputs, self.rows, self.ready = (activations, norms), rows, ready
-        self.compile_seconds, self.dispatched = 0.0, time.perf_counter()
+        self.compile_seconds, self.compile_cached, self.dispatched = 0.0, False, time.perf_counter()
 
     def fetch(self):
         time.sleep(max(0.0, self.ready - time.perf_counter()))

@@ -263,7 +263,7 @@ def test_the_next_batch_is_dispatched_before_the_previous_one_is_finished():
             events.append(("dispatch", name))
             started = super().dispatch(tokens, *args)
             fetch = started.fetch
-            return types.SimpleNamespace(compile_seconds=0.0, dispatched=started.dispatched,
+            return types.SimpleNamespace(compile_seconds=0.0, compile_cached=False, dispatched=started.dispatched,
                                          fetch=lambda: events.append(("fetch", name)) or fetch())
 
     dofn = dofn_with(Recording())

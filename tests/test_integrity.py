@@ -523,3 +523,22 @@ def test_overwrite_and_cleanup_touch_only_files_named_as_ours(tmp_path):
     refused = cli(tmp_path, "--output=out", "--layers=0", "--overwrite")
     assert refused.returncode == 2 and "symbolic link" in refused.stderr
     assert (tmp_path / "victim/part-0123456789ab-0123456789ab.tfrecord").read_text() == "elsewhere"
+
+
+def test_a_second_job_loads_its_forwards_from_the_compilation_cache(tmp_path):
+    write_lines(tmp_path / "in.jsonl", [task("t1"), task("t2", train=[{"input": GRID, "output": GRID}] * 3)])
+    cache = tmp_path / "cache"
+    runs = []
+    for name in ("first", "second"):
+        result = cli(tmp_path, f"--input={tmp_path / 'in.jsonl'}", f"--output={tmp_path / name}",
+                     f"--compilation_cache_dir={cache}")
+        assert result.returncode == 0, result.stderr[-2000:]
+        runs.append(manifest(tmp_path / name)["batching"])
+    first, second = runs
+    assert first["compilations"] == second["compilations"] == len(first["batch_shapes"]) > 0
+    assert first["compile_cache_hits"] == 0 and second["compile_cache_hits"] == second["compilations"]
+    assert any(cache.iterdir())
+    records_first, records_second = records(tmp_path / "first"), records(tmp_path / "second")
+    assert records_first.keys() == records_second.keys()
+    for key, record in records_first.items():
+        assert record["activations"].tobytes() == records_second[key]["activations"].tobytes(), key

@@ -108,5 +108,5 @@ def test_compiles_at_most_once_per_row_length(tmp_path):
     manifest = json.loads((tmp_path / "out/manifest.json").read_text())
     compiles = result.metrics().query(MetricsFilter().with_name("compilations"))["counters"]
     assert sum(c.committed for c in compiles) == manifest["batching"]["compilations"]
-    assert 4 <= manifest["batching"]["compilations"] <= len(manifest["batching"]["row_lengths"])
+    assert 4 <= manifest["batching"]["compilations"] <= len(manifest["batching"]["batch_shapes"])
     assert manifest["counts"]["samples"] >= 120

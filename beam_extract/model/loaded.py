@@ -123,14 +123,14 @@ class Model:
         shards = self.mesh.shape["data"]
         if tokens.shape[0] % shards:
             raise ValueError(f"batch of {tokens.shape[0]} rows does not split over the mesh's {shards} data shards")
-        began = time.perf_counter()
+        began, hits = time.perf_counter(), compile_cache.hits_in_this_thread()
         executable, seconds = self.compiled(tokens.shape, hooks, out_dtype)
         data = batch_sharding(self.mesh, 2)
         args = [jax.device_put(np.asarray(a, np.int32), data) for a in (tokens, positions, segment_ids)]
         activations, norms = executable(self.params, *args)
         if rows is not None and rows < tokens.shape[0] and self._output_memory is None:
             activations = {hook: value[:rows] for hook, value in activations.items()}  # padding rows stay
-        return Dispatched(activations, norms, rows, seconds, began)
+        return Dispatched(activations, norms, rows, seconds, began, compile_cache.hits_in_this_thread() > hits)
 
     def forward(self, tokens: np.ndarray, positions: np.ndarray, segment_ids: np.ndarray,
                 hooks: tuple[Hook, ...], out_dtype: np.dtype = np.float32,
@@ -185,6 +185,7 @@ class Dispatched:
     rows: int | None
     compile_seconds: float
     dispatched: float  # time.perf_counter() when it was started, compiling included
+    compile_cached: bool = False  # its compile was a load from the persistent compilation cache
 
     def fetch(self) -> tuple[dict[Hook, np.ndarray], dict[Hook, np.ndarray]]:
         """Waits for the outputs: host arrays [rows, S, d] per hook and their squared norms [rows, S]."""

@@ -189,14 +189,15 @@ class SummarizeBatches(beam.CombineFn):
 
     def create_accumulator(self):
         return {"batches": 0, "real_tokens": 0, "computed_tokens": 0, "batch_shapes": {}, "compilations": 0,
-                "compile_seconds": 0.0, "forward_seconds": 0.0}
+                "compile_cache_hits": 0, "compile_seconds": 0.0, "forward_seconds": 0.0}
 
     def add_input(self, acc, stats):
         shape = f"{stats.computed_tokens // stats.row_length}x{stats.row_length}"
         return self.merge_accumulators([acc, {
             "batches": 1, "real_tokens": stats.real_tokens, "computed_tokens": stats.computed_tokens,
             "batch_shapes": {shape: 1}, "compilations": int(bool(stats.compile_seconds)),
-            "compile_seconds": stats.compile_seconds, "forward_seconds": stats.forward_seconds}])
+            "compile_cache_hits": int(stats.compile_cached), "compile_seconds": stats.compile_seconds,
+            "forward_seconds": stats.forward_seconds}])
 
     def merge_accumulators(self, accumulators):
         merged = self.create_accumulator()  # the BundleBasedDirectRunner merges empty groups too
@@ -218,7 +219,8 @@ class SummarizeBatches(beam.CombineFn):
             "real_over_computed": acc["real_tokens"] / acc["computed_tokens"] if acc["computed_tokens"] else None,
             "row_lengths": sorted({int(shape.split("x")[1]) for shape in shapes}),
             "batch_shapes": dict(sorted(shapes.items())),  # "rows x length" -> batches of that shape
-            "compilations": acc["compilations"],
+            "compilations": acc["compilations"],  # forwards compiled or loaded from the compilation cache
+            "compile_cache_hits": acc["compile_cache_hits"],  # of them, loaded
             "compile_seconds": round(acc["compile_seconds"], 3),
             "forward_seconds": round(acc["forward_seconds"], 3),  # compiling aside
         }

@@ -66,7 +66,8 @@ def sample_fields(*, token_ids: np.ndarray, positions: np.ndarray, d_model: int,
 
 
 def hook_fields(hook_name: str, layer: int) -> bytes:
-    return wire.map_entry("hook_name", wire.bytes_feature(hook_name)) + wire.map_entry("layer", wire.int64_feature(layer))
+    return (wire.map_entry("hook_name", wire.bytes_feature(hook_name))
+            + wire.map_entry("layer", wire.int64_feature(layer)))
 
 
 def record_parts(activations: memoryview, sample: SampleFields, hook: bytes) -> list:

@@ -133,7 +133,8 @@ class WriteShards(beam.DoFn):
             return
         ids = "\x00".join(sorted(s.sample.sample_id for s in batch.samples)).encode()
         if self._shuffle_seed is not None:
-            rng = np.random.default_rng([self._shuffle_seed, int.from_bytes(hashlib.sha256(ids).digest()[:8], "little")])
+            draw = int.from_bytes(hashlib.sha256(ids).digest()[:8], "little")
+            rng = np.random.default_rng([self._shuffle_seed, draw])
             batch = batch.in_order(rng.permutation(len(batch.samples)))
         group = self._open.get(window)
         if group is None:
