@@ -15,6 +15,7 @@ from apache_beam.utils import shared
 
 from apache_beam.utils.windowed_value import WindowedValue
 
+from beam_extract import progress
 from beam_extract.batching import Batch, Placement
 from beam_extract.lifetime import Driver, exit_with_driver
 from beam_extract.model import Model, hook_name, load_model
@@ -166,6 +167,7 @@ class ExtractDoFn(beam.DoFn):
         self._compilations = Metrics.counter("extract", "compilations")
         self._real_tokens = Metrics.counter("extract", "real_tokens")
         self._computed_tokens = Metrics.counter("extract", "computed_tokens")
+        self._samples = Metrics.counter("extract", "samples")
         self._oom_splits = Metrics.counter("extract", "oom_splits")  # batches re-run smaller after an OOM
         self._waited = Metrics.distribution("extract", "host_wait_ms")  # host idle, waiting for the device
 
@@ -179,6 +181,7 @@ class ExtractDoFn(beam.DoFn):
 
     def start_bundle(self):
         self._in_flight = None  # (the dispatched forward, its batch, its element's window and timestamp)
+        self._device_free = 0.0  # when this thread's previous forward was on the host: the device was busy until then
 
     def process(self, batch: Batch, timestamp=beam.DoFn.TimestampParam, window=beam.DoFn.WindowParam):
         batch = pad_rows(batch, self._model.mesh.shape["data"])
@@ -215,7 +218,13 @@ class ExtractDoFn(beam.DoFn):
             except Exception as error:
                 started = self._oom_text(error, batch)
             else:
-                self._waited.update(int(1000 * (time.perf_counter() - began)))
+                done = time.perf_counter()
+                self._waited.update(int(1000 * (done - began)))
+                # At most this long on the device: from when it could start to when its outputs arrived.
+                started_at = max(started.dispatched + started.compile_seconds, self._device_free)
+                self._device_free = done
+                progress.count(self._driver, device_seconds=done - started_at,
+                               compile_seconds=started.compile_seconds)
         if isinstance(started, str):
             yield from self._after_oom(batch, started)
             return
@@ -227,6 +236,8 @@ class ExtractDoFn(beam.DoFn):
             batch.tokens.shape[1], batch.real_tokens, batch.tokens.size, started.compile_seconds,
             time.perf_counter() - started.dispatched - started.compile_seconds, started.compile_cached))
         extracted, dead = extract_batch(activations, squared_norms, batch, self._hooks, self._output_dtype)
+        self._samples.inc(len(extracted.samples))
+        progress.count(self._driver, extracted=len(batch.placements), tokens=batch.real_tokens)
         for letter in dead:
             Metrics.counter("dead_letter.extract", letter.reason).inc()
             yield beam.pvalue.TaggedOutput(DEAD_LETTER, letter)

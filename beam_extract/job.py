@@ -65,6 +65,7 @@ class Job:
     lock: dict = dataclasses.field(default_factory=dict)  # the output's lock as this job holds it
     resumed: Resumed = Resumed()
     remote: bool = False  # the runner runs the job elsewhere: the job itself releases the lock
+    input_bytes: int | None = None  # of the input files when known and uncompressed (for progress)
 
     @property
     def output(self) -> str:
@@ -213,7 +214,10 @@ def claim_output(job: Job) -> Job:
             ownership.remove_our_output(output, SITES, DEAD_LETTER_STAGES)
             recorded = None
         if not job.streaming:  # a streaming job's input is what arrives; its files are not known now
-            ownership.record_inputs(output, inventory(o["input"]), resumed=recorded is not None)
+            files = inventory(o["input"])
+            ownership.record_inputs(output, files, resumed=recorded is not None)
+            if not any(name.endswith(".gz") for name in files["files"]):
+                job = dataclasses.replace(job, input_bytes=sum(f["size"] for f in files["files"].values()))
         if recorded is None:
             ownership.record_fingerprint(output, job.fingerprint)
             return dataclasses.replace(job, lock=lock)

@@ -10,6 +10,7 @@ fingerprint, claiming the output) is in `job`.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 
 import apache_beam as beam
@@ -23,6 +24,7 @@ from beam_extract.extract import BATCH_STATS, ExtractDoFn
 from beam_extract.io.sources import MatchPaths, ReadLines
 from beam_extract.job import DEAD_LETTER_STAGES, LOCAL_RUNNERS, Job, claim_output, make_job
 from beam_extract.options import template_switches
+from beam_extract.progress import Reporter
 from beam_extract.output import ownership
 from beam_extract.output.commits import read_sample_ids, without_samples
 from beam_extract.output.extracted import ExtractedBatch
@@ -207,9 +209,12 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
         _local_runner_without_download(options)
         pipeline = test_pipeline or beam.Pipeline(options=options)
         build(read_input(pipeline, job), job)
-        result = pipeline.run()
-        if waits:
-            result.wait_until_finish()
+        # A local job reports its progress every few seconds (the in-process runner returns only
+        # once the job is done); a remote job's progress is in its runner's metrics.
+        with Reporter(job.driver, job.input_bytes) if job.driver else contextlib.nullcontext():
+            result = pipeline.run()
+            if waits:
+                result.wait_until_finish()
     except BaseException:
         ownership.release_lock(job.output, job.lock)
         raise

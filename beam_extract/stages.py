@@ -12,6 +12,7 @@ from beam_extract.arc.encoders import parse_encoder
 from beam_extract.arc.prompt import load_template
 from beam_extract.io.sources import SourceLine
 from beam_extract.lifetime import Driver, exit_with_driver
+from beam_extract import progress
 from beam_extract.output.commits import read_sample_ids
 from beam_extract.model.weights import resolve_model_dir
 from beam_extract.records import DeadLetter, parse_line
@@ -41,6 +42,7 @@ class ParseDoFn(beam.DoFn):
         exit_with_driver(self._driver)
 
     def process(self, line: SourceLine):
+        progress.count(self._driver, lines=1, bytes=(line.too_long or len(line.data)) + 1)
         yield from route([parse_line(line, self._input_format, self._text_field, self._root)], "parse")
 
 
@@ -81,6 +83,7 @@ class TokenizeDoFn(beam.DoFn):
             if isinstance(result, Sample) and result.train_dropped:
                 self._dropped.inc(result.train_dropped)
                 self._fitted.inc()
+        progress.count(self._driver, samples=sum(isinstance(r, Sample) for r in results))
         yield from route(results, "tokenize")
 
 

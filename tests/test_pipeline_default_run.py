@@ -54,6 +54,16 @@ def test_default_run_makes_no_outbound_connection(default_run):
 
 
 @pytest.mark.slow
+def test_a_local_job_reports_its_progress(default_run):
+    import re
+
+    _, result, _ = default_run
+    reports = re.findall(r"^\[[\d,]+ s\] ([\d,]+) lines read \(\d+%\) · ([\d,]+) samples", result.stderr, re.M)
+    assert reports, result.stderr[-3000:]
+    assert all(int(a.replace(",", "")) <= int(b.replace(",", "")) for (a, _), (b, _) in zip(reports, reports[1:]))
+
+
+@pytest.mark.slow
 def test_manifest_describes_the_run(default_run):
     workdir, _, _ = default_run
     manifest = json.loads((workdir / "activations/manifest.json").read_text())
