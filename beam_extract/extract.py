@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import pickle
 import time
 
 import apache_beam as beam
@@ -65,15 +64,15 @@ def stored_columns(placement: Placement) -> slice | np.ndarray:
     return start + stored
 
 
-def extract_batch(activations: dict[Hook, np.ndarray], squared_norms: dict[Hook, np.ndarray], batch: Batch,
+def extract_batch(activations: dict[Hook, np.ndarray], norms: dict[Hook, np.ndarray], batch: Batch,
                   hooks: tuple[Hook, ...], output_dtype: str) -> tuple[ExtractedBatch, list[DeadLetter]]:
     """A forward's host outputs -> the batch for the writer. A sample with a NaN or infinite
     activation at any hook (broken weights, an overflow) is a `non_finite` dead letter instead, at
-    every hook: `squared_norms` (see `token_squared_norms`) are NaN exactly there."""
+    every hook: `norms` (see `model.loaded.token_norms`) are NaN exactly there."""
     kept, dead = [], []
     for placement in batch.placements:
         sample, columns = placement.sample, stored_columns(placement)
-        broken = next((hook for hook in hooks if np.isnan(squared_norms[hook][placement.row, columns]).any()), None)
+        broken = next((hook for hook in hooks if np.isnan(norms[hook][placement.row, columns]).any()), None)
         if broken is None:
             kept.append(StoredSample(sample, placement.row, columns, sample_digest(sample)))
         else:
@@ -81,23 +80,27 @@ def extract_batch(activations: dict[Hook, np.ndarray], squared_norms: dict[Hook,
                                    f"{sample.sample_id}: NaN or infinite activations at {hook_name(*broken)}",
                                    record_id=sample.sample_id))
     extracted = extracted_batch(kept, batch.positions, tuple(activations[h] for h in hooks),
-                                tuple(squared_norms[h] for h in hooks), output_dtype)
+                                tuple(norms[h] for h in hooks), output_dtype)
     return extracted, dead
 
 
 class ExtractedBatchCoder(beam.coders.Coder):
-    """Pickles a batch when a runner must move it (it rarely does: the writer is fused with the
-    extraction). Runners sample element sizes for their metrics by encoding elements; this
-    estimates from the arrays instead, which would otherwise pickle ~100 MB per sampled batch."""
+    """Beam's own coder for Python objects (what a runner would use for this type anyway), for when
+    a runner must move a batch between workers; it rarely does, as the writer is fused with the
+    extraction. Runners sample element sizes for their metrics by encoding elements: this estimates
+    from the arrays instead, where encoding would copy ~100 MB per sampled batch."""
+
+    def __init__(self):
+        self._objects = beam.coders.PickleCoder()
 
     def encode(self, value: ExtractedBatch) -> bytes:
-        return pickle.dumps(value, pickle.HIGHEST_PROTOCOL)
+        return self._objects.encode(value)
 
     def decode(self, encoded: bytes) -> ExtractedBatch:
-        return pickle.loads(encoded)
+        return self._objects.decode(encoded)
 
     def estimate_size(self, value: ExtractedBatch) -> int:
-        return sum(a.nbytes for a in (*value.activations, *value.squared_norms)) + 1000 * len(value.samples)
+        return sum(a.nbytes for a in (*value.activations, *value.norms)) + 1000 * len(value.samples)
 
     def is_deterministic(self) -> bool:
         return False
@@ -135,6 +138,20 @@ def split_batch(batch: Batch, multiple: int) -> list[Batch]:
         return [batch_rows(batch, 0, 1, multiple)]
     half = (used + 1) // 2
     return [batch_rows(batch, 0, half, multiple), batch_rows(batch, half, used, multiple)]
+
+
+@dataclasses.dataclass(frozen=True)
+class OnHost:
+    """A forward whose outputs were fetched early (to free the device for a retry)."""
+
+    dispatched_forward: Dispatched
+    outputs: tuple[dict, dict]
+
+    def __getattr__(self, name):  # compile_seconds, dispatched, compile_cached: those of the forward
+        return getattr(self.dispatched_forward, name)
+
+    def fetch(self) -> tuple[dict, dict]:
+        return self.outputs
 
 
 def _first_line(error: BaseException) -> str:
@@ -191,9 +208,9 @@ class ExtractDoFn(beam.DoFn):
             yield from self._finish(*previous)
 
     def finish_bundle(self):
-        if self._in_flight:
-            yield from self._finish(*self._in_flight)
-        self._in_flight = None
+        last, self._in_flight = self._in_flight, None
+        if last:
+            yield from self._finish(*last)
 
     def _dispatch(self, batch: Batch) -> Dispatched | str:
         """The forward started on the device, or the text of its out-of-memory error."""
@@ -203,6 +220,31 @@ class ExtractDoFn(beam.DoFn):
         except Exception as error:
             return self._oom_text(error, batch)
 
+    def _fetch(self, started: Dispatched | OnHost, batch: Batch) -> tuple[dict, dict] | str:
+        """The forward's host outputs (waiting for them), or the text of its out-of-memory error."""
+        if isinstance(started, OnHost):
+            return started.fetch()
+        began = time.perf_counter()
+        try:
+            outputs = started.fetch()
+        except Exception as error:
+            return self._oom_text(error, batch)
+        done = time.perf_counter()
+        self._waited.update(int(1000 * (done - began)))
+        # At most this long on the device: from when it could start to when its outputs arrived.
+        started_at = max(started.dispatched + started.compile_seconds, self._device_free)
+        self._device_free = done
+        progress.count(self._driver, device_seconds=done - started_at, compile_seconds=started.compile_seconds)
+        return outputs
+
+    def _bring_in_flight_home(self) -> None:
+        """Fetches the forward in flight (if any) to the host, so the device holds nothing else."""
+        if self._in_flight is None or isinstance(self._in_flight[0], (str, OnHost)):
+            return
+        started, batch, context = self._in_flight
+        fetched = self._fetch(started, batch)
+        self._in_flight = (fetched if isinstance(fetched, str) else OnHost(started, fetched), batch, context)
+
     def _finish(self, started: Dispatched | str, batch: Batch, context: WindowedValue):
         for output in self._outputs(started, batch):
             if isinstance(output, beam.pvalue.TaggedOutput):
@@ -210,24 +252,19 @@ class ExtractDoFn(beam.DoFn):
             else:
                 yield context.with_value(output)
 
-    def _outputs(self, started: Dispatched | str, batch: Batch):
-        if not isinstance(started, str):
-            began = time.perf_counter()
-            try:
-                activations, squared_norms = started.fetch()
-            except Exception as error:
-                started = self._oom_text(error, batch)
-            else:
-                done = time.perf_counter()
-                self._waited.update(int(1000 * (done - began)))
-                # At most this long on the device: from when it could start to when its outputs arrived.
-                started_at = max(started.dispatched + started.compile_seconds, self._device_free)
-                self._device_free = done
-                progress.count(self._driver, device_seconds=done - started_at,
-                               compile_seconds=started.compile_seconds)
-        if isinstance(started, str):
-            yield from self._after_oom(batch, started)
+    def _outputs(self, started: Dispatched | OnHost | str, batch: Batch, alone: bool = False):
+        """`alone`: nothing else is on the device (a retry)."""
+        fetched = started if isinstance(started, str) else self._fetch(started, batch)
+        if isinstance(fetched, str) and not alone:
+            # Out of memory while the next batch may have been on the device too: that one goes to
+            # the host first, and this batch is retried whole before it is split.
+            self._bring_in_flight_home()
+            yield from self._outputs(self._dispatch(batch), batch, alone=True)
             return
+        if isinstance(fetched, str):
+            yield from self._after_oom(batch, fetched)
+            return
+        activations, norms = fetched
         if started.compile_seconds:
             self._compilations.inc()
         self._real_tokens.inc(batch.real_tokens)
@@ -235,7 +272,7 @@ class ExtractDoFn(beam.DoFn):
         yield beam.pvalue.TaggedOutput(BATCH_STATS, BatchStats(
             batch.tokens.shape[1], batch.real_tokens, batch.tokens.size, started.compile_seconds,
             time.perf_counter() - started.dispatched - started.compile_seconds, started.compile_cached))
-        extracted, dead = extract_batch(activations, squared_norms, batch, self._hooks, self._output_dtype)
+        extracted, dead = extract_batch(activations, norms, batch, self._hooks, self._output_dtype)
         self._samples.inc(len(extracted.samples))
         progress.count(self._driver, extracted=len(batch.placements), tokens=batch.real_tokens)
         for letter in dead:
@@ -268,7 +305,7 @@ class ExtractDoFn(beam.DoFn):
             _LOG.warning("out of device memory on a batch of shape %s (%d used rows): re-running it as %s",
                          tuple(batch.tokens.shape), used_rows(batch), [tuple(p.tokens.shape) for p in pieces])
             for piece in pieces:
-                yield from self._outputs(self._dispatch(piece), piece)
+                yield from self._outputs(self._dispatch(piece), piece, alone=True)
             return
         row_length = batch.tokens.shape[1]
         for placement in batch.placements:

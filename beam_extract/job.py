@@ -30,6 +30,7 @@ from beam_extract.options import UsageError, check_ranges, extract_options, pars
 from beam_extract.output import ownership
 from beam_extract.output.commits import (RUN_SKIP_SUFFIX, delete_quietly, list_paths, read_groups_on_disk,
                                          select_groups, without_samples, write_sample_ids)
+from beam_extract.output.schema import OUTPUT_DTYPES
 from beam_extract.output.writer import remove_unlisted
 from beam_extract.records.arc import ArcTask
 from beam_extract.records.dead_letter import DeadLetter
@@ -151,17 +152,43 @@ def dry_render(options: dict, vocab_size: int) -> None:
                              "--prompt_template, --grid_encoder, --max_seq_len, --positions and --arc_tokens")
 
 
-def compilation_cache_dir(given: str, options: PipelineOptions) -> str:
-    """Where workers keep compiled forwards: as given (a local path made absolute), or on Dataflow,
-    where every worker would otherwise compile every shape anew, under the job's temp location."""
-    if given:
-        if "://" in given and not given.startswith("gs://"):
-            raise UsageError(f"--compilation_cache_dir {given!r}: use a local directory or gs://bucket/path")
-        return given.rstrip("/") if "://" in given else os.path.abspath(given)
-    temp = options.view_as(GoogleCloudOptions).temp_location
-    if options.view_as(StandardOptions).runner == "DataflowRunner" and temp:
-        return f"{temp.rstrip('/')}/beam-extract-compile-cache"
-    return ""
+# A tf.train.Example over 2 GiB cannot be parsed back (protobuf's limit); room for the other features.
+MAX_RECORD_BYTES = 2**31 - 2**24
+
+
+def compilation_cache_dir(given: str, options: PipelineOptions, remote: bool) -> str:
+    """Where workers keep compiled forwards: as given, or on Dataflow, where every worker would
+    otherwise compile every shape anew, under the job's temp location. A prefix per JAX version:
+    workers copy the entries at start-up, and another version's are of no use."""
+    if not given:
+        temp = options.view_as(GoogleCloudOptions).temp_location
+        if options.view_as(StandardOptions).runner != "DataflowRunner" or not temp:
+            return ""
+        given = f"{temp.rstrip('/')}/beam-extract-compile-cache/jax-{jax_version()}"
+    if given.startswith("gs://"):
+        if not given.removeprefix("gs://").strip("/"):
+            raise UsageError(f"--compilation_cache_dir {given!r}: name a bucket, gs://bucket/path")
+        return given.rstrip("/")
+    if "://" in given:
+        raise UsageError(f"--compilation_cache_dir {given!r}: use a local directory or gs://bucket/path")
+    if remote:
+        raise UsageError(f"--compilation_cache_dir {given!r}: a job that runs elsewhere needs a gs:// directory "
+                         "its workers share")
+    local = os.path.abspath(os.path.expanduser(given))
+    try:
+        os.makedirs(local, exist_ok=True)
+    except OSError as error:
+        raise UsageError(f"--compilation_cache_dir {given!r}: cannot create it ({error.strerror})") from None
+    if not os.access(local, os.W_OK):
+        raise UsageError(f"--compilation_cache_dir {given!r}: not writable")
+    return local
+
+
+def jax_version() -> str:
+    """The installed jaxlib's version, without importing JAX in the driver."""
+    from importlib import metadata
+
+    return metadata.version("jaxlib")
 
 
 def make_job(options: PipelineOptions) -> Job:
@@ -188,9 +215,15 @@ def make_job(options: PipelineOptions) -> Job:
     # Syntax and arithmetic only: counting devices here would start JAX in the driver (on a GPU it
     # would take the memory the workers need); the workers check the size against their devices.
     _usage(mesh_sizes, ours["mesh"])
-    ours["compilation_cache_dir"] = compilation_cache_dir(ours["compilation_cache_dir"], options)
+    ours["compilation_cache_dir"] = compilation_cache_dir(ours["compilation_cache_dir"], options, not is_local(options))
     config = config_from_hf(load_hf_config(resolve_model_dir(ours["model"], weights=False)))
     layers, sites = parse_layers(ours["layers"], config.num_layers), parse_sites(ours["sites"])
+    record_bytes = ours["max_seq_len"] * config.hidden_size * OUTPUT_DTYPES[ours["output_dtype"]].itemsize
+    if record_bytes > MAX_RECORD_BYTES:  # protobuf cannot read a message over 2 GiB back
+        raise UsageError(f"--max_seq_len {ours['max_seq_len']}: a sequence's record would hold up to "
+                         f"{record_bytes / 2**30:.1f} GiB of activations ({config.hidden_size} x "
+                         f"{ours['output_dtype']} per token), over the {MAX_RECORD_BYTES / 2**30:.1f} GiB a record "
+                         f"can be read back with; use at most {MAX_RECORD_BYTES // (record_bytes // ours['max_seq_len'])}")
     dry_render(ours, config.vocab_size)
     hooks = tuple((layer, site) for site in sites for layer in layers)
     plan = BatchPlan(buckets, ours["batch_size"], ours["tokens_per_batch"], ours["packing"],

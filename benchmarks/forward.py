@@ -15,7 +15,9 @@ import numpy as np
 import torch
 import transformers
 
+from beam_extract.batching import form_batches
 from beam_extract.model import load_model
+from beam_extract.tokenize import Sample
 from benchmarks.report import Figure
 
 QWEN25_05B = {"vocab_size": 151936, "hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24,
@@ -89,13 +91,18 @@ def measure(quick: bool) -> tuple[list[Figure], dict]:
         raw["shapes"].append(row)
         shape = f"B={batch} S={seq}"
         ours32, theirs = row["ours_float32_tok_s"], row["torch_fp32_tok_s"]
+        # Held to utilisation of the machine's own measured peak, which holds on any CPU; the ratio to
+        # transformers depends on how well PyTorch does on that CPU, so it is reported, not a target.
         figures += [
-            Figure("forward", f"{shape} fp32 vs transformers fp32",
-                   f"{ours32:.0f} vs {theirs:.0f} tok/s", ours32 / theirs, f">= {target}"),
             Figure("forward", f"{shape} fp32 MFU", f"{ours32 * flops / 1e9:.0f} GFLOP/s of {peak['float32']:.0f}",
-                   row["mfu_fp32"], ">= 0.75"),
-            Figure("forward", f"{shape} bf16 vs our fp32", f"{row['ours_bfloat16_tok_s']:.0f} vs {ours32:.0f} tok/s "
-                   f"({row['mfu_bf16']:.0%} of bf16 peak)", row["ours_bfloat16_tok_s"] / ours32, ">= 1.0"),
+                   row["mfu_fp32"], ">= 0.85"),
+            Figure("forward", f"{shape} bf16 MFU", f"{row['ours_bfloat16_tok_s'] * flops / 1e9:.0f} GFLOP/s of "
+                   f"{peak['bfloat16']:.0f}", row["mfu_bf16"], ">= 0.7"),
+            Figure("forward", f"{shape} fp32 vs transformers fp32",
+                   f"{ours32:.0f} vs {theirs:.0f} tok/s", ours32 / theirs, "",
+                   note=f"the first round's target was {target}"),
+            Figure("forward", f"{shape} bf16 vs our fp32", f"{row['ours_bfloat16_tok_s']:.0f} vs {ours32:.0f} tok/s",
+                   row["ours_bfloat16_tok_s"] / ours32, ""),
         ]
     first = raw["shapes"][0]
     for row in raw["shapes"][1:]:
@@ -109,9 +116,34 @@ def measure(quick: bool) -> tuple[list[Figure], dict]:
     _, full = model.compiled(shape, hooks, np.dtype(np.float32))
     _, shallow = model.compiled(shape, hooks[:4], np.dtype(np.float32))
     raw["compile_s"] = {"24_layers": full, "4_layers": shallow}
+    raw["packed_rows"] = long_packed_rows(repeats)
+    figures.append(Figure(
+        "forward", "packed rows of 500-900-token documents: cost per token at 8x8192 vs 8x1024 (embedded model)",
+        f"{raw['packed_rows'][8192]:.1f} vs {raw['packed_rows'][1024]:.1f} us per token",
+        raw["packed_rows"][8192] / raw["packed_rows"][1024], "<= 1.2",
+        note="a query block's loop over keys starts at its segment"))
     figures += [
         Figure("forward", f"compile, {layers} layers (B={shape[0]} S={shape[1]})", f"{full:.1f} s", full, "< 30"),
         Figure("forward", f"compile, {layers} layers vs 4 layers", f"{full:.1f} s vs {shallow:.1f} s",
                full / shallow, "< 2", note="linear in depth would be 6"),
     ]
     return figures, raw
+
+
+def long_packed_rows(repeats: int) -> dict[int, float]:
+    """Microseconds per computed token of the embedded model's forward on 8 packed rows of 1024 and
+    of 8192 tokens (documents of 500-900 tokens): attention work per token is the same, so any
+    difference is the cost of visiting (and skipping) tiles."""
+    rng = np.random.default_rng(0)
+    model = load_model("tiny-random-qwen2", "float32")
+    hooks = ((model.config.num_layers - 1, "resid_post"),)
+    cost = {}
+    for length in (1024, 8192):
+        samples = []
+        while sum(len(s.token_ids) for s in samples) < 8 * length:
+            n = int(rng.integers(500, 900))
+            samples.append(Sample(f"d{len(samples)}", rng.integers(1, 1000, n).astype(np.int32), "x", 1))
+        (batch, *_), _ = form_batches(samples, length, 8, pack=True, final=True)
+        seconds = best_time(lambda b=batch: model.forward(b.tokens, b.positions, b.segment_ids, hooks), repeats)
+        cost[length] = seconds / batch.tokens.size * 1e6
+    return cost

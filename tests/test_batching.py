@@ -94,6 +94,23 @@ def test_plan_routes_text_to_packing_and_arc_to_buckets():
     assert BatchPlan((128,), 4, 1024, "off", 256).rows(256) == 4 and plan.rows(512) == 4
 
 
+def test_long_packed_rows_skip_no_visible_tile():
+    """Rows of several 128-token tiles, documents starting mid-tile: each query block's loop over
+    keys starts at its segment, and the activations still equal each document run alone."""
+    model = load_model("tiny-random-qwen2")
+    hooks = ((model.config.num_layers - 1, "resid_post"),)
+    samples = [sample(n, f"doc{n}") for n in (130, 300, 77, 411, 260, 5, 129, 200)]
+    [batch], _ = form_batches(samples, 1000, rows_per_batch=2, pack=True, final=True)
+    assert all(len({p.row for p in batch.placements if p.row == r}) for r in range(2))
+    activations, norms = model.dispatch(batch.tokens, batch.positions, batch.segment_ids, hooks).fetch()
+    for placement in batch.placements:
+        n = len(placement.sample.token_ids)
+        alone = model.run_with_cache(placement.sample.token_ids[None], ["blocks.3.hook_resid_post"])
+        got = activations[hooks[0]][placement.row, placement.start:placement.start + n]
+        want = alone["blocks.3.hook_resid_post"][0]
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * max(1, np.abs(want).max()))
+
+
 def test_packed_rows_equal_unpacked_runs(tmp_path):
     random_hf_checkpoint(tmp_path, seed=8)
     model = load_model(str(tmp_path))

@@ -61,7 +61,7 @@ class FakeModel:
             if self.late:
                 return LateErrors(error)
             raise
-        norms = {hook: np.einsum("rsd,rsd->rs", v.astype(np.float32), v.astype(np.float32)) for hook, v in out.items()}
+        norms = {hook: np.linalg.norm(v.astype(np.float32), axis=-1) for hook, v in out.items()}
         return Dispatched(out, norms, rows, 0.0, time.perf_counter())
 
     def forward(self, tokens, positions, segment_ids, hooks, out_dtype=np.float32, rows=None):
@@ -162,8 +162,9 @@ def test_an_oom_splits_the_batch_until_it_fits(late):
     lists, stats, dead = run(dofn, batch)
 
     assert dead == []
-    # 8 -> 4 + 4 -> four forwards of 2 rows each; every sample written exactly once.
-    assert model.calls == [(8, 8), (4, 4), (2, 2), (2, 2), (4, 4), (2, 2), (2, 2)]
+    # 8 fails, is retried whole once (the next batch may have held the device), then 8 -> 4 + 4 ->
+    # four forwards of 2 rows each; every sample written exactly once.
+    assert model.calls == [(8, 8), (8, 8), (4, 4), (2, 2), (2, 2), (4, 4), (2, 2), (2, 2)]
     assert dofn._oom_splits.value == 3
     assert len(lists) == 4 and all(batch.samples for batch in lists)
     written = [r for batch in lists for r in records(batch)]
@@ -184,7 +185,7 @@ def test_sub_batches_are_padded_for_the_data_shards():
     lists, stats, dead = run(dofn_with(model), assemble(rows, 5, ROW_LENGTH))  # padded to 6 rows
     assert dead == []
     # 6 rows (5 used) -> rows 0-2 padded to 4 + rows 3-4; rows 0-2 -> rows 0-1 + row 2 padded to 2.
-    assert model.calls == [(6, 5), (4, 3), (2, 2), (2, 1), (2, 2)]
+    assert model.calls == [(6, 5), (6, 5), (4, 3), (2, 2), (2, 1), (2, 2)]
     assert sorted(s.sample.sample_id for batch in lists for s in batch.samples) == [f"s{i}" for i in range(5)]
     assert [s.computed_tokens for s in stats] == [2 * ROW_LENGTH] * 3
 
@@ -193,7 +194,7 @@ def test_a_lone_used_row_in_a_padded_batch_is_retried_without_the_padding():
     model = FakeModel(max_rows=1)
     dofn = dofn_with(model)
     lists, stats, dead = run(dofn, assemble([[sample(1, 5)]], 4, ROW_LENGTH))
-    assert dead == [] and model.calls == [(4, 1), (1, 1)] and dofn._oom_splits.value == 1
+    assert dead == [] and model.calls == [(4, 1), (4, 1), (1, 1)] and dofn._oom_splits.value == 1
     assert [key(r) for r in records(lists[0])] == [("s1", 0), ("s1", 1)]
     assert [s.computed_tokens for s in stats] == [ROW_LENGTH]
 
@@ -283,6 +284,45 @@ def test_the_next_batch_is_dispatched_before_the_previous_one_is_finished():
         assert [s.sample.sample_id for s in outputs_[-1].value.samples] == [name]
 
 
+class DeviceOfRows(FakeModel):
+    """A device that holds `capacity` rows of outputs until they are fetched: each batch fits alone,
+    not while another is in flight. Out of memory at dispatch, or with `late` at fetch."""
+
+    def __init__(self, capacity: int, late: bool = False):
+        super().__init__(late=late)
+        self.capacity, self.held = capacity, 0
+
+    def dispatch(self, tokens, positions, segment_ids, hooks, out_dtype=np.float32, rows=None):
+        if self.held + tokens.shape[0] > self.capacity:
+            self.calls.append((tokens.shape[0], rows))
+            if self.late:
+                return LateErrors(oom())
+            raise oom()
+        started = super().dispatch(tokens, positions, segment_ids, hooks, out_dtype, rows)
+        self.held += tokens.shape[0]
+        fetch = started.fetch
+
+        def fetch_and_free():
+            self.held -= tokens.shape[0]
+            return fetch()
+
+        return types.SimpleNamespace(compile_seconds=0.0, compile_cached=False, dispatched=started.dispatched,
+                                     fetch=fetch_and_free)
+
+
+@pytest.mark.parametrize("late", [False, True], ids=["at-dispatch", "at-fetch"])
+def test_a_batch_that_fits_alone_is_never_split_or_dead_lettered_for_the_one_in_flight(late):
+    batches = [assemble([[sample(10 * b + r, 8)] for r in range(8)], 8, ROW_LENGTH) for b in range(4)]
+    model = DeviceOfRows(capacity=8, late=late)
+    dofn = dofn_with(model)
+    results = list(outputs(dofn, *batches))
+    written = [s.sample.sample_id for out in results if not isinstance(out, TaggedOutput) for s in out.samples]
+    dead = [out.value for out in results if isinstance(out, TaggedOutput) and out.tag == DEAD_LETTER]
+    assert dead == [] and dofn._oom_splits.value == 0
+    assert sorted(written) == sorted(f"s{10 * b + r}" for b in range(4) for r in range(8))
+    assert all(rows == 8 for rows, _ in model.calls)  # whole batches, retried once each at most
+
+
 def test_what_counts_as_out_of_memory():
     from beam_extract.extract import is_device_oom
 
@@ -322,7 +362,7 @@ def test_split_records_equal_unsplit_records_with_the_real_model():
     splitting = SplittingModel(model, max_rows=2 * data)
     lists, stats, dead = run(dofn_with(splitting, ((0, "resid_post"), (3, "mlp_out"))), batch)
     assert dead == [] and len(whole) == 1 and len(lists) == len(stats) > 1
-    assert splitting.calls == [6, 3, 2, 1, 3, 2, 1] if data == 1 else len(splitting.calls) > 1
+    assert splitting.calls == [6, 6, 3, 2, 1, 3, 2, 1] if data == 1 else len(splitting.calls) > 1
     assert [n for n in splitting.calls if n <= 2 * data] == [s.computed_tokens // ROW_LENGTH for s in stats]
     hooks = ((0, "resid_post"), (3, "mlp_out"))
     got_records = sorted(r for batch in lists for r in records(batch, hooks))
@@ -344,3 +384,19 @@ def test_split_records_equal_unsplit_records_with_the_real_model():
         # 1e-6 here), so the tolerance of the other batch-composition tests (test_batching, test_mesh).
         direct = want["activations"]
         np.testing.assert_allclose(got["activations"], direct, rtol=0, atol=1e-5 * max(1, np.abs(direct).max()))
+
+
+def test_an_extracted_batch_survives_a_runner_moving_it_and_its_size_is_estimated_without_encoding():
+    from apache_beam.coders import registry
+
+    from beam_extract.extract import ExtractedBatchCoder
+    from beam_extract.output.extracted import ExtractedBatch
+
+    _, batch = eight_rows()
+    [extracted], _, _ = run(dofn_with(FakeModel()), batch)
+    coder = registry.get_coder(ExtractedBatch)
+    assert isinstance(coder, ExtractedBatchCoder)
+    moved = coder.decode(coder.encode(extracted))
+    assert records(moved) == records(extracted)
+    assert coder.estimate_size(extracted) >= sum(a.nbytes for a in extracted.activations)
+

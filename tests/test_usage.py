@@ -161,6 +161,12 @@ def test_integer_weights_are_refused(tmp_path, tiny_model):
         load_params(config_from_hf(load_hf_config(tmp_path / "model")), tmp_path / "model", np.float32)
 
 
+def test_records_too_large_to_read_back_are_refused(tmp_path, tiny_model):
+    wide = copy_model(tiny_model, tmp_path / "model", {"hidden_size": 8192, "head_dim": 16})
+    with pytest.raises(UsageError, match=r"--max_seq_len 131072: .* 4.0 GiB .* use at most 65024"):
+        job(tmp_path, wide, "--max_seq_len=131072", "--output_dtype=float32")
+
+
 def test_token_ids_past_the_embedding_are_refused_not_clamped(tmp_path, tiny_model):
     with pytest.raises(UsageError, match="token_out_of_range: .*has no row in the model's embedding of 1000 rows"):
         job(tmp_path, copy_model(tiny_model, tmp_path / "model", {"vocab_size": 1000}))
@@ -171,7 +177,7 @@ def test_non_finite_activations_are_dead_letters_at_every_hook():
 
     from beam_extract.batching import assemble
     from beam_extract.extract import extract_batch
-    from beam_extract.model.loaded import token_squared_norms
+    from beam_extract.model.loaded import token_norms
     from beam_extract.tokenize import Sample
 
     samples = [Sample(f"s{i}", np.arange(1, 5, dtype=np.int32), "in.jsonl", i + 1) for i in range(3)]
@@ -181,11 +187,14 @@ def test_non_finite_activations_are_dead_letters_at_every_hook():
     out[hooks[1]][1, 2, 3] = np.nan
     out[hooks[0]][2, 0, 0] = 1e30  # finite, though its square overflows float32
     out[hooks[0]][0, 6, 0] = np.inf  # padding: never stored, never checked
-    norms = {hook: np.asarray(token_squared_norms(jnp.asarray(value))) for hook, value in out.items()}
+    norms = {hook: np.asarray(token_norms(jnp.asarray(value))) for hook, value in out.items()}
     extracted, dead = extract_batch(out, norms, batch, hooks, "float32")
     assert [s.sample.sample_id for s in extracted.samples] == ["s0", "s2"]
     assert len(dead) == 1 and dead[0].reason == "non_finite" and dead[0].record_id == "s1"
     assert "s1" in dead[0].detail and "blocks.1" in dead[0].detail
+    # s0 and s2: 8 tokens of four ones, one of them holding 1e30 instead: finite statistics.
+    assert extracted.hook_stats(0) == pytest.approx({"tokens": 8, "sum_l2_norm": 1e30 + 7 * 2.0,
+                                                     "sum_squared_norm": 1e60}, rel=1e-6)
 
 
 def test_chat_markers_in_a_document_are_text_unless_asked():
@@ -228,6 +237,9 @@ def test_help_shows_defaults_and_ranges():
     (["--batch_size=abc"], "invalid int value: 'abc'"),
     (["--mesh=data:0"], "--mesh 'data:0'"),
     (["--input=missing.jsonl"], "no file matches"),
+    (["--compilation_cache_dir=gs://"], "name a bucket"),
+    (["--compilation_cache_dir=s3://bucket/cache"], "use a local directory or gs://"),
+    (["--compilation_cache_dir=/proc/version/cache"], "cannot create it"),
 ])
 def test_the_command_line_says_a_mistake_in_one_line_with_exit_code_2(tmp_path, args, message):
     from test_pipeline_default_run import run_guarded

@@ -30,6 +30,7 @@ _LOG = logging.getLogger(__name__)
 _ENTRY_SUFFIX = "-cache"  # JAX's file for one entry is "<key>-cache" (lru_cache.py)
 _HIT_EVENT = "/jax/compilation_cache/cache_hits"  # recorded by JAX in the compiling thread
 
+MIN_COMPILE_SECONDS = 0.2
 _lock = threading.Lock()
 _directory: str | None = None  # what enable_compilation_cache was given
 _local: Path | None = None  # the directory JAX uses
@@ -40,19 +41,22 @@ _hits = threading.local()
 
 def enable_compilation_cache(directory: str) -> None:
     """Turns on JAX's persistent compilation cache for this process, in `directory` (a local path or
-    gs://bucket/prefix). Every program compiled afterwards is saved there, however short its compile,
-    and one saved before is loaded instead of compiled.
+    gs://bucket/prefix). Every program compiled afterwards in at least MIN_COMPILE_SECONDS is saved
+    there, and one saved before is loaded instead of compiled.
 
-    Call it once per process before the first compile. Calling it again with the same directory does
-    nothing; another directory is a ValueError (JAX opens the cache once per process). A gs://
-    directory is read now (its entries copied to a fresh local directory), so a missing bucket or a
-    missing permission fails here, not in the middle of a job."""
+    Call it before the first compile. Calling it again with the same directory does nothing; another
+    directory (a later job in the same process) re-points the cache. A gs:// directory is read now
+    (its entries copied to a fresh local directory), so a missing bucket or a missing permission
+    fails here, not in the middle of a job."""
     global _directory, _local, _remote
     with _lock:
         if _directory == directory:
             return
-        if _directory is not None:
-            raise ValueError(f"the compilation cache of this process is already {_directory!r}, not {directory!r}")
+        if _directory is not None:  # JAX opens its cache once: make it open the new one
+            from jax._src import compilation_cache
+
+            compilation_cache.reset_cache()
+            _published.clear()
         entries: set[str] = set()
         if directory.startswith("gs://"):
             remote = directory.rstrip("/")
@@ -66,7 +70,8 @@ def enable_compilation_cache(directory: str) -> None:
             remote, local = None, Path(directory).expanduser().absolute()
             local.mkdir(parents=True, exist_ok=True)
         jax.config.update("jax_compilation_cache_dir", str(local))
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)  # default: only compiles over 1 s
+        # The forwards, not the small eager ops around them (JAX's default keeps compiles over 1 s).
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_SECONDS)
         jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)  # no size floor, and none imposed
         # No XLA side caches (by default JAX adds a GPU autotuning cache inside the directory): their
         # path would be part of every entry's key, so a key would depend on where the directory

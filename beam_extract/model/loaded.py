@@ -130,7 +130,8 @@ class Model:
         activations, norms = executable(self.params, *args)
         if rows is not None and rows < tokens.shape[0] and self._output_memory is None:
             activations = {hook: value[:rows] for hook, value in activations.items()}  # padding rows stay
-        return Dispatched(activations, norms, rows, seconds, began, compile_cache.hits_in_this_thread() > hits)
+        return Dispatched(activations, norms, rows, seconds, began,
+                          bool(seconds) and compile_cache.hits_in_this_thread() > hits)
 
     def forward(self, tokens: np.ndarray, positions: np.ndarray, segment_ids: np.ndarray,
                 hooks: tuple[Hook, ...], out_dtype: np.dtype = np.float32,
@@ -162,18 +163,22 @@ class Model:
         return {name: acts[hook] for name, hook in hooks.items()}
 
 
-def token_squared_norms(value: jax.Array) -> jax.Array:
-    """[..., d] -> [...]: each token's squared L2 norm in float32, NaN where any element is NaN or
-    infinite (a large finite value whose square overflows gives inf, not NaN)."""
+def token_norms(value: jax.Array) -> jax.Array:
+    """[..., d] -> [...]: each token's L2 norm in float32, NaN where any element is NaN or infinite.
+    Scaled by the largest element first, so the norm of finite 16-bit values never overflows (their
+    squares can: the host squares in float64)."""
     x = value.astype(jnp.float32)
-    return jnp.where(jnp.isfinite(x).all(axis=-1), jnp.einsum("...d,...d->...", x, x), jnp.nan)
+    scale = jnp.max(jnp.abs(x), axis=-1, keepdims=True)
+    safe = jnp.where(scale > 0, scale, 1.0)
+    norm = safe[..., 0] * jnp.sqrt(jnp.sum(jnp.square(x / safe), axis=-1))
+    return jnp.where(jnp.isfinite(x).all(axis=-1), norm, jnp.nan)
 
 
 def _outputs(activations: dict[Hook, jax.Array], out_dtype: np.dtype) -> tuple[dict, dict]:
-    """The forward's outputs: activations in the output dtype, and their tokens' squared norms,
-    computed on the device so the host never converts or reduces activations."""
+    """The forward's outputs: activations in the output dtype, and their tokens' norms, computed on
+    the device so the host never converts or reduces activations."""
     stored = {hook: value.astype(out_dtype) for hook, value in activations.items()}
-    return stored, {hook: token_squared_norms(value) for hook, value in stored.items()}
+    return stored, {hook: token_norms(value) for hook, value in stored.items()}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,17 +186,17 @@ class Dispatched:
     """A forward in flight: device arrays (or, on GPUs, pinned host arrays) still being computed."""
 
     activations: dict[Hook, jax.Array]
-    squared_norms: dict[Hook, jax.Array]
+    norms: dict[Hook, jax.Array]
     rows: int | None
     compile_seconds: float
     dispatched: float  # time.perf_counter() when it was started, compiling included
     compile_cached: bool = False  # its compile was a load from the persistent compilation cache
 
     def fetch(self) -> tuple[dict[Hook, np.ndarray], dict[Hook, np.ndarray]]:
-        """Waits for the outputs: host arrays [rows, S, d] per hook and their squared norms [rows, S]."""
+        """Waits for the outputs: host arrays [rows, S, d] per hook and their tokens' norms [rows, S]."""
         # One call for everything: the copies overlap. (One stacked [hooks, B, S, d] array copied
         # 3x slower on an H100.)
-        activations, norms = jax.device_get((self.activations, self.squared_norms))
+        activations, norms = jax.device_get((self.activations, self.norms))
         rows = self.rows
         return ({hook: value[:rows] for hook, value in activations.items()},
                 {hook: value[:rows] for hook, value in norms.items()})

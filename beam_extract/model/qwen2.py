@@ -62,8 +62,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array) 
     """Causal grouped-query attention within segments.
 
     q: [B, S, KV, G, D]; k, v: [B, S, KV, D]; segment_ids: [B, S] (a token sees earlier tokens of
-    its own segment; padding is segment 0 and sees only itself). Returns [B, S, KV, G, D]. Softmax
-    statistics are float32.
+    its own segment, a contiguous run of tokens; padding is segment 0 and sees only itself). Returns
+    [B, S, KV, G, D]. Softmax statistics are float32.
     """
     batch, seq, kv_heads, groups, dim = q.shape
     block = min(BLOCK, seq)
@@ -73,6 +73,12 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array) 
         dim**-0.5, q.dtype)  # [B, KV, G, S, D]
     k, v = (jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))).transpose(0, 2, 1, 3) for x in (k, v))  # [B, KV, S, D]
     segment_ids = jnp.pad(segment_ids, ((0, 0), (0, pad)))
+    # Where each token's segment begins: no query sees a key before it, so a query block's loop over
+    # key blocks starts at its first query's segment (on packed rows of short documents, a few
+    # blocks instead of every block up to the diagonal).
+    index = jnp.arange(seq + pad)
+    begins = jnp.concatenate([jnp.ones((batch, 1), bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+    segment_start = lax.cummax(jnp.where(begins, index, 0), axis=1)
 
     def query_block(start):
         q_blk = lax.dynamic_slice_in_dim(q, start, block, axis=3)
@@ -94,7 +100,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array) 
                  jnp.zeros(stats, jnp.float32),  # running sum of exp
                  jnp.zeros((*stats, dim), jnp.float32))  # running weighted values
         # Causal: key blocks past this query block's last position are never visited.
-        _, total, weighted = lax.fori_loop(0, start // block + 1, key_block, state)
+        first = jnp.min(segment_start[:, start]) // block
+        _, total, weighted = lax.fori_loop(first, start // block + 1, key_block, state)
         return (weighted / total[..., None]).astype(v.dtype)
 
     blocks = lax.map(query_block, jnp.arange(0, seq + pad, block))  # [n_blocks, B, KV, G, block, D]

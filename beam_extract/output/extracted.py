@@ -27,14 +27,14 @@ class StoredSample:
 @dataclasses.dataclass(frozen=True, eq=False)
 class ExtractedBatch:
     """The samples of a batch whose activations are finite at every hook, and per hook (in the job's
-    hook order) the batch's activations [rows, S, d] in `output_dtype` and each token's squared
-    L2 norm [rows, S] (float32, computed on the device from the stored values). Build it with
+    hook order) the batch's activations [rows, S, d] in `output_dtype` and each token's L2 norm
+    [rows, S] (float32, computed on the device from the stored values). Build it with
     `extracted_batch`."""
 
     samples: tuple[StoredSample, ...]
     fields: tuple[SampleFields, ...]  # each sample's encoded features, shared by its records
     activations: tuple[np.ndarray, ...]
-    squared_norms: tuple[np.ndarray, ...]
+    norms: tuple[np.ndarray, ...]
     output_dtype: str
 
     def in_order(self, order: np.ndarray) -> ExtractedBatch:
@@ -53,14 +53,14 @@ class ExtractedBatch:
         """Tokens and the sums of their L2 and squared L2 norms at the hook'th hook."""
         if not self.samples:
             return {"tokens": 0, "sum_l2_norm": 0.0, "sum_squared_norm": 0.0}
-        squared = np.concatenate([self.squared_norms[hook][s.row, s.columns] for s in self.samples])
-        squared = squared.astype(np.float64)
+        squared = np.square(np.concatenate([self.norms[hook][s.row, s.columns] for s in self.samples]),
+                            dtype=np.float64)
         return {"tokens": len(squared), "sum_l2_norm": float(np.sqrt(squared).sum()),
                 "sum_squared_norm": float(squared.sum())}
 
 
 def extracted_batch(samples: list[StoredSample], positions: np.ndarray, activations: tuple[np.ndarray, ...],
-                    squared_norms: tuple[np.ndarray, ...], output_dtype: str) -> ExtractedBatch:
+                    norms: tuple[np.ndarray, ...], output_dtype: str) -> ExtractedBatch:
     """positions: the batch's [rows, S] positions."""
     d_model = activations[0].shape[-1]
     fields = tuple(
@@ -69,4 +69,4 @@ def extracted_batch(samples: list[StoredSample], positions: np.ndarray, activati
                       sample_id=s.sample.sample_id, source=f"{s.sample.source}:{s.sample.line_number}",
                       task_id=s.sample.task_id, doc_id=s.sample.doc_id, augmentation=s.sample.augmentation)
         for s in samples)
-    return ExtractedBatch(tuple(samples), fields, activations, squared_norms, output_dtype)
+    return ExtractedBatch(tuple(samples), fields, activations, norms, output_dtype)

@@ -88,6 +88,8 @@ def activation_bytes(activations: np.ndarray, output_dtype: str) -> memoryview:
     """The buffer of activations as stored: little-endian, C order, in the output dtype (a view when
     they are so already)."""
     stored = np.ascontiguousarray(activations, dtype=OUTPUT_DTYPES[output_dtype])
+    if not stored.size:
+        return memoryview(b"")  # a view with a zero in its shape cannot be cast
     return memoryview(stored.view(np.uint8)).cast("B")
 
 
