@@ -218,12 +218,13 @@ def make_job(options: PipelineOptions) -> Job:
     ours["compilation_cache_dir"] = compilation_cache_dir(ours["compilation_cache_dir"], options, not is_local(options))
     config = config_from_hf(load_hf_config(resolve_model_dir(ours["model"], weights=False)))
     layers, sites = parse_layers(ours["layers"], config.num_layers), parse_sites(ours["sites"])
-    record_bytes = ours["max_seq_len"] * config.hidden_size * OUTPUT_DTYPES[ours["output_dtype"]].itemsize
+    token_bytes = config.hidden_size * OUTPUT_DTYPES[ours["output_dtype"]].itemsize
+    record_bytes = ours["max_seq_len"] * token_bytes
     if record_bytes > MAX_RECORD_BYTES:  # protobuf cannot read a message over 2 GiB back
         raise UsageError(f"--max_seq_len {ours['max_seq_len']}: a sequence's record would hold up to "
                          f"{record_bytes / 2**30:.1f} GiB of activations ({config.hidden_size} x "
                          f"{ours['output_dtype']} per token), over the {MAX_RECORD_BYTES / 2**30:.1f} GiB a record "
-                         f"can be read back with; use at most {MAX_RECORD_BYTES // (record_bytes // ours['max_seq_len'])}")
+                         f"can be read back with; use at most {MAX_RECORD_BYTES // token_bytes}")
     dry_render(ours, config.vocab_size)
     hooks = tuple((layer, site) for site in sites for layer in layers)
     plan = BatchPlan(buckets, ours["batch_size"], ours["tokens_per_batch"], ours["packing"],

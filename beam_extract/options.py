@@ -113,8 +113,8 @@ OPTIONS: tuple[Option, ...] = (
            "fit one device, else split on 'model'), or axes like data:4,model:2", "model"),
     Option("compilation_cache_dir", "", "Persistent compilation cache, local or gs://: a worker loads the forwards "
            "compiled by earlier workers and jobs instead of compiling them again (default: none locally; on "
-           "Dataflow {temp_location}/beam-extract-compile-cache/jax-{version}). Only the job's own principals may write there",
-           "model"),
+           "Dataflow {temp_location}/beam-extract-compile-cache/jax-{version}). Only the job's own principals "
+           "may write there", "model"),
     Option("batch_size", 8, "Rows per forward batch (fixed, so each row length compiles once)", "batching", int,
            minimum=1, maximum=65536),
     Option("tokens_per_batch", 0, "If set, rows per batch = tokens_per_batch // row length instead of batch_size",

@@ -66,6 +66,23 @@ def measured_before() -> tuple[list[Figure], dict, str]:
     return figures, {name: previous["raw"][name] for name in SECTIONS if name in previous["raw"]}, previous["header"]
 
 
+def refreshed(before: tuple[list[Figure], dict, str], figures: list[Figure], raw: dict, header: str,
+              only: list[str]) -> tuple[list[Figure], dict, str]:
+    """The last run's figures with the sections measured now in their place (new ones at the end)."""
+    old_figures, old_raw, old_header = before
+    fresh = {f.section for f in figures}
+    merged, placed = [], set()
+    for figure in old_figures:
+        if figure.section not in fresh:
+            merged.append(figure)
+        elif figure.section not in placed:
+            merged += [f for f in figures if f.section == figure.section]
+            placed.add(figure.section)
+    merged += [f for f in figures if f.section not in placed]
+    note = f" Sections {', '.join(only)}: {today()}, `python -m benchmarks --only {','.join(only)}`."
+    return merged, {**old_raw, **raw}, old_header + note
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smaller inputs, one repeat (under 3 minutes)")
@@ -78,7 +95,12 @@ def main() -> None:
     unknown = set(only) - set(SECTIONS)
     if unknown:
         parser.error(f"unknown sections {sorted(unknown)}; choose from {', '.join(SECTIONS)}")
-    figures, raw, header = measured_before() if args.recorded else measure(only, args.quick)
+    if args.recorded:
+        figures, raw, header = measured_before()
+    else:
+        figures, raw, header = measure(only, args.quick)
+        if set(only) != set(SECTIONS) and (HERE / "results.json").exists():
+            figures, raw, header = refreshed(measured_before(), figures, raw, header, only)
     gpu_figures, raw["gpu_recorded"] = recorded_gpu_runs()
     mfus = {}
     if "forward" in raw:
