@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: install run test test-quick template portable-run clean
+.PHONY: install run test test-quick template portable-run prism clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -18,9 +18,19 @@ $(VENV)/.installed: setup.py $(BIN)/python
 # output lock relies on and gcp-storage-emulator ignores. Built from the Go module proxy.
 FAKE_GCS_SERVER := github.com/fsouza/fake-gcs-server@v1.56.1
 
+# prism: Beam's portable runner in Go (--runner=PrismRunner), the same release as the Python SDK,
+# built from the Go module proxy into the venv, where the pipeline looks for it.
+PRISM := github.com/apache/beam/sdks/v2/go/cmd/prism@v2.77.0
+
+$(BIN)/prism: $(BIN)/python
+	GOBIN=$(abspath $(BIN)) GOFLAGS=-mod=mod go install $(PRISM)
+
+prism: $(BIN)/prism
+
 $(VENV)/.installed-test: setup.py $(BIN)/python
 	$(BIN)/pip install --quiet -e ".[test]"
 	GOBIN=$(abspath $(BIN)) GOFLAGS=-mod=mod go install $(FAKE_GCS_SERVER)
+	GOBIN=$(abspath $(BIN)) GOFLAGS=-mod=mod go install $(PRISM)
 	touch $@ $(VENV)/.installed
 
 install: $(VENV)/.installed

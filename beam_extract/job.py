@@ -269,7 +269,8 @@ def claim_output(job: Job) -> Job:
 
 
 # Runners whose job ends with this process (PortableRunner: our own job service and worker pool).
-LOCAL_RUNNERS = (None, "DirectRunner", "direct", "FnApiRunner", "BundleBasedDirectRunner", "PortableRunner")
+LOCAL_RUNNERS = (None, "DirectRunner", "direct", "FnApiRunner", "BundleBasedDirectRunner", "PortableRunner",
+                 "PrismRunner")
 
 
 def is_local(options: PipelineOptions) -> bool:
@@ -277,7 +278,7 @@ def is_local(options: PipelineOptions) -> bool:
     portable runner whose job service is on loopback (beam_extract.portable_local). A job server
     elsewhere (Flink, Spark, a TPU VM's) runs the job on its own: remote."""
     runner = options.view_as(StandardOptions).runner
-    if runner != "PortableRunner":
+    if runner not in ("PortableRunner", "PrismRunner"):
         return runner in LOCAL_RUNNERS
     endpoint = options.view_as(PortableOptions).job_endpoint or "embed"
     return endpoint == "embed" or endpoint.rpartition(":")[0].strip("[]") in ("localhost", "127.0.0.1", "::1")

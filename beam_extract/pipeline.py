@@ -11,10 +11,13 @@ fingerprint, claiming the output) is in `job`.
 from __future__ import annotations
 
 import contextlib
+import shutil
 import sys
+from pathlib import Path
 
 import apache_beam as beam
-from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+from apache_beam.options.pipeline_options import (PipelineOptions, PortableOptions, PrismRunnerOptions,
+                                                  StandardOptions)
 from apache_beam.runners.runner import PipelineResult
 from apache_beam.transforms.window import FixedWindows
 
@@ -23,7 +26,7 @@ from beam_extract.batching import BatchSamples, ShuffleSamples
 from beam_extract.extract import BATCH_STATS, ExtractDoFn
 from beam_extract.io.sources import MatchPaths, ReadLines
 from beam_extract.job import DEAD_LETTER_STAGES, LOCAL_RUNNERS, Job, claim_output, make_job
-from beam_extract.options import template_switches
+from beam_extract.options import UsageError, template_switches
 from beam_extract.progress import Reporter
 from beam_extract.output import ownership
 from beam_extract.output.commits import read_sample_ids, without_samples
@@ -182,10 +185,22 @@ def group_summary(group: dict) -> dict:
 def _local_runner_without_download(options: PipelineOptions) -> None:
     """Beam 2.77's DirectRunner first tries to download the Prism runner, then falls back to the
     in-process FnApiRunner. We go to the FnApiRunner directly: no network, same semantics, and it
-    honours --direct_num_workers and --direct_running_mode."""
+    honours --direct_num_workers and --direct_running_mode. --runner=PrismRunner runs on the prism
+    binary installed beside this Python (`make prism`, from the Go module proxy), never one that
+    Beam would download."""
     standard = options.view_as(StandardOptions)
     if standard.runner in (None, "DirectRunner", "direct") and not standard.streaming:
         standard.runner = "FnApiRunner"
+    prism = options.view_as(PrismRunnerOptions)
+    if standard.runner == "PrismRunner" and not prism.prism_location \
+            and not options.view_as(PortableOptions).job_endpoint:
+        installed = Path(sys.executable).parent / "prism"
+        found = str(installed) if installed.is_file() else shutil.which("prism")
+        if not found:
+            raise UsageError("--runner=PrismRunner: no prism binary beside this Python or on PATH; install it "
+                             "with `make prism` (go install github.com/apache/beam/sdks/v2/go/cmd/prism@v2.77.0) "
+                             "or pass --prism_location")
+        prism.prism_location = found
 
 
 def _refuse_local_streaming(options: PipelineOptions) -> None:
@@ -203,10 +218,10 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
     Template launch) returns once submitted."""
     options = PipelineOptions(template_switches(sys.argv[1:] if argv is None else argv))
     _refuse_local_streaming(options)
+    _local_runner_without_download(options)
     job = claim_output(make_job(options))
     waits = test_pipeline is not None or not job.remote
     try:
-        _local_runner_without_download(options)
         pipeline = test_pipeline or beam.Pipeline(options=options)
         build(read_input(pipeline, job), job)
         # A local job reports its progress every few seconds (the in-process runner returns only
