@@ -32,8 +32,9 @@ setup(
         "test": [
             "pytest>=8",
             "hypothesis>=6.100",
-            # Exactly this pin: on the project's machines it is a CPU wheel on local disk;
-            # any other torch spec pulls a multi-GB CUDA build.
+            # The parity tests' reference (transformers' PyTorch models), in the test extra only:
+            # workers never import it. From PyPI it is the CUDA build (several GB; it runs on the
+            # CPU); pinned so every machine checks parity against the same kernels.
             "torch==2.13.0",
             "tensorflow-cpu>=2.19,<2.22",
             "gcp-storage-emulator>=2024.8",
