@@ -8,6 +8,7 @@ import shutil
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from test_integrity import GRID, records, task, write_lines
 from test_pipeline_default_run import run_guarded
@@ -50,5 +51,10 @@ def test_a_text_and_arc_job_on_prism_equals_the_in_process_runner(tmp_path):
     ours, theirs = records(tmp_path / "prism"), records(tmp_path / "local")
     assert ours.keys() == theirs.keys() and len(ours) == 4 * prism["counts"]["samples"]
     for key, record in ours.items():
-        assert record["activations"].tobytes() == theirs[key]["activations"].tobytes(), key  # fp32, same bytes
         assert record["token_ids"].tolist() == theirs[key]["token_ids"].tolist()
+        # Not bit for bit: each runner's bundles make its own batches, and XLA:CPU's float32 matmuls
+        # round differently for other batch shapes (about 1e-6; the other batch-composition tests'
+        # tolerance). Where the batches agree, the bytes do.
+        want = theirs[key]["activations"]
+        np.testing.assert_allclose(record["activations"], want, rtol=0, atol=1e-5 * max(1, np.abs(want).max()),
+                                   err_msg=str(key))
