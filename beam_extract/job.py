@@ -16,13 +16,12 @@ from beam_extract.arc.augment import ArcView, augment
 from beam_extract.arc.encoders import parse_encoder
 from beam_extract.arc.prompt import load_template
 from beam_extract.batching import BatchPlan, parse_buckets
+from beam_extract.hooks import SITES, Hook, hook_name
 from beam_extract.io.inventory import inventory
 from beam_extract.io.sources import expand_input
 from beam_extract.legacy import legacy_rewrites
 from beam_extract.lifetime import Driver
-from beam_extract.model import hook_name
 from beam_extract.model.config import ModelConfig, config_from_hf, load_hf_config
-from beam_extract.model.qwen2 import SITES, Hook
 from beam_extract.model.weights import (METADATA_FILES, check_checkpoint, remote_weights_checksum, resolve_model_dir,
                                         weights_checksum)
 from beam_extract.model.mesh import mesh_sizes

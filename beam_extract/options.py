@@ -14,7 +14,7 @@ from beam_extract.arc.encoders import DEFAULT_ENCODER
 from beam_extract.arc.prompt import BUILTIN_TEMPLATES, DEFAULT_TEMPLATE
 from beam_extract.batching import PACKING_MODES
 from beam_extract.legacy import add_legacy_arguments
-from beam_extract.model.qwen2 import SITES
+from beam_extract.hooks import SITES
 from beam_extract.output.schema import OUTPUT_DTYPES
 
 COMPUTE_DTYPES = ("float32", "bfloat16")

@@ -14,7 +14,7 @@ from apache_beam.transforms.window import GlobalWindow
 
 from beam_extract.batching import assemble
 from beam_extract.extract import BATCH_STATS, ExtractDoFn
-from beam_extract.model import hook_name
+from beam_extract.hooks import hook_name
 from beam_extract.model.loaded import Dispatched
 from beam_extract.output.schema import decode_record
 from beam_extract.records.dead_letter import DEAD_LETTER

@@ -33,7 +33,7 @@ from apache_beam.testing.util import assert_that, equal_to
 from apache_beam.transforms.window import FixedWindows, TimestampedValue
 
 from beam_extract.batching import BatchDoFn, BatchPlan
-from beam_extract.model.hooks import parse_hook_name
+from beam_extract.hooks import parse_hook_name
 from beam_extract.options import template_switches
 from beam_extract.output.writer import hook_dir
 from beam_extract.output.ownership import release_lock

@@ -1,7 +1,7 @@
 """Qwen2 in JAX: `load_model(path_or_name).run_with_cache(input_ids, names)`."""
 
 from beam_extract.model.config import ModelConfig, UnsupportedConfigError
-from beam_extract.model.hooks import hook_name, parse_hook_name
+from beam_extract.hooks import hook_name, parse_hook_name
 from beam_extract.model.loaded import Model, load_model
 from beam_extract.model.weights import CheckpointError
 

@@ -16,11 +16,11 @@ import ml_dtypes
 import numpy as np
 from jax.sharding import Mesh
 
+from beam_extract.hooks import SITES, Hook, parse_hook_name
 from beam_extract.model import compile_cache
 from beam_extract.model.config import ModelConfig, config_from_hf, load_hf_config
-from beam_extract.model.hooks import parse_hook_name
 from beam_extract.model.mesh import batch_sharding, param_shardings, parse_mesh, shard_attention, tree_bytes
-from beam_extract.model.qwen2 import SITES, Attention, Hook, attention, forward
+from beam_extract.model.qwen2 import Attention, attention, forward
 from beam_extract.model.weights import load_params, resolve_model_dir, weights_checksum
 
 _LOG = logging.getLogger(__name__)

@@ -13,9 +13,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from beam_extract.hooks import Hook
 from beam_extract.model.config import ModelConfig
-
-SITES = ("resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post")
 
 # Attention runs over [BLOCK x BLOCK] tiles of (queries, keys) with an online softmax, so no
 # score tensor is larger than one tile, and tiles no query may see (above the causal diagonal, or
@@ -27,7 +26,6 @@ BLOCK = 128
 # as a visible key arrives (every query sees at least itself).
 MASKED = -1e30
 
-Hook = tuple[int, str]  # (layer, site)
 Attention = Callable[[jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]  # the contract of `attention`
 
 

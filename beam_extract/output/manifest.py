@@ -9,9 +9,8 @@ from importlib import metadata
 import apache_beam as beam
 import numpy as np
 
-from beam_extract.model import hook_name
+from beam_extract.hooks import Hook, hook_name
 from beam_extract.model.config import ModelConfig
-from beam_extract.model.qwen2 import Hook
 from beam_extract.output.schema import FEATURES
 from beam_extract.output.commits import read_json, write_json
 

@@ -11,7 +11,7 @@ import datetime
 
 import apache_beam as beam
 
-from beam_extract.model.qwen2 import Hook
+from beam_extract.hooks import Hook
 from beam_extract.output.manifest import line_and_sample_counts, problems, relative_paths, summarize_hooks
 from beam_extract.output.commits import write_json
 from beam_extract.output.writer import window_span

@@ -27,9 +27,8 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.transforms.window import GlobalWindows, IntervalWindow
 from apache_beam.utils.windowed_value import WindowedValue
 
+from beam_extract.hooks import Hook, hook_name
 from beam_extract.lifetime import Driver, exit_with_driver, stop_if_driver_gone
-from beam_extract.model import hook_name
-from beam_extract.model.qwen2 import Hook
 from beam_extract.output.commits import (COMMITS, TEMPORARY_SUFFIX, commit_path, delete_quietly, group_files,
                                          list_paths, ours, write_json)
 from beam_extract.output.extracted import ExtractedBatch

@@ -1,10 +1,14 @@
-"""TransformerLens-style hook names: `blocks.{layer}.hook_{site}`."""
+"""TransformerLens-style hook names, `blocks.{layer}.hook_{site}`, and the sites a hook may name.
+
+Light on purpose: readers and consumers import it without JAX, transformers or Beam."""
 
 from __future__ import annotations
 
 import re
 
-from beam_extract.model.qwen2 import SITES, Hook
+SITES = ("resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post")
+
+Hook = tuple[int, str]  # (layer, site)
 
 _HOOK = re.compile(r"blocks\.(\d+)\.hook_([a-z_]+)")
 
