@@ -151,7 +151,7 @@ def dry_render(options: dict, vocab_size: int) -> None:
                              "--prompt_template, --grid_encoder, --max_seq_len, --positions and --arc_tokens")
 
 
-# A tf.train.Example over 2 GiB cannot be parsed back (protobuf's limit); room for the other features.
+# A tf.train.Example over 2 GiB cannot be parsed back (protobuf's limit); room for the scalar features.
 MAX_RECORD_BYTES = 2**31 - 2**24
 
 
@@ -217,12 +217,13 @@ def make_job(options: PipelineOptions) -> Job:
     ours["compilation_cache_dir"] = compilation_cache_dir(ours["compilation_cache_dir"], options, not is_local(options))
     config = config_from_hf(load_hf_config(resolve_model_dir(ours["model"], weights=False)))
     layers, sites = parse_layers(ours["layers"], config.num_layers), parse_sites(ours["sites"])
-    token_bytes = config.hidden_size * OUTPUT_DTYPES[ours["output_dtype"]].itemsize
+    # A token's activations, and its id, position and id in the sequence (varints of up to 10 bytes).
+    token_bytes = config.hidden_size * OUTPUT_DTYPES[ours["output_dtype"]].itemsize + 3 * 10
     record_bytes = ours["max_seq_len"] * token_bytes
     if record_bytes > MAX_RECORD_BYTES:  # protobuf cannot read a message over 2 GiB back
         raise UsageError(f"--max_seq_len {ours['max_seq_len']}: a sequence's record would hold up to "
-                         f"{record_bytes / 2**30:.1f} GiB of activations ({config.hidden_size} x "
-                         f"{ours['output_dtype']} per token), over the {MAX_RECORD_BYTES / 2**30:.1f} GiB a record "
+                         f"{record_bytes / 2**30:.1f} GiB ({config.hidden_size} x "
+                         f"{ours['output_dtype']} and 3 token ids per token), over the {MAX_RECORD_BYTES / 2**30:.1f} GiB a record "
                          f"can be read back with; use at most {MAX_RECORD_BYTES // token_bytes}")
     dry_render(ours, config.vocab_size)
     hooks = tuple((layer, site) for site in sites for layer in layers)

@@ -138,6 +138,9 @@ OPTIONS: tuple[Option, ...] = (
            "output"),
     Option("arc_tokens", "all", "ARC: store every prompt token, or only the test input and the answer part",
            "output", choices=("all", "test")),
+    Option("norm_exclude_first", 1, "The manifest's normalisation factors leave out each sequence's first N "
+           "positions: the first token is an attention sink whose norm, many times the others' in Qwen models, "
+           "would dominate them (0: every stored token)", "output", int, minimum=0, maximum=MAX_SEQ_LEN),
     Option("shuffle", False, "Shuffle samples across documents and files before batching, and records within each "
            "file (seeded by --seed), so consecutive records come from different documents", "output", flag),
     Option("shard_size_mb", 256, "Start a new TFRecord file once one reaches this size", "output", int, minimum=1,

@@ -137,7 +137,7 @@ def build(paths: beam.PCollection, job: Job) -> None:
     )
     groups = extracted.records | "Write" >> beam.ParDo(WriteShards(
         o["output"], job.hooks, o["shard_size_mb"] << 20, o["seed"] if o["shuffle"] else None,
-        job.driver))
+        job.driver, o["norm_exclude_first"]))
     dead_by_stage = {"read": read[DEAD_LETTER], "parse": parsed[DEAD_LETTER], "dedup": duplicates,
                      "tokenize": tokenized[DEAD_LETTER], "resume": samples[DEAD_LETTER],
                      "extract": extracted[DEAD_LETTER]}

@@ -30,7 +30,7 @@ def measure(quick: bool) -> tuple[list[Figure], dict]:
             for i, n in enumerate(lengths):
                 example = encode_record(
                     sample_id=f"doc{i}#w0", hook_name="blocks.12.hook_resid_post", layer=12,
-                    activations=rng.standard_normal((n, D_MODEL), np.float32), token_ids=rng.integers(0, 151643, n),
+                    activations=rng.standard_normal((n, D_MODEL), np.float32), sequence_token_ids=rng.integers(0, 151643, n),
                     positions=np.arange(n), output_dtype="bfloat16", source=f"data/web-00001.jsonl:{i + 1}")
                 written += write_record(handle, example)
         raw_bytes = int(lengths.sum()) * D_MODEL * OUTPUT_DTYPES["bfloat16"].itemsize

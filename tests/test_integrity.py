@@ -119,6 +119,7 @@ def finished(tmp_path_factory):
     (["--dtype=bfloat16"], "dtype"),
     (["--seed=3"], "seed"),
     (["--max_seq_len=256"], "max_seq_len"),
+    (["--norm_exclude_first=0"], "norm_exclude_first"),
     (["--model=other-weights"], "weights_sha256"),
 ])
 def test_resume_with_other_settings_is_refused_before_any_work(finished, changed, named):

@@ -16,7 +16,7 @@ RNG = np.random.default_rng(0)
 def record_args(n_tokens=5, d_model=8, dtype="float32", sample_id="doc#w0", **overrides):
     return dict(sample_id=sample_id, hook_name="blocks.2.hook_mlp_out", layer=2,
                 activations=RNG.standard_normal((n_tokens, d_model)).astype(np.float32) * 30,
-                token_ids=np.arange(100, 100 + n_tokens), positions=np.arange(n_tokens) + 3,
+                sequence_token_ids=np.arange(97, 100 + n_tokens), positions=np.arange(n_tokens) + 3,
                 output_dtype=dtype, source="in.jsonl:4", **overrides)
 
 
@@ -140,3 +140,23 @@ def test_token_batches_draw_every_token_exactly_once_whatever_the_buffer(tmp_pat
     got = [tuple(r) for b in token_batches(str(tmp_path), "h", batch_tokens=batch, shuffle_buffer=buffer, seed=3)
            for r in b]
     assert len(got) == len(rows) // batch * batch and len(set(got)) == len(got) and set(got) <= set(rows)
+
+
+def test_records_of_format_2_without_the_sequence_still_read(tmp_path):
+    import tensorflow as tf
+
+    example = tf.train.Example.FromString(encode_record(**record_args()))
+    del example.features.feature["sequence_token_ids"]  # as the releases before format 3 wrote them
+    old = example.SerializeToString(deterministic=True)
+    record = decode_record(old)
+    assert record["sequence_token_ids"] is None and list(record["token_ids"]) == list(range(100, 105))
+    write_tfrecord(tmp_path / "a.tfrecord", [old])
+    (tmp_path / "manifest.json").write_text(json.dumps({"hooks": {"h": {"files": ["a.tfrecord"]}}}))
+    parsed = next(tf_dataset(str(tmp_path), "h").as_numpy_iterator())
+    assert list(parsed["sequence_token_ids"]) == [] and list(parsed["token_ids"]) == list(range(100, 105))
+
+
+def test_a_record_holds_its_whole_sequence():
+    record = decode_record(encode_record(**record_args()))
+    np.testing.assert_array_equal(record["sequence_token_ids"], np.arange(97, 105))
+    np.testing.assert_array_equal(record["sequence_token_ids"][record["positions"]], record["token_ids"])

@@ -147,9 +147,38 @@ def test_records_read_back_with_tensorflow_equal_a_direct_forward(default_run):
             # Special tokens are not stored by default; every other token is, at its position.
             assert list(positions) == [i for i, t in enumerate(full) if t not in specials]
             assert len(token_ids) == n and d == 64 and list(token_ids) == list(full[positions])
+            # The record holds the model's whole input, special tokens included: a forward of it
+            # gives the stored activations back.
+            sequence = tf.sparse.to_dense(record["sequence_token_ids"]).numpy()
+            assert list(sequence) == list(full)
             stored = tf.io.decode_raw(record["activations"], tf.float32).numpy().reshape(n, d)
-            direct = model.run_with_cache(full[None], [hook])[hook][0][positions]
+            direct = model.run_with_cache(sequence[None], [hook])[hook][0][positions]
             np.testing.assert_allclose(stored, direct, rtol=0, atol=1e-5 * max(1.0, np.abs(direct).max()))
+
+
+@pytest.mark.slow
+def test_normalisation_factors_equal_a_direct_computation(default_run):
+    from beam_extract.output.reader import read_activations
+
+    workdir, _, _ = default_run
+    manifest = json.loads((workdir / "activations/manifest.json").read_text())
+    assert manifest["options"]["norm_exclude_first"] == 1
+    for name, hook in manifest["hooks"].items():
+        records = list(read_activations(str(workdir / "activations"), name))
+        norms = np.concatenate([np.linalg.norm(r["activations"].astype(np.float64), axis=1) for r in records])
+        first = np.concatenate([r["positions"] < 1 for r in records])
+        # Text samples store their first token; ARC prompts start with <|im_start|>, not stored.
+        assert first.sum() == sum(not r["task_id"] for r in records) == 6
+        assert hook["tokens"] == len(norms) and hook["mean_l2_norm"] == pytest.approx(norms.mean(), rel=1e-6)
+        assert hook["mean_squared_norm"] == pytest.approx(np.square(norms).mean(), rel=1e-6)
+        kept = norms[~first]
+        norm = hook["normalisation"]
+        assert norm["excluded_first_positions"] == 1 and norm["tokens"] == len(kept)
+        assert norm["mean_l2_norm"] == pytest.approx(kept.mean(), rel=1e-6)
+        assert norm["saelens_scaling_factor"] == pytest.approx(np.sqrt(64) / kept.mean(), rel=1e-6)
+        assert norm["unit_mean_squared_norm_factor"] == pytest.approx(1 / np.sqrt(np.square(kept).mean()), rel=1e-6)
+        scaled = np.concatenate([r["activations"][r["positions"] >= 1] for r in records]) * norm["unit_mean_squared_norm_factor"]
+        assert np.square(np.linalg.norm(scaled.astype(np.float64), axis=1)).mean() == pytest.approx(1.0, rel=1e-5)
 
 
 @pytest.mark.slow

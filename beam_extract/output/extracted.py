@@ -16,6 +16,10 @@ from beam_extract.output.schema import SampleFields, activation_bytes, hook_fiel
 from beam_extract.tokenize import Sample
 
 
+# What a shard group sums per hook (besides its records) from each batch's `hook_stats`.
+HOOK_STATS = ("tokens", "sum_l2_norm", "sum_squared_norm", "norm_tokens", "norm_sum_l2_norm", "norm_sum_squared_norm")
+
+
 @dataclasses.dataclass(frozen=True)
 class StoredSample:
     sample: Sample
@@ -35,6 +39,7 @@ class ExtractedBatch:
     fields: tuple[SampleFields, ...]  # each sample's encoded features, shared by its records
     activations: tuple[np.ndarray, ...]
     norms: tuple[np.ndarray, ...]
+    positions: np.ndarray  # [rows, S]: each token's position in its own sequence
     output_dtype: str
 
     def in_order(self, order: np.ndarray) -> ExtractedBatch:
@@ -49,14 +54,19 @@ class ExtractedBatch:
             data = activation_bytes(values[stored.row, stored.columns], self.output_dtype)
             yield b"".join(record_parts(data, fields, tail))
 
-    def hook_stats(self, hook: int) -> dict:
-        """Tokens and the sums of their L2 and squared L2 norms at the hook'th hook."""
+    def hook_stats(self, hook: int, norm_exclude_first: int = 0) -> dict:
+        """At the hook'th hook, the stored tokens and the sums of their L2 and squared L2 norms; and
+        the same (`norm_*`) of those at positions from `norm_exclude_first` on, for the
+        normalisation factors (a sequence's first tokens are attention sinks with outlying norms)."""
         if not self.samples:
-            return {"tokens": 0, "sum_l2_norm": 0.0, "sum_squared_norm": 0.0}
+            return dict.fromkeys(HOOK_STATS, 0)
         squared = np.square(np.concatenate([self.norms[hook][s.row, s.columns] for s in self.samples]),
                             dtype=np.float64)
-        return {"tokens": len(squared), "sum_l2_norm": float(np.sqrt(squared).sum()),
-                "sum_squared_norm": float(squared.sum())}
+        counted = np.concatenate([self.positions[s.row, s.columns] for s in self.samples]) >= norm_exclude_first
+        norms = np.sqrt(squared)
+        return {"tokens": len(squared), "sum_l2_norm": float(norms.sum()), "sum_squared_norm": float(squared.sum()),
+                "norm_tokens": int(counted.sum()), "norm_sum_l2_norm": float(norms[counted].sum()),
+                "norm_sum_squared_norm": float(squared[counted].sum())}
 
 
 def extracted_batch(samples: list[StoredSample], positions: np.ndarray, activations: tuple[np.ndarray, ...],
@@ -64,9 +74,9 @@ def extracted_batch(samples: list[StoredSample], positions: np.ndarray, activati
     """positions: the batch's [rows, S] positions."""
     d_model = activations[0].shape[-1]
     fields = tuple(
-        sample_fields(token_ids=s.sample.token_ids if s.sample.stored is None else s.sample.token_ids[s.sample.stored],
-                      positions=positions[s.row, s.columns], d_model=d_model, output_dtype=output_dtype,
+        sample_fields(sequence_token_ids=s.sample.token_ids, positions=positions[s.row, s.columns], d_model=d_model,
+                      output_dtype=output_dtype,
                       sample_id=s.sample.sample_id, source=f"{s.sample.source}:{s.sample.line_number}",
                       task_id=s.sample.task_id, doc_id=s.sample.doc_id, augmentation=s.sample.augmentation)
         for s in samples)
-    return ExtractedBatch(tuple(samples), fields, activations, norms, output_dtype)
+    return ExtractedBatch(tuple(samples), fields, activations, norms, positions, output_dtype)

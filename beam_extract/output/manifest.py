@@ -14,7 +14,9 @@ from beam_extract.model.config import ModelConfig
 from beam_extract.output.schema import FEATURES
 from beam_extract.output.commits import read_json, write_json
 
-FORMAT_VERSION = 2  # 2: shard groups, fingerprint and lock, ids by file and line, `ok` and `problems`
+# 2: shard groups, fingerprint and lock, ids by file and line, `ok` and `problems`; 3: records hold their
+# whole sequence's token ids, hooks their normalisation
+FORMAT_VERSION = 3
 # Dead-letter reasons of whole input files that lost lines (`not_a_file` lost none: it was never input).
 LOST_LINES = ("truncated_file", "corrupt_file", "unreadable_file", "bad_file_name")
 MANIFEST_NAME = "manifest.json"
@@ -119,7 +121,8 @@ def build_manifest(*, options: dict, config: ModelConfig, weights_sha256: str, h
             "samples_committed_now": committed_now,
             "samples_committed_twice": committed_ids.get("total", 0) - committed_ids.get("distinct", 0),
         },
-        "hooks": summarize_hooks(hooks, groups),
+        "hooks": with_normalisation_factors(summarize_hooks(hooks, groups), config.hidden_size,
+                                            options["norm_exclude_first"]),
         "batching": batching,
         "commits": len(groups),
         "commit_groups": sorted(g["group"] for g in groups),
@@ -161,22 +164,35 @@ def problems(counts: dict, dead_letters: dict, whole_run: bool = True) -> list[s
 
 
 def summarize_hooks(hooks: tuple[Hook, ...], commits: list[dict]) -> dict:
-    """Per hook: records, tokens, mean norms and files, summed over commits."""
+    """Per hook: records, tokens, mean norms (of every stored token, and of those the normalisation
+    counts) and files, summed over commits."""
     per_hook = {}
     for layer, site in hooks:
         name = hook_name(layer, site)
         parts = [c["hooks"][name] for c in commits if name in c["hooks"]]
-        tokens = sum(p["tokens"] for p in parts)
-        per_hook[name] = {
-            "site": site,
-            "layer": layer,
-            "records": sum(p["records"] for p in parts),
-            "tokens": tokens,
-            "mean_l2_norm": sum(p["sum_l2_norm"] for p in parts) / tokens if tokens else None,
-            "mean_squared_norm": sum(p["sum_squared_norm"] for p in parts) / tokens if tokens else None,
-            "files": sorted(f for p in parts for f in p["files"]),
-        }
+
+        def means(prefix: str) -> dict:
+            tokens = sum(p[f"{prefix}tokens"] for p in parts)
+            return {"tokens": tokens,
+                    "mean_l2_norm": sum(p[f"{prefix}sum_l2_norm"] for p in parts) / tokens if tokens else None,
+                    "mean_squared_norm": sum(p[f"{prefix}sum_squared_norm"] for p in parts) / tokens if tokens else None}
+
+        per_hook[name] = {"site": site, "layer": layer, "records": sum(p["records"] for p in parts), **means(""),
+                          "normalisation": means("norm_"), "files": sorted(f for p in parts for f in p["files"])}
     return per_hook
+
+
+def with_normalisation_factors(hooks: dict, d_model: int, exclude_first: int) -> dict:
+    """Each hook's normalisation with the factors SAE trainers scale activations by, from its
+    tokens at positions >= exclude_first: SAELens's `sqrt(d_model) / mean L2 norm`, and the
+    factor giving unit mean squared norm (Gemma Scope's)."""
+    for summary in hooks.values():
+        norm = summary["normalisation"]
+        norm["excluded_first_positions"] = exclude_first
+        norm["saelens_scaling_factor"] = d_model ** 0.5 / norm["mean_l2_norm"] if norm["mean_l2_norm"] else None
+        norm["unit_mean_squared_norm_factor"] = (norm["mean_squared_norm"] ** -0.5 if norm["mean_squared_norm"]
+                                                 else None)
+    return hooks
 
 
 def relative_paths(output: str, paths: list[str]) -> list[str]:

@@ -46,7 +46,7 @@ class OutputRefused(Exception):
 # shard size, shuffling, runner flags) may differ between a run and its resumption.
 FINGERPRINT_OPTIONS = ("input_format", "text_field", "max_line_bytes", "special_tokens_in_text", "max_seq_len",
                        "views_per_task", "seed", "grid_encoder", "include_answer", "dtype", "output_dtype",
-                       "exclude_special_tokens", "positions", "arc_tokens")
+                       "exclude_special_tokens", "positions", "arc_tokens", "norm_exclude_first")
 
 
 def fingerprint(options: dict, *, weights_sha256: str, config: dict, tokenizer_sha256: str,

@@ -34,8 +34,11 @@ FEATURES: dict[str, tuple[str, str, str]] = {
     "task_id": ("bytes", "scalar", "ARC task id (empty for text)"),
     "doc_id": ("bytes", "scalar", "text: the document's own id field (empty if it had none, and for ARC)"),
     "augmentation": ("bytes", "scalar", "JSON of the ARC view's parameters (empty for text)"),
+    "sequence_token_ids": ("int64", "list", "token ids of the whole sequence as the model saw it, special tokens "
+                                            "included; `positions` index into it (format 3 on; absent before)"),
 }
 
+ADDED_IN_FORMAT_3 = ("sequence_token_ids",)
 
 # The features that differ between a sample's records at different hooks; all others are encoded
 # once per sample. Records are assembled in sorted key order, as protobuf serialises a map.
@@ -54,12 +57,14 @@ class SampleFields:
     after: bytes
 
 
-def sample_fields(*, token_ids: np.ndarray, positions: np.ndarray, d_model: int, output_dtype: str,
+def sample_fields(*, sequence_token_ids: np.ndarray, positions: np.ndarray, d_model: int, output_dtype: str,
                   sample_id: str, source: str, task_id: str = "", doc_id: str = "",
                   augmentation: str = "") -> SampleFields:
-    values = {"token_ids": token_ids, "positions": positions, "n_tokens": len(token_ids), "d_model": d_model,
-              "dtype": output_dtype, "sample_id": sample_id, "source": source, "task_id": task_id,
-              "doc_id": doc_id, "augmentation": augmentation}
+    """positions: of the stored tokens in the sequence (their token ids are taken from it)."""
+    values = {"token_ids": np.asarray(sequence_token_ids)[positions], "positions": positions,
+              "n_tokens": len(positions), "d_model": d_model, "dtype": output_dtype, "sample_id": sample_id,
+              "source": source, "task_id": task_id, "doc_id": doc_id, "augmentation": augmentation,
+              "sequence_token_ids": sequence_token_ids}
     entries = [wire.map_entry(key, wire.bytes_feature(values[key]) if FEATURES[key][0] == "bytes"
                               else wire.int64_feature(values[key])) for key in _KEYS if key in values]
     return SampleFields(b"".join(entries[:_HOOK_AT - 1]), b"".join(entries[_HOOK_AT - 1:]))
@@ -94,22 +99,27 @@ def activation_bytes(activations: np.ndarray, output_dtype: str) -> memoryview:
 
 
 def encode_record(*, sample_id: str, hook_name: str, layer: int, activations: np.ndarray,
-                  token_ids: np.ndarray, positions: np.ndarray, output_dtype: str, source: str,
+                  sequence_token_ids: np.ndarray, positions: np.ndarray, output_dtype: str, source: str,
                   task_id: str = "", doc_id: str = "", augmentation: str = "") -> bytes:
-    """One record's bytes; activations: [n_tokens, d_model] (any float dtype; stored as `output_dtype`)."""
-    if len(token_ids) != len(activations):
-        raise ValueError(f"{len(token_ids)} token ids for {len(activations)} rows of activations")
-    fields = sample_fields(token_ids=token_ids, positions=positions, d_model=activations.shape[1],
+    """One record's bytes; activations: [n_tokens, d_model] (any float dtype; stored as `output_dtype`)
+    of the tokens at `positions` of the sequence."""
+    if len(positions) != len(activations):
+        raise ValueError(f"{len(positions)} positions for {len(activations)} rows of activations")
+    fields = sample_fields(sequence_token_ids=sequence_token_ids, positions=positions, d_model=activations.shape[1],
                            output_dtype=output_dtype, sample_id=sample_id, source=source, task_id=task_id,
                            doc_id=doc_id, augmentation=augmentation)
     return b"".join(record_parts(activation_bytes(activations, output_dtype), fields, hook_fields(hook_name, layer)))
 
 
 def decode_record(data: bytes) -> dict:
-    """A record as Python values, with `activations` as a float32 numpy array [n_tokens, d_model]."""
+    """A record as Python values, with `activations` as a float32 numpy array [n_tokens, d_model].
+    `sequence_token_ids` is None in records written before format 3."""
     raw = decode_example(data)
     record = {}
     for name, (kind, shape, _) in FEATURES.items():
+        if name not in raw and name in ADDED_IN_FORMAT_3:
+            record[name] = None
+            continue
         values = raw.get(name, [])
         if kind == "bytes":
             values = [v.decode("utf-8") if name != "activations" else v for v in values]

@@ -31,7 +31,7 @@ from beam_extract.hooks import Hook, hook_name
 from beam_extract.lifetime import Driver, exit_with_driver, stop_if_driver_gone
 from beam_extract.output.commits import (COMMITS, TEMPORARY_SUFFIX, commit_path, delete_quietly, group_files,
                                          list_paths, ours, write_json)
-from beam_extract.output.extracted import ExtractedBatch
+from beam_extract.output.extracted import HOOK_STATS, ExtractedBatch
 from beam_extract.output.tfrecord import write_record
 
 # Threads writing a batch's hooks at once; more buys nothing once the disk or network is busy.
@@ -61,10 +61,11 @@ class _ShardGroup:
         name = f"part-w{span[0]}-{group}" if span else f"part-{group}"
         self.files = [f"{hook_dir(output, hook)}/{name}.tfrecord" for hook in hooks]
         self.handles = [None] * len(hooks)
-        self.stats = [{"records": 0, "tokens": 0, "sum_l2_norm": 0.0, "sum_squared_norm": 0.0} for _ in hooks]
+        self.stats = [{"records": 0, **dict.fromkeys(HOOK_STATS, 0)} for _ in hooks]
         self.size = 0  # bytes of the largest file
 
-    def add(self, batch: ExtractedBatch, hooks: tuple[Hook, ...], pool: ThreadPoolExecutor | None) -> None:
+    def add(self, batch: ExtractedBatch, hooks: tuple[Hook, ...], pool: ThreadPoolExecutor | None,
+            norm_exclude_first: int) -> None:
         """Appends a batch's records to every hook's file, the hooks in parallel on `pool`."""
 
         def write(index: int) -> int:
@@ -73,7 +74,7 @@ class _ShardGroup:
             layer, site = hooks[index]
             size = sum(write_record(self.handles[index], data)
                        for data in batch.records(index, hook_name(layer, site), layer))
-            stats, added = self.stats[index], batch.hook_stats(index)
+            stats, added = self.stats[index], batch.hook_stats(index, norm_exclude_first)
             stats["records"] += len(batch.samples)
             for key, value in added.items():
                 stats[key] += value
@@ -109,8 +110,9 @@ class WriteShards(beam.DoFn):
     written in parallel threads: the CRCs, joins and writes of large records release the GIL."""
 
     def __init__(self, output: str, hooks: tuple[Hook, ...], shard_bytes: int, shuffle_seed: int | None = None,
-                 driver: Driver | None = None):
+                 driver: Driver | None = None, norm_exclude_first: int = 0):
         self._output, self._hooks, self._shard_bytes = output, hooks, shard_bytes
+        self._norm_exclude_first = norm_exclude_first
         self._shuffle_seed = shuffle_seed  # None: records keep batch order
         self._driver = driver  # a local job's driver: its worker processes die with it
 
@@ -141,7 +143,7 @@ class WriteShards(beam.DoFn):
             # attempt, so a retry never writes the name of a failed attempt's file.
             first = hashlib.sha256(ids).hexdigest()[:12]
             group = self._open[window] = _ShardGroup(self._output, self._hooks, f"{first}-{self._attempt}", window)
-        group.add(batch, self._hooks, self._pool)
+        group.add(batch, self._hooks, self._pool, self._norm_exclude_first)
         if group.size >= self._shard_bytes:
             yield self._commit(self._open.pop(window))
 
