@@ -25,7 +25,7 @@ import transformers
 from safetensors.numpy import save_file
 
 from beam_extract.model import load_model
-from beam_extract.model.embedded import random_qwen2_tensors
+from beam_extract.model.embedded import random_tensors
 from benchmarks.forward import QWEN25_05B, best_time, flops_per_token, gemm_peak_gflops
 
 SHAPES = "16x512,8x2048,2x8192"
@@ -135,7 +135,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as directory:
         config = transformers.Qwen2Config(**QWEN25_05B)
         config.save_pretrained(directory)  # no tokenizer: token ids are random
-        save_file(random_qwen2_tensors(config, seed=0), f"{directory}/model.safetensors", metadata={"format": "pt"})
+        save_file(random_tensors(config, seed=0), f"{directory}/model.safetensors", metadata={"format": "pt"})
         results["parity"] = parity(directory, tuple(int(n) for n in args.parity_shape.split("x")))
         print("parity on the GPU:", json.dumps(results["parity"]), flush=True)
         results["throughput"] = throughput(directory, shapes, args.repeats)

@@ -51,7 +51,7 @@ BUCKET_SPECS = ("multiples:32", "multiples:128", "pow2", "geometric:1.19", "geom
                 "geometric:1.5")
 MAX_SEQ_LEN, BATCH_ROWS = 8192, 8  # the job's defaults
 DEFAULT_BUCKETS = BY_NAME["buckets"].default
-PADDING_SPAN = 128  # keys a padding token's attention tile spans (it sees only itself): qwen2.BLOCK
+PADDING_SPAN = 128  # keys a padding token's attention tile spans (it sees only itself): decoder.BLOCK
 
 
 def web_text_like(path: Path, docs: int, seed: int = 0) -> list[int]:

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import pytest
 
 from beam_extract.model.config import ModelConfig
-from beam_extract.model.qwen2 import forward
+from beam_extract.model.decoder import forward
 
 TESTS = Path(__file__).parent
 

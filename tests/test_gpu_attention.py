@@ -8,7 +8,7 @@ import pytest
 
 from beam_extract.model.gpu_attention import flash_attention, padded_length
 from beam_extract.model.mesh import parse_mesh
-from beam_extract.model.qwen2 import attention
+from beam_extract.model.decoder import attention
 
 
 def test_flash_attention_matches_portable_attention_with_packing_and_padding():

@@ -98,11 +98,14 @@ def test_shard_index_pointing_at_missing_tensor(checkpoint, tmp_path):
 
 
 @pytest.mark.parametrize("changes, field", [
-    ({"rope_scaling": {"rope_type": "linear", "factor": 2.0}, "rope_parameters": None}, "rope_scaling"),
+    ({"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}, "rope_parameters": None}, "rope_scaling"),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32},
+      "rope_parameters": None}, "rope_scaling"),
     ({"use_sliding_window": True, "sliding_window": 8, "max_window_layers": 0, "layer_types": None},
      "use_sliding_window"),
-    ({"hidden_act": "gelu"}, "hidden_act"),
-    ({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}, "model_type"),
+    ({"hidden_act": "relu"}, "hidden_act"),
+    ({"model_type": "phi3", "architectures": ["Phi3ForCausalLM"]}, "model_type"),
+    ({"model_type": "gemma3", "architectures": ["Gemma3ForConditionalGeneration"]}, "model_type"),
 ])
 def test_unsupported_config_names_the_field(checkpoint, tmp_path, changes, field):
     with pytest.raises(UnsupportedConfigError, match=field) as error:

@@ -14,7 +14,7 @@ import pytest
 from jax.experimental.pallas import tpu as pltpu
 
 from beam_extract.model.mesh import parse_mesh
-from beam_extract.model.qwen2 import attention
+from beam_extract.model.decoder import attention
 from beam_extract.model.tpu_attention import block_size, padded_length, splash_attention, supported
 
 # The interpreter that simulates a TPU's memories: buffers read before written are NaN and reads out
@@ -131,7 +131,7 @@ from jax.experimental.pallas import tpu as pltpu
 sys.path.insert(0, sys.argv[1])
 from test_tpu_attention import inputs, packed_rows
 from beam_extract.model.mesh import parse_mesh
-from beam_extract.model.qwen2 import attention
+from beam_extract.model.decoder import attention
 from beam_extract.model.tpu_attention import splash_attention
 
 assert len(jax.devices()) == 8

@@ -1,4 +1,5 @@
-"""Qwen2 in JAX: `load_model(path_or_name).run_with_cache(input_ids, names)`."""
+"""Decoder models in JAX (Qwen2, Llama 3, Mistral, Qwen3, Gemma 2 and 3, GPT-2):
+`load_model(path_or_name).run_with_cache(input_ids, names)`."""
 
 from beam_extract.model.config import ModelConfig, UnsupportedConfigError
 from beam_extract.hooks import hook_name, parse_hook_name

@@ -1,11 +1,17 @@
-"""The Qwen2 architecture facts the forward needs, read through transformers' own config classes."""
+"""The architecture facts the forward needs, read through transformers' own config classes.
+
+Each family (families.py) turns its transformers config into one `ModelConfig`; the decoder reads
+only this object, so a family is data, not code paths.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 
+import numpy as np
 import transformers
 
 
@@ -19,7 +25,7 @@ class UnsupportedConfigError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """Hashable, so it can be a static argument of `jax.jit`."""
+    """Hashable, so it can be a static argument of `jax.jit`. The defaults are Qwen2's."""
 
     vocab_size: int
     hidden_size: int
@@ -28,63 +34,148 @@ class ModelConfig:
     num_heads: int
     num_kv_heads: int
     head_dim: int
-    rope_theta: float
-    rms_norm_eps: float
+    rope_theta: float  # 0.0: no RoPE (learned absolute positions)
+    rms_norm_eps: float  # the epsilon of every norm, whatever its kind
     tie_word_embeddings: bool
     max_position_embeddings: int
+    family: str = "qwen2"
+    norm: str = "rms"  # rms: w * x/rms; rms_offset: x/rms * (1 + w) (Gemma); layer: LayerNorm with bias
+    activation: str = "silu"  # the MLP's, as transformers names it
+    qkv_bias: bool = True
+    o_bias: bool = False
+    mlp_bias: bool = False
+    attention_scale: float | None = None  # None: head_dim ** -0.5
+    attn_softcap: float | None = None  # scores become cap * tanh(scores / cap)
+    embed_scale: float | None = None  # embeddings times this, rounded to the compute dtype (Gemma)
+    learned_positions: bool = False  # an embedding of positions is added to the tokens' (GPT-2)
+    layer_windows: tuple[int, ...] = ()  # per layer, how many keys a query sees (itself included); 0: all
+    rope_scaling: tuple[tuple[str, float | str], ...] = ()  # of the full-attention layers' RoPE
+    rope_local_theta: float | None = None  # the sliding layers' RoPE base where it differs (Gemma 3)
 
     @property
     def kv_groups(self) -> int:
         return self.num_heads // self.num_kv_heads
 
+    @property
+    def sliding(self) -> bool:
+        return any(self.layer_windows)
 
-def _rope_theta(hf: transformers.PretrainedConfig) -> float:
-    # transformers 5 moved rope_theta (and rope_scaling) into rope_parameters; older objects keep it flat.
-    rope = getattr(hf, "rope_parameters", None) or {}
+
+SCALED_ROPE = {"linear": ("factor",),
+               "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+ACTIVATIONS = ("silu", "gelu", "gelu_new", "gelu_pytorch_tanh")
+
+
+def read_rope(parameters: dict | None, fallback_theta: float | None = None) -> tuple[float, tuple]:
+    """(theta, scaling) from one rope_parameters dict (transformers 5) or the older flat fields."""
+    rope = dict(parameters or {})
     rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type != "default":
-        raise UnsupportedConfigError("rope_scaling", rope, "only the default RoPE is implemented")
-    scaling = getattr(hf, "rope_scaling", None)
-    if scaling and scaling.get("rope_type", scaling.get("type", "default")) != "default":
-        raise UnsupportedConfigError("rope_scaling", scaling, "only the default RoPE is implemented")
-    theta = rope.get("rope_theta", getattr(hf, "rope_theta", None))
+    if rope_type != "default" and rope_type not in SCALED_ROPE:
+        why = ("depends on the longest sequence of each batch, so activations would depend on batching"
+               if rope_type == "dynamic" else f"implemented RoPE types: default, {', '.join(SCALED_ROPE)}")
+        raise UnsupportedConfigError("rope_scaling", rope, why)
+    if rope.get("partial_rotary_factor", 1.0) != 1.0:
+        raise UnsupportedConfigError("partial_rotary_factor", rope["partial_rotary_factor"], "only full RoPE")
+    theta = rope.get("rope_theta", fallback_theta)
     if theta is None:
         raise UnsupportedConfigError("rope_theta", None, "missing from config")
     if not isinstance(theta, (int, float)) or not 0 < theta < float("inf"):
         raise UnsupportedConfigError("rope_theta", theta, "must be a positive number")
-    return float(theta)
+    scaling: tuple = ()
+    if rope_type != "default":
+        missing = [key for key in SCALED_ROPE[rope_type] if not isinstance(rope.get(key), (int, float))]
+        if missing:
+            raise UnsupportedConfigError("rope_scaling", rope, f"{rope_type} RoPE needs a number for {missing[0]}")
+        scaling = (("rope_type", rope_type), *((key, float(rope[key])) for key in SCALED_ROPE[rope_type]))
+    return float(theta), scaling
+
+
+def hf_rope(hf: transformers.PretrainedConfig) -> tuple[float, tuple]:
+    """The RoPE of a config with one RoPE for all layers. transformers 5 moved rope_theta and
+    rope_scaling into rope_parameters; older objects keep them flat."""
+    parameters = dict(getattr(hf, "rope_parameters", None) or {})
+    scaling = getattr(hf, "rope_scaling", None)
+    if scaling and scaling.get("rope_type", scaling.get("type", "default")) != "default":
+        parameters.update(scaling)
+    return read_rope(parameters, getattr(hf, "rope_theta", None))
+
+
+def layer_windows(hf: transformers.PretrainedConfig, every_layer: bool = False) -> tuple[int, ...]:
+    """Per layer, the keys a query sees: `sliding_window` on the layers `layer_types` calls sliding
+    (on every layer when `every_layer`, as Mistral's config says by `sliding_window` alone)."""
+    window = getattr(hf, "sliding_window", None)
+    kinds = list(getattr(hf, "layer_types", None) or ["full_attention"] * hf.num_hidden_layers)
+    if every_layer:
+        kinds = ["sliding_attention" if window else "full_attention"] * hf.num_hidden_layers
+    unknown = sorted(set(kinds) - {"sliding_attention", "full_attention"})
+    if unknown or len(kinds) != hf.num_hidden_layers:
+        raise UnsupportedConfigError("layer_types", kinds, "must name sliding_attention or full_attention per layer")
+    if "sliding_attention" in kinds and (not isinstance(window, int) or window < 1):
+        raise UnsupportedConfigError("sliding_window", window, "sliding layers need a positive window")
+    return tuple(window if kind == "sliding_attention" else 0 for kind in kinds)
 
 
 def config_from_hf(hf: transformers.PretrainedConfig) -> ModelConfig:
-    """Validates a transformers config and keeps what the forward uses."""
-    if hf.model_type != "qwen2":
-        raise UnsupportedConfigError("model_type", hf.model_type, "only Qwen2 checkpoints are supported")
-    if hf.hidden_act != "silu":
-        raise UnsupportedConfigError("hidden_act", hf.hidden_act, "only SiLU (SwiGLU) MLPs are implemented")
-    if getattr(hf, "use_sliding_window", False):
-        raise UnsupportedConfigError("use_sliding_window", True, "sliding-window attention is not implemented")
-    layer_types = getattr(hf, "layer_types", None) or []
-    if any(kind != "full_attention" for kind in layer_types):
-        raise UnsupportedConfigError("layer_types", layer_types, "only full attention is implemented")
+    """Validates a transformers config and keeps what the forward uses; a field the family cannot
+    compute is an UnsupportedConfigError naming it."""
+    from beam_extract.model.families import family_of
+
+    family = family_of(hf.model_type)
+    fields = family.read(hf)
     kv_heads = hf.num_key_value_heads or hf.num_attention_heads
     if hf.num_attention_heads % kv_heads:
         raise UnsupportedConfigError(
-            "num_key_value_heads", kv_heads, f"must divide num_attention_heads={hf.num_attention_heads}"
-        )
-    head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+            "num_key_value_heads", kv_heads, f"must divide num_attention_heads={hf.num_attention_heads}")
+    fields.setdefault("head_dim", getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads)
+    if fields.get("activation", "silu") not in ACTIVATIONS:
+        raise UnsupportedConfigError(family.activation_field, fields["activation"],
+                                     f"implemented activations: {', '.join(ACTIVATIONS)}")
     return ModelConfig(
         vocab_size=hf.vocab_size,
         hidden_size=hf.hidden_size,
-        intermediate_size=hf.intermediate_size,
         num_layers=hf.num_hidden_layers,
         num_heads=hf.num_attention_heads,
         num_kv_heads=kv_heads,
-        head_dim=head_dim,
-        rope_theta=_rope_theta(hf),
-        rms_norm_eps=float(hf.rms_norm_eps),
         tie_word_embeddings=bool(hf.tie_word_embeddings),
         max_position_embeddings=hf.max_position_embeddings,
+        family=family.model_type,
+        **fields,
     )
+
+
+def check_context(config: ModelConfig, max_seq_len: int) -> None:
+    """A sequence longer than the model's position range is an error: learned positions have no
+    row for it, and RoPE models were not trained on it."""
+    if max_seq_len > config.max_position_embeddings:
+        raise ValueError(f"--max_seq_len {max_seq_len}: this {config.family} model has positions up to "
+                         f"max_position_embeddings={config.max_position_embeddings}; use at most that")
+
+
+def rope_frequencies(config: ModelConfig) -> np.ndarray:
+    """[num_layers, head_dim // 2] float32 inverse frequencies of each layer's RoPE, computed in
+    float32 as transformers computes them (so angles agree at long positions)."""
+    dim = config.head_dim
+
+    def inverse(theta: float, scaling: dict) -> np.ndarray:
+        inv = np.float32(1.0) / (np.float32(theta) ** (np.arange(0, dim, 2).astype(np.float32) / np.float32(dim)))
+        kind = scaling.get("rope_type", "default")
+        if kind == "linear":
+            return inv / np.float32(scaling["factor"])
+        if kind == "llama3":  # transformers' _compute_llama3_parameters, step by step
+            factor, low, high = (np.float32(scaling[k]) for k in ("factor", "low_freq_factor", "high_freq_factor"))
+            old = np.float32(scaling["original_max_position_embeddings"])
+            wavelen = np.float32(2 * math.pi) / inv
+            scaled = np.where(wavelen > old / low, inv / factor, inv)
+            smooth = (old / wavelen - low) / (high - low)
+            smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+            medium = ~(wavelen < old / high) & ~(wavelen > old / low)
+            return np.where(medium, smoothed, scaled).astype(np.float32)
+        return inv
+
+    full = inverse(config.rope_theta, dict(config.rope_scaling))
+    local = full if config.rope_local_theta is None else inverse(config.rope_local_theta, {})
+    windows = config.layer_windows or (0,) * config.num_layers
+    return np.stack([local if window else full for window in windows])
 
 
 # Sizes config.json may give, checked before any transformers constructor sees them (a constructor
@@ -93,12 +184,15 @@ CONFIG_BOUNDS = {
     "num_hidden_layers": 1024, "num_attention_heads": 1024, "num_key_value_heads": 1024, "head_dim": 4096,
     "hidden_size": 1 << 16, "intermediate_size": 1 << 20, "vocab_size": 1 << 22, "max_position_embeddings": 1 << 24,
 }
+OPTIONAL_SIZES = ("num_key_value_heads", "head_dim", "max_position_embeddings")
 MAX_CONFIG_BYTES = 1 << 20
 
 
 def check_config_json(path: Path) -> dict:
-    """config.json's sizes within CONFIG_BOUNDS, as whole numbers; anything else is an error naming the
-    field."""
+    """config.json's model type one we compute, its sizes within CONFIG_BOUNDS as whole numbers
+    (under the family's own field names); anything else is an error naming the field."""
+    from beam_extract.model.families import family_of
+
     if not path.is_file():
         raise UnsupportedConfigError("config.json", str(path), "is missing")
     if path.stat().st_size > MAX_CONFIG_BYTES:
@@ -109,9 +203,11 @@ def check_config_json(path: Path) -> dict:
         raise UnsupportedConfigError("config.json", str(path), f"is not valid JSON: {str(error)[:120]}") from None
     if not isinstance(raw, dict):
         raise UnsupportedConfigError("config.json", type(raw).__name__, "must hold a JSON object")
-    for field, bound in CONFIG_BOUNDS.items():
+    family = family_of(raw.get("model_type"))
+    for size, bound in CONFIG_BOUNDS.items():
+        field = family.field_names.get(size, size)
         value = raw.get(field)
-        if value is None and field in ("num_key_value_heads", "head_dim", "max_position_embeddings"):
+        if value is None and (size in OPTIONAL_SIZES or size in family.optional_sizes):
             continue
         if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= bound:
             raise UnsupportedConfigError(field, value, f"must be a whole number from 1 to {bound}")

@@ -38,47 +38,45 @@ TINY_QWEN2_CONFIG = dict(
 EMBEDDED_MODELS = {"tiny-random-qwen2": ("v1", TINY_QWEN2_CONFIG, 20261125)}
 
 
-def random_qwen2_tensors(config: transformers.Qwen2Config, seed: int) -> dict[str, np.ndarray]:
-    """Hugging Face-named float32 tensors for `config`, drawn from a seeded generator."""
+def random_tensors(hf: transformers.PretrainedConfig, seed: int) -> dict[str, np.ndarray]:
+    """Checkpoint-named float32 tensors for `hf` (any family), drawn from a seeded generator in the
+    family table's order: embeddings N(0, 1), norms 1 + N(0, 0.1), biases N(0, 0.02), weights
+    N(0, 1/fan_in)."""
+    from beam_extract.model.config import config_from_hf
+    from beam_extract.model.families import FAMILIES
+    from beam_extract.model.weights import expected_shapes, stored_params
+
+    config = config_from_hf(hf)
     rng = np.random.default_rng(seed)
-    d, f = config.hidden_size, config.intermediate_size
-    hd = getattr(config, "head_dim", None) or d // config.num_attention_heads
-    q, kv = config.num_attention_heads * hd, config.num_key_value_heads * hd
-
-    def normal(*shape, scale=0.02):
-        return (rng.standard_normal(shape) * scale).astype(np.float32)
-
-    def norm_weight():
-        return (1.0 + normal(d, scale=0.1)).astype(np.float32)
-
-    tensors = {"model.embed_tokens.weight": normal(config.vocab_size, d, scale=1.0)}
-    for i in range(config.num_hidden_layers):
-        p = f"model.layers.{i}."
-        tensors.update({
-            p + "input_layernorm.weight": norm_weight(),
-            p + "self_attn.q_proj.weight": normal(q, d, scale=d**-0.5),
-            p + "self_attn.q_proj.bias": normal(q),
-            p + "self_attn.k_proj.weight": normal(kv, d, scale=d**-0.5),
-            p + "self_attn.k_proj.bias": normal(kv),
-            p + "self_attn.v_proj.weight": normal(kv, d, scale=d**-0.5),
-            p + "self_attn.v_proj.bias": normal(kv),
-            p + "self_attn.o_proj.weight": normal(d, q, scale=q**-0.5),
-            p + "post_attention_layernorm.weight": norm_weight(),
-            p + "mlp.gate_proj.weight": normal(f, d, scale=d**-0.5),
-            p + "mlp.up_proj.weight": normal(f, d, scale=d**-0.5),
-            p + "mlp.down_proj.weight": normal(d, f, scale=f**-0.5),
-        })
-    tensors["model.norm.weight"] = norm_weight()
+    shapes, prefix = expected_shapes(config), FAMILIES[config.family].prefix
+    tensors = {}
+    # The final norm last, after the layers, as the first embedded checkpoint was drawn.
+    order = sorted(stored_params(config), key=lambda entry: entry[0].startswith("final_norm"))
+    for name, _, stored, key in order:
+        if prefix + key in tensors:  # a fused tensor, drawn whole at its first part
+            continue
+        shape = shapes[key]
+        if name in ("embed", "pos_embed"):
+            scale, offset = 1.0, 0.0
+        elif "norm" in name:
+            scale, offset = (0.02, 0.0) if name.endswith("_b") else (0.1, 1.0)
+        elif name.endswith("_b"):
+            scale, offset = 0.02, 0.0
+        else:
+            scale, offset = shape[-1 if stored.transpose else 0] ** -0.5, 0.0
+        tensors[prefix + key] = (rng.standard_normal(shape) * scale).astype(np.float32) + np.float32(offset)
     if not config.tie_word_embeddings:
-        tensors["lm_head.weight"] = normal(config.vocab_size, d)
+        tensors["lm_head.weight"] = (rng.standard_normal((config.vocab_size, config.hidden_size)) * 0.02).astype(
+            np.float32)
     return tensors
 
 
-def write_random_checkpoint(directory: Path, config: transformers.Qwen2Config, seed: int) -> None:
-    """config.json + model.safetensors + Qwen2.5 tokenizer files into `directory`."""
+def write_random_checkpoint(directory: Path, config: transformers.PretrainedConfig, seed: int) -> None:
+    """config.json + model.safetensors + Qwen2.5 tokenizer files into `directory` (any family: its
+    token ids are Qwen2.5's, so the vocabulary must cover them)."""
     directory.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(directory)
-    save_file(random_qwen2_tensors(config, seed), str(directory / "model.safetensors"), metadata={"format": "pt"})
+    save_file(random_tensors(config, seed), str(directory / "model.safetensors"), metadata={"format": "pt"})
     write_tokenizer_files(directory)
 
 

@@ -1,6 +1,6 @@
 """Attention on NVIDIA GPUs: JAX's Pallas (Triton) flash-attention kernel with segment ids.
 
-The portable tiled attention in qwen2.py runs each tile behind a conditional; on a GPU that is many
+The portable tiled attention in decoder.py runs each tile behind a conditional; on a GPU that is many
 small kernels with host round trips (an H100 ran the 0.5B forward at 0.14x of PyTorch's sdpa at
 S=8192). The fused kernel keeps a query block's whole pass over the keys on chip. It wants one k/v
 head per query head, so grouped k/v heads are repeated; under a mesh it runs per shard (rows on
@@ -32,8 +32,8 @@ def padded_length(seq: int) -> int:
 
 
 def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, *, mesh: Mesh,
-                    interpret: bool = False) -> jax.Array:
-    """Same contract as qwen2.attention: q [B, S, KV, G, D], k/v [B, S, KV, D] -> [B, S, KV, G, D].
+                    scale: float | None = None, interpret: bool = False) -> jax.Array:
+    """Same contract as decoder.attention: q [B, S, KV, G, D], k/v [B, S, KV, D] -> [B, S, KV, G, D].
     `interpret` runs the kernel in Pallas' interpreter (any platform; how tests check it on CPU)."""
     batch, seq, kv_heads, groups, dim = q.shape
     heads = kv_heads * groups
@@ -42,7 +42,8 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.A
     k, v = (jnp.pad(jnp.repeat(x, groups, axis=2), ((0, 0), (0, pad), (0, 0), (0, 0))) for x in (k, v))
     segment_ids = jnp.pad(segment_ids, ((0, 0), (0, pad)))
     spec = PartitionSpec("data", None, "model" if heads % mesh.shape["model"] == 0 else None, None)
-    kernel = functools.partial(pallas_attention.mha, sm_scale=dim**-0.5, causal=True, interpret=interpret)
+    kernel = functools.partial(pallas_attention.mha, sm_scale=dim**-0.5 if scale is None else scale, causal=True,
+                               interpret=interpret)
     out = jax.shard_map(kernel, mesh=mesh, in_specs=(spec, spec, spec, PartitionSpec("data", None)),
                         out_specs=spec, check_vma=False)(q, k, v, segment_ids)
     return out[:, :seq].reshape(batch, seq, kv_heads, groups, dim)

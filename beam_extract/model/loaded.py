@@ -20,7 +20,7 @@ from beam_extract.hooks import SITES, Hook, parse_hook_name
 from beam_extract.model import compile_cache
 from beam_extract.model.config import ModelConfig, config_from_hf, load_hf_config
 from beam_extract.model.mesh import batch_sharding, param_shardings, parse_mesh, shard_attention, tree_bytes
-from beam_extract.model.qwen2 import Attention, attention, forward
+from beam_extract.model.decoder import Attention, attention, forward
 from beam_extract.model.weights import load_params, resolve_model_dir, weights_checksum
 
 _LOG = logging.getLogger(__name__)
@@ -95,8 +95,11 @@ class Model:
         """For 16-bit compute, the fused kernel of the platform: Pallas flash attention (Triton) on
         NVIDIA GPUs, splash attention on TPUs (for the head sizes it is known to lower); else the
         portable tiled attention, run per shard of the mesh. float32 stays exact: the kernels'
-        float32 dots would run in TF32 or bf16 passes."""
+        float32 dots would run in TF32 or bf16 passes. Sliding windows (per layer, a value of the
+        layer scan) and soft-capped scores are computed by the portable attention only."""
         platform = self.mesh.devices.flat[0].platform
+        if self.config.sliding or self.config.attn_softcap is not None:
+            return shard_attention(attention, self.mesh)
         if platform == "gpu" and self.dtype != "float32":
             from beam_extract.model.gpu_attention import flash_attention
 
@@ -120,6 +123,10 @@ class Model:
         bad = [hook for hook in hooks if not (0 <= hook[0] < self.config.num_layers and hook[1] in SITES)]
         if bad:  # checked here: indexing past the last layer inside jit would silently clamp
             raise ValueError(f"hooks {bad} do not exist in a model of {self.config.num_layers} layers")
+        if self.config.learned_positions and len(positions) and np.max(positions) >= self.config.max_position_embeddings:
+            # an embedding lookup past the table would silently read its last row
+            raise ValueError(f"position {int(np.max(positions))} has no learned embedding (the model has "
+                             f"{self.config.max_position_embeddings})")
         shards = self.mesh.shape["data"]
         if tokens.shape[0] % shards:
             raise ValueError(f"batch of {tokens.shape[0]} rows does not split over the mesh's {shards} data shards")
@@ -203,7 +210,7 @@ class Dispatched:
 
 
 def load_model(path_or_name: str, dtype: str = "float32", mesh: str | Mesh = "auto") -> Model:
-    """Loads a Qwen2 checkpoint (embedded name, local dir, gs:// dir or hub id) for `dtype` compute,
+    """Loads a checkpoint of any family (embedded name, local dir, gs:// dir or hub id) for `dtype` compute,
     placing the weights once on `mesh` (`auto`, a spec like `data:4,model:2`, or a Mesh)."""
     if dtype not in COMPUTE_DTYPES:
         raise ValueError(f"dtype {dtype!r}: choose one of {', '.join(COMPUTE_DTYPES)}")

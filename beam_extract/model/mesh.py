@@ -16,26 +16,25 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 AXES = ("data", "model")
 
-# Logical axes of each parameter (stacked layer weights lead with "layers").
-PARAM_AXES = {
-    "embed": ("vocab", "embed"),
-    "final_norm": ("embed",),
-    "layers": {
-        "attn_norm": ("layers", "embed"),
-        "q_w": ("layers", "embed", "heads"),
-        "q_b": ("layers", "heads"),
-        "k_w": ("layers", "embed", "kv"),
-        "k_b": ("layers", "kv"),
-        "v_w": ("layers", "embed", "kv"),
-        "v_b": ("layers", "kv"),
-        "o_w": ("layers", "heads", "embed"),
-        "mlp_norm": ("layers", "embed"),
-        "gate_w": ("layers", "embed", "mlp"),
-        "up_w": ("layers", "embed", "mlp"),
-        "down_w": ("layers", "mlp", "embed"),
-    },
+# Logical axes of every parameter any family has (a layer's weights are stacked behind "layers").
+GLOBAL_AXES = {"embed": ("vocab", "embed"), "pos_embed": ("positions", "embed"), "final_norm": ("embed",),
+               "final_norm_b": ("embed",)}
+LAYER_AXES = {
+    "attn_norm": ("embed",), "attn_norm_b": ("embed",),
+    "q_w": ("embed", "heads"), "q_b": ("heads",),
+    "k_w": ("embed", "kv"), "k_b": ("kv",),
+    "v_w": ("embed", "kv"), "v_b": ("kv",),
+    "q_norm": ("head_dim",), "k_norm": ("head_dim",),
+    "o_w": ("heads", "embed"), "o_b": ("embed",),
+    "attn_post_norm": ("embed",),
+    "mlp_norm": ("embed",), "mlp_norm_b": ("embed",),
+    "gate_w": ("embed", "mlp"), "gate_b": ("mlp",),
+    "up_w": ("embed", "mlp"), "up_b": ("mlp",),
+    "down_w": ("mlp", "embed"), "down_b": ("embed",),
+    "mlp_post_norm": ("embed",),
 }
-RULES = {"vocab": "model", "heads": "model", "kv": "model", "mlp": "model", "embed": None, "layers": None}
+RULES = {"vocab": "model", "heads": "model", "kv": "model", "mlp": "model", "embed": None, "layers": None,
+         "head_dim": None, "positions": None}
 
 # `auto` keeps the weights whole on each device while they take at most this share of its memory.
 AUTO_WEIGHT_SHARE = 0.5
@@ -105,8 +104,11 @@ def _spec(axes: tuple[str, ...], shape: tuple[int, ...], mesh: Mesh) -> Partitio
 
 def param_shardings(params: dict, mesh: Mesh) -> dict:
     """A NamedSharding for every parameter, by its logical axes and RULES."""
-    return jax.tree.map(lambda axes, p: NamedSharding(mesh, _spec(axes, p.shape, mesh)), PARAM_AXES, params,
-                        is_leaf=lambda node: isinstance(node, tuple))
+    def sharding(axes, p):
+        return NamedSharding(mesh, _spec(axes, p.shape, mesh))
+
+    return {name: {n: sharding(("layers", *LAYER_AXES[n]), p) for n, p in value.items()} if name == "layers"
+            else sharding(GLOBAL_AXES[name], value) for name, value in params.items()}
 
 
 def batch_sharding(mesh: Mesh, ndim: int, memory_kind: str | None = None) -> NamedSharding:
@@ -120,16 +122,24 @@ def tree_bytes(params: dict) -> int:
 
 
 def shard_attention(attend: Callable, mesh: Mesh) -> Callable:
-    """`attend` (the contract of qwen2.attention: q [B, S, KV, G, D], k/v [B, S, KV, D], segment ids
-    [B, S]) run on each device over its own rows ("data") and, where they divide, its own k/v heads
-    ("model"). Each device then decides alone which of its tiles to skip: over the global arrays the
-    skip predicate would be an all-reduce inside the tile loop, one collective per tile. (No
-    varying-axes check: the tile loop's initial state is a constant, its updates vary per device.)"""
+    """`attend` (the contract of decoder.attention: q [B, S, KV, G, D], k/v [B, S, KV, D], segment ids
+    [B, S], options) run on each device over its own rows ("data") and, where they divide, its own k/v
+    heads ("model"). Each device then decides alone which of its tiles to skip: over the global arrays
+    the skip predicate would be an all-reduce inside the tile loop, one collective per tile. (No
+    varying-axes check: the tile loop's initial state is a constant, its updates vary per device.)
+    A layer's sliding window, a traced scalar of the layer scan, goes in whole to every device."""
 
-    def sharded(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array) -> jax.Array:
+    def sharded(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, *,
+                window: jax.Array | None = None, **options) -> jax.Array:
         heads = "model" if q.shape[2] % mesh.shape["model"] == 0 else None  # else each keeps all heads
         q_spec, kv_spec = PartitionSpec("data", None, heads, None, None), PartitionSpec("data", None, heads, None)
-        return jax.shard_map(attend, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, PartitionSpec("data", None)),
-                             out_specs=q_spec, check_vma=False)(q, k, v, segment_ids)
+        windowed = () if window is None else (window,)
+
+        def run(q, k, v, segment_ids, *window):
+            return attend(q, k, v, segment_ids, **options, **({"window": window[0]} if window else {}))
+
+        return jax.shard_map(run, mesh=mesh, out_specs=q_spec, check_vma=False,
+                             in_specs=(q_spec, kv_spec, kv_spec, PartitionSpec("data", None),
+                                       *(PartitionSpec(),) * len(windowed)))(q, k, v, segment_ids, *windowed)
 
     return sharded

@@ -1,6 +1,6 @@
 """Attention on TPUs: JAX's Pallas splash-attention kernel (Mosaic) with segment ids.
 
-Same contract as qwen2.attention. The kernel runs one row at a time (vmapped over the batch) on
+Same contract as decoder.attention. The kernel runs one row at a time (vmapped over the batch) on
 [heads, S, D] with grouped-query attention native (q head h reads k/v head h // G, which is the
 order of q's [KV, G] axes flattened). Its static mask is causal; the dynamic mask is segment
 equality. Padding (segment 0) gets a distinct negative id per position, so a padding token sees
@@ -55,8 +55,8 @@ def _heads_spec(kv_heads: int, heads: int, model: int) -> tuple[str | None, bool
 
 
 def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, *, mesh: Mesh,
-                     interpret: bool | pltpu.InterpretParams = False) -> jax.Array:
-    """Same contract as qwen2.attention: q [B, S, KV, G, D], k/v [B, S, KV, D], segment_ids [B, S]
+                     scale: float | None = None, interpret: bool | pltpu.InterpretParams = False) -> jax.Array:
+    """Same contract as decoder.attention: q [B, S, KV, G, D], k/v [B, S, KV, D], segment_ids [B, S]
     (a token sees earlier tokens of its own segment; padding is segment 0 and sees only itself)
     -> [B, S, KV, G, D] in q's dtype; softmax statistics in float32. Rows are split on "data"
     (which must divide the batch, as for the other kernels) and heads on "model" where they
@@ -70,7 +70,7 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.
     axis, repeat_kv = _heads_spec(kv_heads, heads, mesh.shape["model"])
     # Scaled as the portable attention scales: in q's dtype, before the scores. [B, H, S, D]
     q = (jnp.pad(q.reshape(batch, seq, heads, dim), ((0, 0), (0, pad), (0, 0), (0, 0)))
-         * jnp.asarray(dim**-0.5, q.dtype)).transpose(0, 2, 1, 3)
+         * jnp.asarray(dim**-0.5 if scale is None else scale, q.dtype)).transpose(0, 2, 1, 3)
     if repeat_kv:
         k, v = (jnp.repeat(x, groups, axis=2) for x in (k, v))
     k, v = (jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))).transpose(0, 2, 1, 3) for x in (k, v))  # [B, KV, S, D]

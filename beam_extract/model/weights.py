@@ -15,6 +15,8 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 
 from beam_extract.model.config import ModelConfig
+from beam_extract.model.families import FAMILIES, Stored, layer_tensors
+from beam_extract.model.mesh import GLOBAL_AXES, LAYER_AXES
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -24,23 +26,6 @@ METADATA_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "voc
 WEIGHT_FILES = ("*.safetensors", INDEX_FILE)
 # Floating-point weights only: int8 and friends would need their quantisation scales, which we do not apply.
 STORED_DTYPES = ("BF16", "F16", "F32")
-
-# Hugging Face layer tensor -> (our stacked name, whether to transpose [out, in] -> [in, out]).
-LAYER_TENSORS = {
-    "input_layernorm.weight": ("attn_norm", False),
-    "self_attn.q_proj.weight": ("q_w", True),
-    "self_attn.q_proj.bias": ("q_b", False),
-    "self_attn.k_proj.weight": ("k_w", True),
-    "self_attn.k_proj.bias": ("k_b", False),
-    "self_attn.v_proj.weight": ("v_w", True),
-    "self_attn.v_proj.bias": ("v_b", False),
-    "self_attn.o_proj.weight": ("o_w", True),
-    "post_attention_layernorm.weight": ("mlp_norm", False),
-    "mlp.gate_proj.weight": ("gate_w", True),
-    "mlp.up_proj.weight": ("up_w", True),
-    "mlp.down_proj.weight": ("down_w", True),
-}
-
 
 class CheckpointError(ValueError):
     """A checkpoint is missing, malformed, or does not match its config."""
@@ -138,34 +123,46 @@ def checkpoint_files(model_dir: Path) -> dict[str, Path]:
         raise CheckpointError(f"cannot read {single}: {error}") from error
 
 
+def param_shape(config: ModelConfig, name: str, per_layer: bool) -> tuple[int, ...]:
+    """Our parameter's shape (one layer's, for a layer parameter), from its logical axes."""
+    sizes = {"vocab": config.vocab_size, "embed": config.hidden_size, "heads": config.num_heads * config.head_dim,
+             "kv": config.num_kv_heads * config.head_dim, "mlp": config.intermediate_size,
+             "head_dim": config.head_dim, "positions": config.max_position_embeddings}
+    return tuple(sizes[axis] for axis in (LAYER_AXES if per_layer else GLOBAL_AXES)[name])
+
+
+def _stored_shape(stored: Stored, shape: tuple[int, ...]) -> tuple[int, ...]:
+    shape = shape[::-1] if stored.transpose else shape
+    return (*shape[:-1], shape[-1] * stored.parts)
+
+
+def stored_params(config: ModelConfig) -> list[tuple[str, int | None, Stored, str]]:
+    """(our name, layer or None, where it is stored, the checkpoint's name without the family's
+    prefix) for every parameter we load, whole-model ones first, in the family table's order."""
+    family = FAMILIES[config.family]
+    globals_ = [(name, None, stored, stored.name) for name, stored in family.globals.items()
+                if name != "pos_embed" or config.learned_positions]
+    layers = [(name, index, stored, f"{family.layers}.{index}.{stored.name}")
+              for index in range(config.num_layers) for name, stored in layer_tensors(config).items()]
+    return globals_ + layers
+
+
 def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Hugging Face tensor name (without the `model.` prefix) -> shape, for every tensor we load."""
-    d, hd, f = config.hidden_size, config.head_dim, config.intermediate_size
-    q, kv = config.num_heads * hd, config.num_kv_heads * hd
-    per_layer = {
-        "input_layernorm.weight": (d,),
-        "self_attn.q_proj.weight": (q, d),
-        "self_attn.q_proj.bias": (q,),
-        "self_attn.k_proj.weight": (kv, d),
-        "self_attn.k_proj.bias": (kv,),
-        "self_attn.v_proj.weight": (kv, d),
-        "self_attn.v_proj.bias": (kv,),
-        "self_attn.o_proj.weight": (d, q),
-        "post_attention_layernorm.weight": (d,),
-        "mlp.gate_proj.weight": (f, d),
-        "mlp.up_proj.weight": (f, d),
-        "mlp.down_proj.weight": (d, f),
-    }
-    shapes = {"embed_tokens.weight": (config.vocab_size, d), "norm.weight": (d,)}
-    for layer in range(config.num_layers):
-        shapes.update({f"layers.{layer}.{name}": shape for name, shape in per_layer.items()})
-    return shapes
+    """Checkpoint tensor name (without the family's prefix) -> shape, for every tensor we load."""
+    return {key: _stored_shape(stored, param_shape(config, name, index is not None))
+            for name, index, stored, key in stored_params(config)}
+
+
+def _unused(config: ModelConfig, key: str) -> bool:
+    family = FAMILIES[config.family]
+    return any(fnmatch.fnmatchcase(key, f"{family.layers}.*.{pattern}") for pattern in family.unused)
 
 
 def check_checkpoint(config: ModelConfig, model_dir: Path) -> dict[Path, list[str]]:
     """Every tensor we read, by file, checked from the files' headers alone (names, dtypes, shapes,
     nothing missing): a checkpoint we cannot use fails here, in the driver, as a CheckpointError."""
     expected = expected_shapes(config)
+    prefix = FAMILIES[config.family].prefix
     # The LM head is never used (no logits are computed), but a present one must still be well-formed.
     optional = {} if config.tie_word_embeddings else {"lm_head.weight": (config.vocab_size, config.hidden_size)}
     by_file: dict[Path, list[str]] = {}
@@ -178,7 +175,9 @@ def check_checkpoint(config: ModelConfig, model_dir: Path) -> dict[Path, list[st
             with safe_open(str(path), "np") as handle:
                 available = set(handle.keys())
                 for name in names:
-                    key = name.removeprefix("model.")
+                    key = name.removeprefix(prefix)
+                    if _unused(config, key):
+                        continue
                     if key not in expected and key not in optional:
                         raise CheckpointError(f"unexpected tensor {name!r} in {path.name}")
                     if name not in available:
@@ -192,40 +191,50 @@ def check_checkpoint(config: ModelConfig, model_dir: Path) -> dict[Path, list[st
                     if shape != want:
                         raise CheckpointError(f"tensor {name!r} has shape {shape}, config implies {want}")
                     if key in expected:
+                        if key in found:
+                            raise CheckpointError(f"tensor {key!r} is stored twice (with and without {prefix!r})")
                         wanted.setdefault(path, []).append(name)
                         found.add(key)
         except (SafetensorError, OSError) as error:
             raise CheckpointError(f"cannot read {path}: {error}") from error
-    missing = sorted(set(expected) - found)
+    missing = [key for key in expected if key not in found]
     if missing:
         raise CheckpointError(f"missing tensor {missing[0]!r} ({len(missing)} missing in all)")
     return wanted
 
 
 def _read_tensors(config: ModelConfig, model_dir: Path) -> dict[str, np.ndarray]:
+    prefix = FAMILIES[config.family].prefix
     tensors = {}
     for path, names in check_checkpoint(config, model_dir).items():
         try:
             with safe_open(str(path), "np") as handle:
                 for name in names:
-                    tensors[name.removeprefix("model.")] = handle.get_tensor(name)
+                    tensors[name.removeprefix(prefix)] = handle.get_tensor(name)
         except (SafetensorError, OSError) as error:
             raise CheckpointError(f"cannot read {path}: {error}") from error
     return tensors
 
 
 def load_params(config: ModelConfig, model_dir: Path, dtype: np.dtype) -> dict:
-    """The parameter pytree: layer weights stacked on a leading layer axis, linears as [in, out]."""
+    """The parameter pytree: layer weights stacked on a leading layer axis, linears as [in, out],
+    fused tensors split into ours."""
     tensors = _read_tensors(config, model_dir)
-    layers = {}
-    for hf_name, (ours, transpose) in LAYER_TENSORS.items():
-        stacked = np.stack([tensors.pop(f"layers.{i}.{hf_name}") for i in range(config.num_layers)])
-        layers[ours] = (stacked.swapaxes(1, 2) if transpose else stacked).astype(dtype)
-    return {
-        "embed": tensors.pop("embed_tokens.weight").astype(dtype),
-        "layers": layers,
-        "final_norm": tensors.pop("norm.weight").astype(dtype),
-    }
+    params: dict = {"layers": {}}
+    per_layer: dict[str, list[np.ndarray]] = {}
+    for name, index, stored, key in stored_params(config):
+        # Each checkpoint tensor is let go once read (the last part of a fused one): host memory holds
+        # about one copy of the weights, not two.
+        tensor = tensors.pop(key) if stored.part == stored.parts - 1 else tensors[key]
+        if stored.parts > 1:
+            tensor = np.split(tensor, stored.parts, axis=-1)[stored.part]
+        tensor = (tensor.T if stored.transpose else tensor).astype(dtype)
+        if index is None:
+            params[name] = tensor
+        else:
+            per_layer.setdefault(name, []).append(tensor)
+    params["layers"] = {name: np.stack(stack) for name, stack in per_layer.items()}
+    return params
 
 
 def remote_weights_checksum(url: str) -> str:

@@ -1,12 +1,15 @@
-"""Qwen2 decoder forward as pure JAX functions over a parameter pytree.
+"""The decoder of every family (families.py) as pure JAX functions over a parameter pytree.
 
 Layers are stacked on a leading axis and run with `lax.scan`, so compile time does not grow with
-depth. Only layers up to the deepest requested hook run; no final norm, no logits.
-Numerics follow transformers' Qwen2: RMSNorm and softmax in float32, RoPE with rotate_half.
+depth. Only layers up to the deepest requested hook run; no final norm, no logits. What differs
+between families is data: the ModelConfig's kinds and options, and which parameters a layer has
+(biases, q/k norms, Gemma's norms after each sublayer). Numerics follow transformers: norms and
+softmax in float32, RoPE with rotate_half.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import jax
@@ -14,7 +17,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from beam_extract.hooks import Hook
-from beam_extract.model.config import ModelConfig
+from beam_extract.model.config import ModelConfig, rope_frequencies
 
 # Attention runs over [BLOCK x BLOCK] tiles of (queries, keys) with an online softmax, so no
 # score tensor is larger than one tile, and tiles no query may see (above the causal diagonal, or
@@ -25,14 +28,47 @@ BLOCK = 128
 # A finite floor instead of -inf keeps fully masked tiles finite; they are corrected away as soon
 # as a visible key arrives (every query sees at least itself).
 MASKED = -1e30
+# The window of a layer that attends to every earlier key: farther than any sequence.
+FULL_WINDOW = 1 << 30
 
-Attention = Callable[[jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]  # the contract of `attention`
+# The contract of `attention`: (q, k, v, segment_ids, *, scale, [window], [softcap]) -> out.
+Attention = Callable[..., jax.Array]
+
+ACTIVATIONS = {"silu": jax.nn.silu, "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+               "gelu_new": jax.nn.gelu, "gelu_pytorch_tanh": jax.nn.gelu}
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     x32 = x.astype(jnp.float32)
     normed = x32 * lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
     return weight * normed.astype(x.dtype)
+
+
+def norm(x: jax.Array, layer: dict, name: str, config: ModelConfig) -> jax.Array:
+    """The family's norm with the layer's parameters `name` (and `name_b`), each rounded to x's dtype
+    where transformers rounds it."""
+    if config.norm == "rms":
+        return rms_norm(x, layer[name], config.rms_norm_eps)
+    x32 = x.astype(jnp.float32)
+    if config.norm == "rms_offset":  # Gemma: scaled by 1 + w in float32, then rounded
+        normed = x32 * lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + config.rms_norm_eps)
+        return (normed * (1.0 + layer[name].astype(jnp.float32))).astype(x.dtype)
+    centred = x32 - jnp.mean(x32, axis=-1, keepdims=True)  # LayerNorm
+    normed = centred * lax.rsqrt(jnp.mean(centred * centred, axis=-1, keepdims=True) + config.rms_norm_eps)
+    return (normed * layer[name].astype(jnp.float32) + layer[f"{name}_b"].astype(jnp.float32)).astype(x.dtype)
+
+
+def linear(x: jax.Array, layer: dict, name: str) -> jax.Array:
+    """x @ `name`_w, plus `name`_b where the layer has that bias."""
+    y = dense(x, layer[f"{name}_w"])
+    return y + layer[f"{name}_b"] if f"{name}_b" in layer else y
+
+
+def mlp(x: jax.Array, layer: dict, config: ModelConfig) -> jax.Array:
+    """Gated (act(gate) * up) where the layer has a gate, else act(up); then down."""
+    act = ACTIVATIONS[config.activation]
+    hidden = act(linear(x, layer, "gate")) * linear(x, layer, "up") if "gate_w" in layer else act(linear(x, layer, "up"))
+    return linear(hidden, layer, "down")
 
 
 def dense(x: jax.Array, w: jax.Array) -> jax.Array:
@@ -45,10 +81,10 @@ def dense(x: jax.Array, w: jax.Array) -> jax.Array:
     return x @ w
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
-    """x: [B, S, heads, head_dim]; positions: [B, S]. Half-split rotation (rotate_half)."""
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
+    """x: [B, S, heads, head_dim]; positions: [B, S]; inv_freq: [head_dim // 2] float32 (the layer's
+    row of config.rope_frequencies). Half-split rotation (rotate_half)."""
     half = x.shape[-1] // 2
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, 2 * half, 2, dtype=jnp.float32) / (2 * half)))
     angles = positions.astype(jnp.float32)[..., None] * inv_freq
     angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
     cos, sin = jnp.cos(angles).astype(x.dtype), jnp.sin(angles).astype(x.dtype)
@@ -56,19 +92,23 @@ def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
     return x * cos + rotated * sin
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array) -> jax.Array:
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, *, scale: float | None = None,
+              window: jax.Array | int | None = None, softcap: float | None = None) -> jax.Array:
     """Causal grouped-query attention within segments.
 
     q: [B, S, KV, G, D]; k, v: [B, S, KV, D]; segment_ids: [B, S] (a token sees earlier tokens of
     its own segment, a contiguous run of tokens; padding is segment 0 and sees only itself). Returns
-    [B, S, KV, G, D]. Softmax statistics are float32.
+    [B, S, KV, G, D]. Softmax statistics are float32. Scores are q.k * `scale` (default D ** -0.5),
+    soft-capped to softcap * tanh(score / softcap) when `softcap` is given; with a `window` a query
+    sees only the last `window` keys of its segment, itself included.
     """
     batch, seq, kv_heads, groups, dim = q.shape
+    scale = dim**-0.5 if scale is None else scale
     block = min(BLOCK, seq)
     pad = -seq % block  # appended positions are padding (segment 0): no real token sees them
     # Heads-major layouts, transposed once: every tile is then a plain batched matmul over (B, KV).
     q = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0), (0, 0))).transpose(0, 2, 3, 1, 4) * jnp.asarray(
-        dim**-0.5, q.dtype)  # [B, KV, G, S, D]
+        scale, q.dtype)  # [B, KV, G, S, D]
     k, v = (jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))).transpose(0, 2, 1, 3) for x in (k, v))  # [B, KV, S, D]
     segment_ids = jnp.pad(segment_ids, ((0, 0), (0, pad)))
     # Where each token's segment begins: no query sees a key before it, so a query block's loop over
@@ -88,17 +128,22 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array) 
             k_index = k_start + jnp.arange(block)[None, :]
             k_seg = lax.dynamic_slice_in_dim(segment_ids, k_start, block, axis=1)[:, None, :]
             # Padding (segment 0) sees only itself, so tiles of pure padding are skipped too.
-            visible = (q_index >= k_index)[None] & (q_seg[:, :, None] == k_seg) & ((k_seg > 0) | (q_index == k_index))
+            causal = q_index >= k_index if window is None else (q_index >= k_index) & (q_index - k_index < window)
+            visible = causal[None] & (q_seg[:, :, None] == k_seg) & ((k_seg > 0) | (q_index == k_index))
             tile = (lax.dynamic_slice_in_dim(k, k_start, block, axis=2),
                     lax.dynamic_slice_in_dim(v, k_start, block, axis=2), visible)
-            return lax.cond(jnp.any(visible), _attend_tile, lambda state, *_: state, state, q_blk, *tile)
+            return lax.cond(jnp.any(visible), functools.partial(_attend_tile, softcap=softcap),
+                            lambda state, *_: state, state, q_blk, *tile)
 
         stats = (batch, kv_heads, groups, block)
         state = (jnp.full(stats, MASKED, jnp.float32),  # running max
                  jnp.zeros(stats, jnp.float32),  # running sum of exp
                  jnp.zeros((*stats, dim), jnp.float32))  # running weighted values
-        # Causal: key blocks past this query block's last position are never visited.
-        first = jnp.min(segment_start[:, start]) // block
+        # Causal: key blocks past this query block's last position are never visited; nor, with a
+        # window, those wholly before the first query's window.
+        first_key = segment_start[:, start] if window is None else jnp.maximum(segment_start[:, start],
+                                                                               start - window + 1)
+        first = jnp.min(first_key) // block
         _, total, weighted = lax.fori_loop(first, start // block + 1, key_block, state)
         return (weighted / total[..., None]).astype(v.dtype)
 
@@ -107,10 +152,12 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array) 
     return out[:, :seq]
 
 
-def _attend_tile(state, q_blk, k_blk, v_blk, visible):
+def _attend_tile(state, q_blk, k_blk, v_blk, visible, softcap=None):
     """Folds one tile of keys into the online-softmax state of a query block."""
     running_max, total, weighted = state
     scores = jnp.einsum("bkgtd,bksd->bkgts", q_blk, k_blk, preferred_element_type=jnp.float32)
+    if softcap is not None:
+        scores = softcap * jnp.tanh(scores / softcap)
     scores = jnp.where(visible[:, None, None], scores, MASKED)
     new_max = jnp.maximum(running_max, scores.max(axis=-1))
     probs = jnp.exp(scores - new_max[..., None])
@@ -122,22 +169,35 @@ def _attend_tile(state, q_blk, k_blk, v_blk, visible):
 
 def decoder_block(
     x: jax.Array, layer: dict, positions: jax.Array, segment_ids: jax.Array, config: ModelConfig,
-    attend: Attention = attention,
+    attend: Attention = attention, inv_freq: jax.Array | None = None, window: jax.Array | None = None,
 ) -> dict[str, jax.Array]:
-    """One pre-norm decoder layer; returns every site's activation ([B, S, d] each)."""
+    """One pre-norm decoder layer; returns every site's activation ([B, S, d] each). `inv_freq` is the
+    layer's RoPE (None: positions are learned, added to the embeddings); `window` its sliding window
+    (None: the model has none)."""
     batch, seq, _ = x.shape
     kv, groups, dim = config.num_kv_heads, config.kv_groups, config.head_dim
-    h = rms_norm(x, layer["attn_norm"], config.rms_norm_eps)
-    q = (dense(h, layer["q_w"]) + layer["q_b"]).reshape(batch, seq, kv * groups, dim)
-    k = (dense(h, layer["k_w"]) + layer["k_b"]).reshape(batch, seq, kv, dim)
-    v = (dense(h, layer["v_w"]) + layer["v_b"]).reshape(batch, seq, kv, dim)
-    q = apply_rope(q, positions, config.rope_theta).reshape(batch, seq, kv, groups, dim)
-    k = apply_rope(k, positions, config.rope_theta)
-    attn = attend(q, k, v, segment_ids).reshape(batch, seq, kv * groups * dim)
-    attn_out = dense(attn, layer["o_w"])
+    h = norm(x, layer, "attn_norm", config)
+    q = linear(h, layer, "q").reshape(batch, seq, kv * groups, dim)
+    k = linear(h, layer, "k").reshape(batch, seq, kv, dim)
+    v = linear(h, layer, "v").reshape(batch, seq, kv, dim)
+    if "q_norm" in layer:  # per head, before RoPE (Qwen3, Gemma 3)
+        q, k = norm(q, layer, "q_norm", config), norm(k, layer, "k_norm", config)
+    if inv_freq is not None:
+        q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+    # Only what the model uses is passed: a kernel without windows or soft-capping then cannot be
+    # handed a model that needs them (loaded.Model picks the portable attention for those).
+    options = {"window": window} if window is not None else {}
+    if config.attn_softcap is not None:
+        options["softcap"] = config.attn_softcap
+    attn = attend(q.reshape(batch, seq, kv, groups, dim), k, v, segment_ids, scale=config.attention_scale,
+                  **options).reshape(batch, seq, kv * groups * dim)
+    attn_out = linear(attn, layer, "o")
+    if "attn_post_norm" in layer:  # Gemma normalises what each sublayer adds to the residual
+        attn_out = norm(attn_out, layer, "attn_post_norm", config)
     resid_mid = x + attn_out
-    h = rms_norm(resid_mid, layer["mlp_norm"], config.rms_norm_eps)
-    mlp_out = dense(jax.nn.silu(dense(h, layer["gate_w"])) * dense(h, layer["up_w"]), layer["down_w"])
+    mlp_out = mlp(norm(resid_mid, layer, "mlp_norm", config), layer, config)
+    if "mlp_post_norm" in layer:
+        mlp_out = norm(mlp_out, layer, "mlp_post_norm", config)
     return {
         "resid_pre": x,
         "attn_out": attn_out,
@@ -145,6 +205,17 @@ def decoder_block(
         "mlp_out": mlp_out,
         "resid_post": resid_mid + mlp_out,
     }
+
+
+def embed(params: dict, tokens: jax.Array, positions: jax.Array, config: ModelConfig) -> jax.Array:
+    """The first block's input: token embeddings (scaled in their dtype where the family scales
+    them), plus learned position embeddings where the family has them."""
+    x = params["embed"][tokens]
+    if config.embed_scale is not None:
+        x = x * jnp.asarray(config.embed_scale, x.dtype)
+    if config.learned_positions:
+        x = x + params["pos_embed"][positions]
+    return x
 
 
 def forward(
@@ -170,18 +241,25 @@ def forward(
     # site -> the slot each layer writes to; the last slot is scratch, overwritten by every layer not asked for.
     slot_of = {site: jnp.asarray([kept.index(layer) if layer in kept else len(kept) for layer in range(depth)],
                                  jnp.int32) for site, kept in requested.items()}
-    x = params["embed"][tokens]
+    x = embed(params, tokens, positions, config)
     buffers = {site: jnp.zeros((len(kept) + 1, *x.shape), x.dtype) for site, kept in requested.items()}
+
+    # Per-layer options ride along the scan: each layer's RoPE frequencies and sliding window.
+    per_layer = {}
+    if not config.learned_positions:
+        per_layer["inv_freq"] = jnp.asarray(rope_frequencies(config)[:depth])
+    if config.sliding:
+        per_layer["window"] = jnp.asarray([w or FULL_WINDOW for w in config.layer_windows[:depth]], jnp.int32)
 
     def step(carry, scanned):
         x, buffers = carry
-        index, slots = scanned
+        index, slots, options = scanned
         # One layer's weights per step, read in place (a slice [:depth] of the stack would copy the weights).
         layer = jax.tree.map(lambda stacked: lax.dynamic_index_in_dim(stacked, index, keepdims=False), params["layers"])
-        acts = decoder_block(x, layer, positions, segment_ids, config, attend)
+        acts = decoder_block(x, layer, positions, segment_ids, config, attend, **options)
         buffers = {site: lax.dynamic_update_index_in_dim(buffer, acts[site], slots[site], axis=0)
                    for site, buffer in buffers.items()}
         return (acts["resid_post"], buffers), None
 
-    (_, buffers), _ = lax.scan(step, (x, buffers), (jnp.arange(depth), slot_of))
+    (_, buffers), _ = lax.scan(step, (x, buffers), (jnp.arange(depth), slot_of, per_layer))
     return {(layer, site): buffers[site][requested[site].index(layer)] for layer, site in hooks}
