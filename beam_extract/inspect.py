@@ -34,6 +34,11 @@ def table(output: str, manifest: dict) -> str:
     return "\n".join(lines)
 
 
+def sampled_records(manifest: dict) -> str:
+    records = max((hook["records"] for hook in manifest["hooks"].values()), default=0)
+    return f"first {min(records, SAMPLED_RECORDS):,} of {records:,} records per hook"
+
+
 def save_png(figure, path: str) -> None:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=100)
@@ -47,22 +52,24 @@ def plots(output: str, manifest: dict) -> list[str]:
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
 
-    norms, lengths = {}, {}
+    norms, lengths = {}, []
     for name in manifest["hooks"]:
         records = list(itertools.islice(read_activations(output, name), SAMPLED_RECORDS))
         norms[name] = np.concatenate([np.linalg.norm(r["activations"], axis=-1) for r in records]) if records else []
-        lengths[name] = [r["n_tokens"] for r in records]
+        lengths = lengths or [r["n_tokens"] for r in records]  # every hook stores the same tokens of a sample
+    sampled = sampled_records(manifest)
     written = []
     figure, axis = plt.subplots(figsize=(8, 5))
     for name, values in norms.items():
         axis.hist(values, bins=60, histtype="step", label=name)
-    axis.set(xlabel="token L2 norm", ylabel="tokens", title="Activation norms per hook")
+    axis.set(xlabel="token L2 norm", ylabel="tokens", title=f"Activation norms per hook ({sampled})")
     axis.legend(fontsize="small")
     written.append(f"{output}/inspect_norms.png")
     save_png(figure, written[-1])
     figure, axis = plt.subplots(figsize=(8, 5))
-    axis.hist(next(iter(lengths.values()), []), bins=40)
-    axis.set(xlabel="stored tokens per record", ylabel="records", title="Tokens per record")
+    axis.hist(lengths, bins=40)
+    axis.set(xlabel="stored tokens per record (the same at every hook)", ylabel="records",
+             title=f"Tokens per record ({sampled})")
     written.append(f"{output}/inspect_tokens.png")
     save_png(figure, written[-1])
     plt.close("all")
@@ -79,6 +86,7 @@ def main(argv: list[str] | None = None) -> None:
     print(table(output, manifest))
     for path in plots(output, manifest):
         print(f"wrote {path}")
+    print(f"the plots show the {sampled_records(manifest)} ({len(manifest['hooks'])} hooks)")
 
 
 if __name__ == "__main__":

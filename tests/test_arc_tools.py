@@ -1,6 +1,7 @@
 """The ARC side tools: barc converter and prompt preview."""
 
 import json
+import re
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -36,4 +37,18 @@ def test_preview_prints_prompts_and_statistics(capsys):
     out = capsys.readouterr().out
     assert out.count("=== ") == 2 and "sample-mirror/v3/t0" in out
     assert out.count("<|im_start|>assistant\n### Output\n\n```grid\n") == 2
-    assert "11 prompts: tokens min" in out and "dead letters: none" in out
+    # --stats reads every view: 4 tasks with 5 tests at 8 views, and 6 documents.
+    assert "46 samples: tokens min" in out and "dead letters: none" in out
+    assert "x 4 hooks of d_model 64 in float32" in out
+
+
+def test_preview_counts_dropped_train_examples_not_prompts(capsys, tmp_path):
+    grid = [[1, 2, 3, 4, 5, 6, 7, 8]] * 8
+    task = {"id": "big", "train": [{"input": grid, "output": grid}] * 6, "test": [{"input": grid}]}
+    (tmp_path / "t.jsonl").write_text(json.dumps(task) + "\n")
+    preview.main(["--input", str(tmp_path / "t.jsonl"), "--num", "0", "--stats", "--views_per_task", "2",
+                  "--max_seq_len", "600", "--layers", "1", "--sites", "resid_pre,mlp_out", "--output_dtype", "bfloat16"])
+    out = capsys.readouterr().out
+    found = re.search(r"2 samples: .*; (\d+) train examples dropped from 2 ARC prompts", out)
+    assert found and int(found.group(1)) >= 4 and int(found.group(1)) % 2 == 0, out  # as many from each view
+    assert "x 2 hooks of d_model 64 in bfloat16" in out

@@ -182,6 +182,16 @@ def test_normalisation_factors_equal_a_direct_computation(default_run):
 
 
 @pytest.mark.slow
+def test_preview_predicts_the_bytes_written(default_run, capsys):
+    from beam_extract import preview
+
+    workdir, _, _ = default_run
+    preview.main(["--stats", "--num", "0"])  # the default job's options
+    written = sum(f.stat().st_size for f in (workdir / "activations").glob("resid_post/*/*.tfrecord"))
+    assert f"in all ({written:,} bytes)" in capsys.readouterr().out
+
+
+@pytest.mark.slow
 def test_arc_records_carry_their_view(default_run):
     from beam_extract.output.reader import read_records
 
@@ -206,6 +216,7 @@ def test_inspect_prints_a_table_and_writes_plots(default_run, capsys):
     inspect.main([str(workdir / "activations")])
     out = capsys.readouterr().out
     assert "blocks.3.hook_resid_post" in out and "dead letters none" in out
+    assert "the plots show the first 46 of 46 records per hook (4 hooks)" in out
     for name in ("inspect_norms.png", "inspect_tokens.png"):
         assert (workdir / "activations" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

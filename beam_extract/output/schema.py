@@ -75,18 +75,27 @@ def hook_fields(hook_name: str, layer: int) -> bytes:
             + wire.map_entry("layer", wire.int64_feature(layer)))
 
 
-def record_parts(activations: memoryview, sample: SampleFields, hook: bytes) -> list:
-    """One record's bytes as parts to join; `activations` is the buffer of its little-endian
-    [n_tokens, d_model] array in the output dtype, used as is."""
-    n = activations.nbytes
+def _head(n: int, sample: SampleFields, hook: bytes) -> bytes:
+    """A record's bytes up to its activations' n bytes (the Example, its map and the entry's heads)."""
     bytes_list = 1 + len(wire.varint(n)) + n
     feature = 1 + len(wire.varint(bytes_list)) + bytes_list
     key = wire.delimited(1, b"activations")
     entry = len(key) + 1 + len(wire.varint(feature)) + feature
     features = 1 + len(wire.varint(entry)) + entry + len(sample.before) + len(hook) + len(sample.after)
-    head = (wire.field_head(1, features) + wire.field_head(1, entry) + key + wire.field_head(2, feature)
+    return (wire.field_head(1, features) + wire.field_head(1, entry) + key + wire.field_head(2, feature)
             + wire.field_head(1, bytes_list) + wire.field_head(1, n))
-    return [head, activations, sample.before, hook, sample.after]
+
+
+def record_parts(activations: memoryview, sample: SampleFields, hook: bytes) -> list:
+    """One record's bytes as parts to join; `activations` is the buffer of its little-endian
+    [n_tokens, d_model] array in the output dtype, used as is."""
+    return [_head(activations.nbytes, sample, hook), activations, sample.before, hook, sample.after]
+
+
+def record_size(activation_bytes: int, sample: SampleFields, hook: bytes) -> int:
+    """The bytes of the record `record_parts` would make, without its activations at hand."""
+    return len(_head(activation_bytes, sample, hook)) + activation_bytes + len(sample.before) + len(hook) + len(
+        sample.after)
 
 
 def activation_bytes(activations: np.ndarray, output_dtype: str) -> memoryview:

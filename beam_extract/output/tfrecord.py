@@ -11,6 +11,9 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
 
+FRAMING_BYTES = 16  # a record's length, its CRC and the data's CRC
+
+
 def _masked_crc(data: bytes) -> int:
     crc = google_crc32c.value(data)
     return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
@@ -22,7 +25,7 @@ def write_record(handle: BinaryIO, data: bytes) -> int:
     handle.write(length + struct.pack("<I", _masked_crc(length)))
     handle.write(data)  # not joined to its framing: that would copy a record of activations again
     handle.write(struct.pack("<I", _masked_crc(data)))
-    return len(data) + 16
+    return len(data) + FRAMING_BYTES
 
 
 def iter_tfrecord(path: str) -> Iterator[bytes]:
