@@ -40,6 +40,9 @@ setup(
             "gcp-storage-emulator>=2024.8",
         ],
         "tpu": ["jax[tpu]>=0.10,<0.11"],
+        # beam_extract.integrations.saelens. Optional: sae-lens 6.54 pins transformer-lens < 4 (and
+        # brings wandb, datasets, pandas); it shares the test extra's torch.
+        "saelens": ["sae-lens>=6.54.12,<7"],
     },
     entry_points={"console_scripts": ["beam-extract=beam_extract.__main__:main"]},
 )

@@ -1,0 +1,81 @@
+"""A PyTorch `IterableDataset` of one hook's token activations, for SAE training.
+
+    from torch.utils.data import DataLoader
+    from beam_extract.integrations.pytorch import ActivationDataset
+
+    dataset = ActivationDataset("gs://bucket/acts", "blocks.6.hook_resid_post", batch_tokens=4096, seed=0)
+    loader = DataLoader(dataset, batch_size=None, num_workers=4)   # the dataset batches: batch_size=None
+    for epoch in range(2):
+        dataset.set_epoch(epoch)
+        for batch in loader:                                          # float32 [4096, d_model]
+            ...
+
+It yields whole batches of single tokens, float32 [batch_tokens, d_model], because that is what an
+SAE step takes and a DataLoader collating single tokens would spend more time than the step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from functools import cached_property
+
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from beam_extract.integrations.shards import d_model, shard_batches
+
+
+class ActivationDataset(IterableDataset):
+    """Token activations of `hook` under the output directory `path` (local or gs://; a finished run
+    through its manifest, a run still going through the files committed when the dataset is made).
+
+    Each DataLoader worker of each DDP rank is a shard that reads its own files (or, with fewer files
+    than shards, its own records of a shared file): per epoch every token is yielded once over all
+    shards. `rank` and `world_size` default to torch.distributed's when it is initialised. Shards end
+    up with token counts that differ by up to a file's, so under DDP train for a fixed number of
+    steps rather than to the end of an epoch.
+
+    Shuffled (the default), files are visited in an order drawn from (seed, epoch) and each shard
+    mixes its tokens through a buffer of `shuffle_buffer` tokens (held per worker: float32, so
+    shuffle_buffer * d_model * 4 bytes each); a seed and epoch give the same batches again for the
+    same number of workers and ranks. Call `set_epoch` before each epoch; with
+    `persistent_workers=True` the workers keep the epoch they started with, as they keep their copy
+    of the dataset. The last batch of each shard is short unless `drop_last`."""
+
+    def __init__(self, path: str, hook: str, batch_tokens: int = 4096, *, shuffle: bool = True,
+                 shuffle_buffer: int = 65536, seed: int = 0, drop_last: bool = False,
+                 rank: int | None = None, world_size: int | None = None) -> None:
+        from beam_extract.output.reader import hook_files
+
+        if batch_tokens < 1 or shuffle_buffer < 0:
+            raise ValueError(f"batch_tokens must be >= 1 and shuffle_buffer >= 0 (got {batch_tokens}, {shuffle_buffer})")
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        self.rank = rank if rank is not None else torch.distributed.get_rank() if distributed else 0
+        self.world_size = world_size if world_size is not None else (
+            torch.distributed.get_world_size() if distributed else 1)
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank {self.rank} is not in 0..{self.world_size - 1}")
+        # Listed once here, not in each worker: a gs:// listing per worker per epoch is slow and could
+        # disagree between workers on a run still being written.
+        self.path, self.hook, self.files = path, hook, hook_files(path, hook)
+        self.batch_tokens, self.shuffle, self.shuffle_buffer = batch_tokens, shuffle, shuffle_buffer
+        self.seed, self.drop_last, self.epoch = seed, drop_last, 0
+
+    @cached_property
+    def d_model(self) -> int:
+        """The activation width (read from the first record)."""
+        return d_model(self.path, self.hook)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Draws the file order and the mixing of epoch `epoch` in the next iteration."""
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        batches = shard_batches(self.files, self.rank * workers + worker, self.world_size * workers,
+                                batch_tokens=self.batch_tokens, shuffle=self.shuffle,
+                                shuffle_buffer=self.shuffle_buffer, seed=self.seed, epoch=self.epoch,
+                                drop_last=self.drop_last)
+        for batch in batches:
+            yield torch.from_numpy(batch)

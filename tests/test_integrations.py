@@ -1,0 +1,283 @@
+"""Consumers of an output (beam_extract.integrations) on a real pipeline output: the PyTorch dataset
+always; SAELens's provider and converter (marked `saelens`) where sae_lens is installed; and the
+README's "Train an SAE from the output" snippets as written, against the output on gs://."""
+
+import copy
+import importlib.util
+import re
+from collections import Counter
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from beam_extract.integrations.pytorch import ActivationDataset
+from beam_extract.integrations.shards import batches_in_order, mixed_batches, shard_plan
+from beam_extract.output.reader import hook_files, read_activations
+
+HOOK = "blocks.1.hook_resid_post"
+README = Path(__file__).parent.parent / "README.md"
+README_PATH = "gs://my-bucket/acts/fineweb-q05b"
+needs_saelens = pytest.mark.skipif(importlib.util.find_spec("sae_lens") is None,
+                                   reason="sae_lens is not installed: pip install -e '.[saelens]' (.ci/run does)")
+
+
+@pytest.fixture(scope="module")
+def output(tmp_path_factory) -> str:
+    """The default job's packaged samples at layer 1 through the tiny model, in files of at most 1 MB
+    (4 for the hook). Run in a subprocess: this process stays without JAX and Beam, as a consumer's
+    does, and forks its DataLoader workers safely."""
+    out = tmp_path_factory.mktemp("integrations") / "acts"
+    result = subprocess.run([sys.executable, "-m", "beam_extract", "--runner=DirectRunner", "--layers=1",
+                             "--shard_size_mb=1", f"--output={out}"], capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-5000:]
+    assert len(hook_files(str(out), HOOK)) >= 3
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def tokens(output) -> np.ndarray:
+    """Every stored token of the hook, in file and record order."""
+    return np.concatenate([record["activations"] for record in read_activations(output, HOOK)])
+
+
+def as_set(rows: np.ndarray) -> np.ndarray:
+    """The rows sorted, to compare multisets of token activations exactly."""
+    return rows[np.lexsort(rows.T[::-1])]
+
+
+def drawn(dataset, **loader) -> list[torch.Tensor]:
+    return list(DataLoader(dataset, batch_size=None, **loader))
+
+
+@pytest.mark.slow
+def test_importing_the_consumers_loads_no_framework(output):
+    code = f"""
+import sys
+import beam_extract.integrations, beam_extract.integrations.shards
+assert "torch" not in sys.modules
+from beam_extract.integrations.pytorch import ActivationDataset
+import beam_extract.integrations.saelens
+next(iter(ActivationDataset({output!r}, {HOOK!r}, 64)))
+print(sorted(m for m in ("jax", "apache_beam", "transformers", "tensorflow", "sae_lens") if m in sys.modules))
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("n_files", range(7))
+def test_shards_read_every_record_once(n_files):
+    records = [5 + 3 * f for f in range(n_files)]  # files of different lengths
+    for n_shards in range(1, 9):
+        read = []
+        for shard in range(n_shards):
+            plan = shard_plan(n_files, shard, n_shards)
+            assert plan or n_files == 0, (n_files, shard, n_shards)  # no shard idles while there are files
+            read += [(f, r) for f, first, stride in plan for r in range(records[f]) if r % stride == first]
+        assert sorted(read) == [(f, r) for f in range(n_files) for r in range(records[f])], (n_files, n_shards)
+
+
+def test_the_mixing_buffer_yields_every_row_once_in_a_seeded_order():
+    rows = np.arange(1000, dtype=np.float32)[:, None] * np.ones((1, 3), np.float32)
+    chunks = np.split(rows, [7, 100, 101, 450, 800])
+
+    def ids(seed, drop_last=False):
+        batches = list(mixed_batches(iter(chunks), 32, 200, np.random.default_rng(seed), drop_last))
+        assert all(len(b) == 32 for b in batches[:-1]) and all(b.dtype == np.float32 for b in batches)
+        return np.concatenate(batches)[:, 0].astype(int)
+
+    first = ids(0)
+    assert sorted(first) == list(range(1000))
+    assert first.tolist() == ids(0).tolist() and first.tolist() != ids(1).tolist()
+    assert np.abs(np.diff(first)).mean() > 50  # mixed, not read in order
+    assert len(ids(0, drop_last=True)) == 992
+    in_order = list(batches_in_order(iter(chunks), 32))
+    assert np.concatenate(in_order)[:, 0].astype(int).tolist() == list(range(1000)) and len(in_order[-1]) == 8
+
+
+@pytest.mark.slow
+def test_two_workers_yield_each_token_once(output, tokens):
+    dataset = ActivationDataset(output, HOOK, batch_tokens=512, seed=0)
+    batches = drawn(dataset, num_workers=2)
+    assert all(b.dtype == torch.float32 and b.shape[1] == dataset.d_model == tokens.shape[1] for b in batches)
+    assert sum(len(b) == 512 for b in batches) >= len(batches) - 2  # a short batch at most per worker
+    assert np.array_equal(as_set(torch.cat(batches).numpy()), as_set(tokens))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_ddp_ranks_and_their_workers_share_out_the_tokens(output, tokens, world_size):
+    """2 ranks x 2 workers: a file each; 3 x 2: more shards than files, records strided."""
+    per_rank = [torch.cat(drawn(ActivationDataset(output, HOOK, 256, seed=3, rank=rank, world_size=world_size),
+                                num_workers=2)).numpy() for rank in range(world_size)]
+    assert all(len(rows) for rows in per_rank)
+    assert np.array_equal(as_set(np.concatenate(per_rank)), as_set(tokens))
+
+
+@pytest.mark.slow
+def test_the_order_follows_the_seed_and_the_epoch(output, tokens):
+    def order(seed, epoch=0):
+        dataset = ActivationDataset(output, HOOK, 512, seed=seed, shuffle_buffer=4096)
+        dataset.set_epoch(epoch)
+        return torch.cat(drawn(dataset, num_workers=2)).numpy()
+
+    first = order(0)
+    assert np.array_equal(first, order(0))
+    for other in (order(1), order(0, epoch=1)):
+        assert not np.array_equal(first, other) and np.array_equal(as_set(other), as_set(first))
+    assert not np.array_equal(first, tokens)
+
+
+@pytest.mark.slow
+def test_unshuffled_it_reads_the_tokens_in_order(output, tokens):
+    batches = drawn(ActivationDataset(output, HOOK, 1000, shuffle=False))
+    assert [len(b) for b in batches] == [1000] * (len(tokens) // 1000) + [len(tokens) % 1000]
+    assert np.array_equal(torch.cat(batches).numpy(), tokens)
+    assert len(drawn(ActivationDataset(output, HOOK, 1000, shuffle=False, drop_last=True))) == len(tokens) // 1000
+
+
+@pytest.mark.slow
+def test_bad_arguments_are_refused(output):
+    with pytest.raises(ValueError, match="rank 2"):
+        ActivationDataset(output, HOOK, rank=2, world_size=2)
+    with pytest.raises(ValueError, match="batch_tokens"):
+        ActivationDataset(output, HOOK, 0)
+    with pytest.raises(KeyError, match="blocks.0.hook_resid_post"):
+        ActivationDataset(output, "blocks.0.hook_resid_post")
+
+
+def reconstruction_error(sae, batch: torch.Tensor) -> float:
+    with torch.no_grad():
+        return (sae(batch) - batch).pow(2).sum(-1).mean().item()
+
+
+
+
+@pytest.mark.slow
+@pytest.mark.saelens
+@needs_saelens
+def test_saelens_trains_from_the_provider(output, tokens):
+    from sae_lens import SAETrainer, StandardTrainingSAE, StandardTrainingSAEConfig
+    from sae_lens.config import SAETrainerConfig
+
+    from beam_extract.integrations.saelens import data_provider
+
+    epoch = list(data_provider(output, HOOK, 256, epochs=1))
+    assert len(epoch) == len(tokens) // 256 and all(b.shape == (256, tokens.shape[1]) for b in epoch)
+    # Tokens of the output, none twice (identical prompt prefixes of ARC views repeat rows, so by count).
+    drawn_rows = Counter(row.tobytes() for row in torch.cat(epoch).numpy())
+    assert not drawn_rows - Counter(row.tobytes() for row in tokens)
+
+    torch.manual_seed(0)
+    sae = StandardTrainingSAE(StandardTrainingSAEConfig(d_in=tokens.shape[1], d_sae=4 * tokens.shape[1],
+                                                        l1_coefficient=1e-3))
+    untrained, probe = copy.deepcopy(sae), torch.from_numpy(tokens[:2048])
+    # Three epochs of the provider: SAETrainer draws past the end of one.
+    config = SAETrainerConfig(total_training_samples=256 * len(epoch) * 3, train_batch_size_samples=256, lr=3e-3,
+                              lr_end=3e-3)
+    trainer = SAETrainer(cfg=config, sae=sae, data_provider=data_provider(output, HOOK, 256))
+    trained = trainer.fit()
+    assert trainer.n_training_samples == config.total_training_samples
+    assert reconstruction_error(trained, probe) < 0.5 * reconstruction_error(untrained, probe)
+
+
+@pytest.mark.slow
+@pytest.mark.saelens
+@needs_saelens
+def test_converted_activations_train_through_saelens_own_store(output, tokens, tmp_path):
+    from sae_lens import ActivationsStore, SAETrainer, StandardTrainingSAE, StandardTrainingSAEConfig
+    from sae_lens.config import SAETrainerConfig
+
+    from beam_extract.integrations.saelens import to_cached_activations
+
+    ids = np.concatenate([record["token_ids"] for record in read_activations(output, HOOK)])
+    rows, d_model = len(tokens) // 128, tokens.shape[1]
+    dataset = to_cached_activations(output, HOOK, str(tmp_path / "cached"), context_size=128)
+    assert len(dataset) == rows and dataset.column_names == [HOOK, "token_ids"]
+    dataset.set_format("numpy")
+    written = dataset[:]
+    assert np.array_equal(written[HOOK].reshape(-1, d_model), tokens[:rows * 128])
+    assert np.array_equal(written["token_ids"].reshape(-1), ids[:rows * 128])
+    with pytest.raises(FileExistsError):
+        to_cached_activations(output, HOOK, str(tmp_path / "cached"), context_size=128)
+
+    # SAELens reads it as a cache it wrote: its store checks the shapes, then feeds its trainer.
+    store = ActivationsStore(model=None, dataset=None, streaming=False, hook_name=HOOK, hook_head_index=None,
+                             context_size=128, d_in=d_model, n_batches_in_buffer=4, total_training_tokens=len(tokens),
+                             store_batch_size_prompts=8, train_batch_size_tokens=256, prepend_bos=False,
+                             normalize_activations="none", device=torch.device("cpu"), dtype="float32",
+                             cached_activations_path=str(tmp_path / "cached"))
+    torch.manual_seed(0)
+    sae = StandardTrainingSAE(StandardTrainingSAEConfig(d_in=d_model, d_sae=4 * d_model, l1_coefficient=1e-3))
+    untrained, probe = copy.deepcopy(sae), torch.from_numpy(tokens[:2048])
+    config = SAETrainerConfig(total_training_samples=256 * 150, train_batch_size_samples=256, lr=3e-3,
+                              lr_end=3e-3)
+    trained = SAETrainer(cfg=config, sae=sae, data_provider=store).fit()
+    assert reconstruction_error(trained, probe) < 0.5 * reconstruction_error(untrained, probe)
+
+
+def readme_snippets() -> list[str]:
+    """The python blocks of the README's "Train an SAE from the output" section."""
+    text = README.read_text(encoding="utf-8")
+    section = text.split("## Train an SAE from the output\n", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```python\n(.*?)```", section, re.S)
+
+
+def lines_of_code(block: str) -> int:
+    return sum(1 for line in block.splitlines() if line.strip())
+
+
+@pytest.fixture(scope="module")
+def output_on_gcs(output, gcs_bucket) -> str:
+    """The output uploaded to the GCS emulator, at the README's path but in the emulator's bucket."""
+    from google.cloud import storage
+
+    url = README_PATH.replace("gs://my-bucket", gcs_bucket)
+    bucket, _, prefix = url.removeprefix("gs://").partition("/")
+    client = storage.Client()
+    for path in Path(output).rglob("*"):
+        if path.is_file():
+            client.bucket(bucket).blob(f"{prefix}/{path.relative_to(output).as_posix()}").upload_from_filename(path)
+    return url
+
+
+def run_snippet(code: str, url: str, **replaced: str) -> dict:
+    """Runs a README block as written except for the bucket, the layer (the tiny model's output
+    has layer 1 only) and what `replaced` shortens."""
+    assert README_PATH in code and "blocks.6.hook_resid_post" in code
+    code = code.replace(README_PATH, url).replace("blocks.6.hook_resid_post", HOOK)
+    for old, new in replaced.items():
+        assert old in code
+        code = code.replace(old, new)
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    return namespace
+
+
+@pytest.mark.slow
+def test_the_readme_pytorch_snippet_trains_from_gcs(output_on_gcs, tokens, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    pytorch_block = readme_snippets()[0]
+    assert lines_of_code(pytorch_block) <= 10
+    ns = run_snippet(pytorch_block, output_on_gcs)
+    assert ns["acts"].d_model == tokens.shape[1] and np.isfinite(ns["loss"].item())
+
+
+@pytest.mark.slow
+@pytest.mark.saelens
+@needs_saelens
+def test_the_readme_saelens_snippets_train_and_convert_from_gcs(output_on_gcs, tokens, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _, trainer_block, convert_block = readme_snippets()
+    assert lines_of_code(trainer_block) <= 10
+    ns = run_snippet(trainer_block, output_on_gcs, **{"200_000_000": "4096 * 10"})
+    assert ns["sae"].cfg.d_in == tokens.shape[1]
+    run_snippet(convert_block, output_on_gcs)
+    from datasets import load_from_disk
+
+    assert len(load_from_disk(str(tmp_path / "cached/fineweb-q05b"))) == len(tokens) // 128
