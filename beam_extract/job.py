@@ -21,7 +21,7 @@ from beam_extract.io.inventory import inventory
 from beam_extract.io.sources import expand_input
 from beam_extract.legacy import legacy_rewrites
 from beam_extract.lifetime import Driver
-from beam_extract.model.config import ModelConfig, config_from_hf, load_hf_config
+from beam_extract.model.config import ModelConfig, check_context, config_from_hf, load_hf_config
 from beam_extract.model.weights import (METADATA_FILES, check_checkpoint, remote_weights_checksum, resolve_model_dir,
                                         weights_checksum)
 from beam_extract.model.mesh import mesh_sizes
@@ -225,6 +225,7 @@ def make_job(options: PipelineOptions) -> Job:
                          f"{record_bytes / 2**30:.1f} GiB ({config.hidden_size} x "
                          f"{ours['output_dtype']} and 3 token ids per token), over the {MAX_RECORD_BYTES / 2**30:.1f} GiB a record "
                          f"can be read back with; use at most {MAX_RECORD_BYTES // token_bytes}")
+    _usage(check_context, config, ours["max_seq_len"])
     dry_render(ours, config.vocab_size)
     hooks = tuple((layer, site) for site in sites for layer in layers)
     plan = BatchPlan(buckets, ours["batch_size"], ours["tokens_per_batch"], ours["packing"],

@@ -122,7 +122,7 @@ def config_from_hf(hf: transformers.PretrainedConfig) -> ModelConfig:
 
     family = family_of(hf.model_type)
     fields = family.read(hf)
-    kv_heads = hf.num_key_value_heads or hf.num_attention_heads
+    kv_heads = getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads
     if hf.num_attention_heads % kv_heads:
         raise UnsupportedConfigError(
             "num_key_value_heads", kv_heads, f"must divide num_attention_heads={hf.num_attention_heads}")
