@@ -14,7 +14,6 @@ setup(
     install_requires=[
         "apache-beam[gcp]>=2.77.0,<2.78",
         "jax>=0.10,<0.11",
-        "flax>=0.12,<0.13",
         "transformers>=5.0,<6",
         "tokenizers>=0.22,<1",
         "safetensors>=0.6,<1",
@@ -38,6 +37,7 @@ setup(
             "torch==2.13.0",
             "tensorflow-cpu>=2.19,<2.22",
             "gcp-storage-emulator>=2024.8",
+            "tfrecord>=1.14.6,<1.15",  # the README's reader for people without our package, tested
         ],
         "tpu": ["jax[tpu]>=0.10,<0.11"],
         # beam_extract.integrations.saelens. Optional: sae-lens 6.54 pins transformer-lens < 4 (and
