@@ -110,3 +110,43 @@ def test_compiles_at_most_once_per_row_length(tmp_path):
     assert sum(c.committed for c in compiles) == manifest["batching"]["compilations"]
     assert 4 <= manifest["batching"]["compilations"] <= len(manifest["batching"]["batch_shapes"])
     assert manifest["counts"]["samples"] >= 120
+
+
+FAMILIES_SCRIPT = """
+import json, sys
+import jax, numpy as np
+from pathlib import Path
+from beam_extract.model import load_model
+from beam_extract.model.mesh import parse_mesh
+from hf_reference import random_hf_checkpoint
+
+report = {}
+ids = np.random.default_rng(0).integers(0, 512, size=(4, 21))
+lengths = np.array([21, 9, 1, 16])
+# Heads that split over "model" (8 of Gemma's, GPT-2's fused q/k/v columns) and ones that do not.
+for family, overrides in [("gemma2", dict(num_attention_heads=8, num_key_value_heads=4, head_dim=32,
+                                          hidden_size=64, layer_types=None)),
+                          ("gpt2", dict(n_embd=64, n_head=4)), ("mistral", {})]:
+    directory = Path(sys.argv[1]) / family
+    random_hf_checkpoint(directory, seed=3, family=family, **overrides)
+    hooks = [f"blocks.{l}.hook_{s}" for l in range(3) for s in ("attn_out", "resid_post")]
+    single = load_model(str(directory), mesh=parse_mesh("data:1", jax.devices()[:1])).run_with_cache(ids, hooks, lengths)
+    model = load_model(str(directory), mesh="data:2,model:4")
+    sharded = model.run_with_cache(ids, hooks, lengths)
+    report[family] = max(float(np.abs(sharded[h][r, :n] - single[h][r, :n]).max() / max(1.0, np.abs(single[h]).max()))
+                         for h in hooks for r, n in enumerate(lengths))
+    report[family + " q_w"] = str(model.params["layers"]["q_w"].sharding.spec)
+print(json.dumps(report))
+"""
+
+
+def test_families_on_a_model_parallel_mesh_equal_single_device(tmp_path):
+    """Gemma's sliding windows and soft-capping (the window goes into each shard's attention),
+    GPT-2's q/k/v split from its fused tensor at load, Mistral's windows on every layer."""
+    result = subprocess.run([sys.executable, "-c", FAMILIES_SCRIPT, str(tmp_path)], env=eight_device_env(),
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-5000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    for family in ("gemma2", "gpt2", "mistral"):
+        assert report[family] <= 1e-5, (family, report[family])
+    assert report["gemma2 q_w"] == report["gpt2 q_w"] == "P(None, None, 'model')"
