@@ -157,3 +157,35 @@ def test_positions_past_the_model_are_refused(tmp_path):
     check_context(model.config, 16)
     with pytest.raises(ValueError, match="position 16 has no learned embedding"):
         model.run_with_cache(np.zeros((1, 17), np.int32), ["blocks.0.hook_resid_pre"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", sorted(set(FAMILIES) - {"qwen2"}))
+def test_pipeline_end_to_end_per_family(tmp_path, family):
+    """A text job on the DirectRunner's FnApiRunner with a checkpoint of each family (Qwen2.5's
+    tokenizer files, so its vocabulary): every record equals a direct forward of its sequence."""
+    from pathlib import Path
+
+    from beam_extract.model.embedded import write_random_checkpoint
+    from beam_extract.options import sample_input
+    from beam_extract.output.reader import read_records
+    from beam_extract.pipeline import run
+
+    config_class, _, defaults = FAMILIES[family]
+    vocab = {"vocab_size": 151936, "bos_token_id": 151643, "eos_token_id": 151645}
+    write_random_checkpoint(tmp_path / "model", config_class(**{**defaults, **vocab}), seed=1)
+    lines = (Path(sample_input()).parent / "sample_text.jsonl").read_text().splitlines()[:3]
+    (tmp_path / "docs.jsonl").write_text("\n".join(lines) + "\n")
+    run([f"--input={tmp_path / 'docs.jsonl'}", f"--output={tmp_path / 'out'}", f"--model={tmp_path / 'model'}",
+         "--max_seq_len=128", "--buckets=128", "--layers=0,2", "--sites=attn_out,resid_post",
+         "--exclude_special_tokens=false"])
+    model = load_model(str(tmp_path / "model"))
+    manifest = json.loads((tmp_path / "out/manifest.json").read_text())
+    assert manifest["model"]["config"]["family"] == family and manifest["counts"]["samples"] > 0
+    for hook in manifest["hooks"]:
+        records = [r for f in manifest["hooks"][hook]["files"] for r in read_records(str(tmp_path / "out" / f))]
+        assert len(records) == manifest["counts"]["samples"]
+        for record in records:
+            direct = model.run_with_cache(record["token_ids"][None], [hook])[hook][0]
+            stored = direct[record["positions"]] if len(record["positions"]) != len(direct) else direct
+            np.testing.assert_allclose(record["activations"], stored, rtol=0, atol=1e-5 * max(1, np.abs(direct).max()))
