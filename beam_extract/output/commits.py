@@ -19,7 +19,10 @@ import uuid
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 
-from apache_beam.io.filesystems import FileSystems
+from beam_extract.output.storage import exists, list_paths, read_json
+
+# Reading goes through `storage`; Beam's FileSystems is imported only where files are written or
+# deleted, so readers of the output import this module without Beam.
 
 COMMITS = "_committed"
 TEMPORARY_SUFFIX = ".tmp"  # temporary files are hidden (.name.tmp) and never match *.tfrecord or *.json
@@ -50,6 +53,8 @@ def write_json(path: str, value: dict) -> None:
     """Readers never see a partial file. A gs:// object becomes visible only once its upload is
     complete, so it is written in place (a rename there would copy it); a local file is written to
     a temporary name and renamed."""
+    from apache_beam.io.filesystems import FileSystems
+
     data = json.dumps(value, indent=1).encode("utf-8")
     if path.startswith("gs://"):
         with FileSystems.create(path) as handle:
@@ -62,23 +67,15 @@ def write_json(path: str, value: dict) -> None:
     FileSystems.rename([temporary], [path])
 
 
-def read_json(path: str) -> dict:
-    with FileSystems.open(path) as handle:
-        return json.loads(handle.read())
-
-
-def list_paths(pattern: str) -> list[str]:
-    """One listing (no per-file calls), sorted."""
-    return sorted(m.path for m in FileSystems.match([pattern])[0].metadata_list)
-
-
 def delete_quietly(paths: list[str]) -> None:
     """Deletes what is still there: a file removed meanwhile (by a cleanup before ours) is no error."""
+    from apache_beam.io.filesystems import FileSystems
+
     for path in paths:
         try:
             FileSystems.delete([path])
         except Exception:  # Beam wraps the not-found error of each file system in its own
-            if FileSystems.exists(path):
+            if exists(path):
                 raise
 
 
@@ -129,11 +126,12 @@ def without_samples(group: dict) -> dict:
 def write_sample_ids(path: str, digests: dict[str, str]) -> None:
     """{sample id: digest of what was committed} as JSON in a .json.gz file (Beam compresses by
     the name): what each worker of a resumed run skips, read in one request."""
+    from apache_beam.io.filesystems import FileSystems
+
     assert path.endswith(".json.gz"), path
     with FileSystems.create(path) as handle:
         handle.write(json.dumps(digests, sort_keys=True).encode("utf-8"))
 
 
 def read_sample_ids(path: str) -> dict[str, str]:
-    with FileSystems.open(path) as handle:
-        return json.loads(handle.read())
+    return read_json(path)

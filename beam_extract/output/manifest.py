@@ -12,14 +12,15 @@ import numpy as np
 from beam_extract.hooks import Hook, hook_name
 from beam_extract.model.config import ModelConfig
 from beam_extract.output.schema import FEATURES
-from beam_extract.output.commits import read_json, write_json
+from beam_extract.output.commits import write_json
+# read_manifest is imported from here by the pipeline's side; readers import it from `layout`.
+from beam_extract.output.layout import MANIFEST_NAME, read_manifest  # noqa: F401
 
 # 2: shard groups, fingerprint and lock, ids by file and line, `ok` and `problems`; 3: records hold their
 # whole sequence's token ids, hooks their normalisation
 FORMAT_VERSION = 3
 # Dead-letter reasons of whole input files that lost lines (`not_a_file` lost none: it was never input).
 LOST_LINES = ("truncated_file", "corrupt_file", "unreadable_file", "bad_file_name")
-MANIFEST_NAME = "manifest.json"
 
 
 def _union(a: bytes, b: bytes) -> bytes:
@@ -288,7 +289,3 @@ def write_manifest(output: str, manifest: dict) -> str:
     path = f"{output.rstrip('/')}/{MANIFEST_NAME}"
     write_json(path, manifest)
     return path
-
-
-def read_manifest(output: str) -> dict:
-    return read_json(f"{output.rstrip('/')}/{MANIFEST_NAME}")

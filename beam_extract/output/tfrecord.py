@@ -7,8 +7,8 @@ from collections.abc import Iterator
 from typing import BinaryIO
 
 import google_crc32c
-from apache_beam.io.filesystem import CompressionTypes
-from apache_beam.io.filesystems import FileSystems
+
+from beam_extract.output.storage import open_read
 
 
 FRAMING_BYTES = 16  # a record's length, its CRC and the data's CRC
@@ -30,7 +30,7 @@ def write_record(handle: BinaryIO, data: bytes) -> int:
 
 def iter_tfrecord(path: str) -> Iterator[bytes]:
     """Raw records of one TFRecord file (local or gs://), checking both CRCs of every record."""
-    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
+    with open_read(path) as handle:
         while header := handle.read(12):
             if len(header) != 12:
                 raise ValueError(f"{path}: truncated record header")

@@ -14,9 +14,8 @@ import apache_beam as beam
 from beam_extract.hooks import Hook
 from beam_extract.output.manifest import line_and_sample_counts, problems, relative_paths, summarize_hooks
 from beam_extract.output.commits import write_json
+from beam_extract.output.layout import WINDOWS
 from beam_extract.output.writer import window_span
-
-WINDOWS = "_windows"
 
 
 def window_index(span: tuple[str, str], output: str, hooks: tuple[Hook, ...], totals: dict) -> dict:
