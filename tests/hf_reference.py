@@ -23,8 +23,9 @@ FAMILIES = {
     "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM,
               COMMON | dict(num_attention_heads=3, num_key_value_heads=1, head_dim=32)),
     "gemma2": (transformers.Gemma2Config, transformers.Gemma2ForCausalLM,
-               COMMON | dict(hidden_size=60, num_attention_heads=5, num_key_value_heads=1, head_dim=24, query_pre_attn_scalar=32,
-                             sliding_window=5, attn_logit_softcapping=2.0, final_logit_softcapping=30.0)),
+               COMMON | dict(hidden_size=60, num_attention_heads=5, num_key_value_heads=1, head_dim=24,
+                             query_pre_attn_scalar=32, sliding_window=5, attn_logit_softcapping=2.0,
+                             final_logit_softcapping=30.0)),
     "gemma3_text": (transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM,
                     COMMON | dict(hidden_size=60, num_attention_heads=5, num_key_value_heads=1, head_dim=16,
                                   query_pre_attn_scalar=16, sliding_window=6, rope_theta=1000000.0,
@@ -59,7 +60,8 @@ def site_modules(layer: torch.nn.Module) -> dict[str, tuple[torch.nn.Module, str
     Gemma's attn_out and mlp_out are what is added to the residual: the outputs of the norms after
     each sublayer."""
     if hasattr(layer, "pre_feedforward_layernorm"):  # Gemma 2 and 3
-        return {"attn_out": (layer.post_attention_layernorm, "out"), "resid_mid": (layer.pre_feedforward_layernorm, "in"),
+        return {"attn_out": (layer.post_attention_layernorm, "out"),
+                "resid_mid": (layer.pre_feedforward_layernorm, "in"),
                 "mlp_out": (layer.post_feedforward_layernorm, "out")}
     if hasattr(layer, "ln_2"):  # GPT-2
         return {"attn_out": (layer.attn, "out"), "resid_mid": (layer.ln_2, "in"), "mlp_out": (layer.mlp, "out")}

@@ -130,7 +130,8 @@ for family, overrides in [("gemma2", dict(num_attention_heads=8, num_key_value_h
     directory = Path(sys.argv[1]) / family
     random_hf_checkpoint(directory, seed=3, family=family, **overrides)
     hooks = [f"blocks.{l}.hook_{s}" for l in range(3) for s in ("attn_out", "resid_post")]
-    single = load_model(str(directory), mesh=parse_mesh("data:1", jax.devices()[:1])).run_with_cache(ids, hooks, lengths)
+    one_device = parse_mesh("data:1", jax.devices()[:1])
+    single = load_model(str(directory), mesh=one_device).run_with_cache(ids, hooks, lengths)
     model = load_model(str(directory), mesh="data:2,model:4")
     sharded = model.run_with_cache(ids, hooks, lengths)
     report[family] = max(float(np.abs(sharded[h][r, :n] - single[h][r, :n]).max() / max(1.0, np.abs(single[h]).max()))

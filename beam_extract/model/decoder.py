@@ -67,7 +67,8 @@ def linear(x: jax.Array, layer: dict, name: str) -> jax.Array:
 def mlp(x: jax.Array, layer: dict, config: ModelConfig) -> jax.Array:
     """Gated (act(gate) * up) where the layer has a gate, else act(up); then down."""
     act = ACTIVATIONS[config.activation]
-    hidden = act(linear(x, layer, "gate")) * linear(x, layer, "up") if "gate_w" in layer else act(linear(x, layer, "up"))
+    up = linear(x, layer, "up")
+    hidden = act(linear(x, layer, "gate")) * up if "gate_w" in layer else act(up)
     return linear(hidden, layer, "down")
 
 

@@ -56,7 +56,8 @@ LLAMA_LAYER = {
     **_linear("self_attn.q_proj", "qkv_bias"), **_linear("self_attn.k_proj", "qkv_bias"),
     **_linear("self_attn.v_proj", "qkv_bias"), **_linear("self_attn.o_proj", "o_bias"),
     "mlp_norm": Stored("post_attention_layernorm.weight"),
-    **_linear("mlp.gate_proj", "mlp_bias"), **_linear("mlp.up_proj", "mlp_bias"), **_linear("mlp.down_proj", "mlp_bias"),
+    **_linear("mlp.gate_proj", "mlp_bias"), **_linear("mlp.up_proj", "mlp_bias"),
+    **_linear("mlp.down_proj", "mlp_bias"),
 }
 QK_NORMS = {"q_norm": Stored("self_attn.q_norm.weight"), "k_norm": Stored("self_attn.k_norm.weight")}
 # Gemma normalises what each sublayer adds to the residual; its pre-MLP norm has another name.
@@ -75,10 +76,10 @@ def _refuse(hf: transformers.PretrainedConfig, field: str, why: str, ok=(None, F
         raise UnsupportedConfigError(field, value, why)
 
 
-def _llama_like(hf: transformers.PretrainedConfig, *, activation: str = "hidden_act") -> dict:
+def _llama_like(hf: transformers.PretrainedConfig) -> dict:
     theta, scaling = hf_rope(hf)
     return dict(intermediate_size=hf.intermediate_size, rms_norm_eps=float(hf.rms_norm_eps),
-                activation=getattr(hf, activation), rope_theta=theta, rope_scaling=scaling, qkv_bias=False)
+                activation=hf.hidden_act, rope_theta=theta, rope_scaling=scaling, qkv_bias=False)
 
 
 def _read_qwen2(hf: transformers.PretrainedConfig) -> dict:
@@ -100,7 +101,7 @@ def _read_mistral(hf: transformers.PretrainedConfig) -> dict:
 def _read_qwen3(hf: transformers.PretrainedConfig) -> dict:
     _refuse(hf, "use_sliding_window", "sliding-window attention is not implemented for Qwen3")
     layer_windows(hf)
-    return _read_llama(hf) | dict(mlp_bias=False)
+    return _read_llama(hf)
 
 
 def _read_gemma(hf: transformers.PretrainedConfig, rope: tuple[float, tuple], local_theta: float | None) -> dict:
@@ -175,4 +176,5 @@ def family_of(model_type: object) -> Family:
 def layer_tensors(config) -> dict[str, Stored]:
     """Our per-layer parameters for this config and where each is stored."""
     family = FAMILIES[config.family]
-    return {ours: stored for ours, stored in family.layer.items() if stored.when is None or getattr(config, stored.when)}
+    return {ours: stored for ours, stored in family.layer.items()
+            if stored.when is None or getattr(config, stored.when)}

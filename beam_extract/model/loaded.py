@@ -123,7 +123,8 @@ class Model:
         bad = [hook for hook in hooks if not (0 <= hook[0] < self.config.num_layers and hook[1] in SITES)]
         if bad:  # checked here: indexing past the last layer inside jit would silently clamp
             raise ValueError(f"hooks {bad} do not exist in a model of {self.config.num_layers} layers")
-        if self.config.learned_positions and len(positions) and np.max(positions) >= self.config.max_position_embeddings:
+        learned = self.config.learned_positions
+        if learned and len(positions) and np.max(positions) >= self.config.max_position_embeddings:
             # an embedding lookup past the table would silently read its last row
             raise ValueError(f"position {int(np.max(positions))} has no learned embedding (the model has "
                              f"{self.config.max_position_embeddings})")
