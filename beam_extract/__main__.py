@@ -80,6 +80,10 @@ def main(argv: list[str] | None = None) -> None:
     except REFUSALS as refusal:  # a mistake in the command line, the model or the output: one line
         print(f"beam-extract: {refusal}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:  # how a local (streaming) job is stopped; the lock is released by then
+        print("beam-extract: stopped. What was committed stays readable; the same command with --resume "
+              "continues", file=sys.stderr)
+        sys.exit(130)
     if not is_local(PipelineOptions(argv)):
         progress = (f"an index per window under {job.output}/_windows/" if job.streaming
                     else f"the manifest will be at {job.output}/manifest.json")

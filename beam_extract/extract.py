@@ -17,6 +17,7 @@ from apache_beam.utils.windowed_value import WindowedValue
 from beam_extract import progress
 from beam_extract.batching import Batch, Placement
 from beam_extract.lifetime import Driver, exit_with_driver
+from beam_extract.faults import maybe_fail
 from beam_extract.model import Model, hook_name, load_model
 from beam_extract.model.compile_cache import enable_compilation_cache
 from beam_extract.model.loaded import Dispatched
@@ -201,6 +202,7 @@ class ExtractDoFn(beam.DoFn):
         self._device_free = 0.0  # when this thread's previous forward was on the host: the device was busy until then
 
     def process(self, batch: Batch, timestamp=beam.DoFn.TimestampParam, window=beam.DoFn.WindowParam):
+        maybe_fail("before_forward")
         batch = pad_rows(batch, self._model.mesh.shape["data"])
         started = self._dispatch(batch), batch, WindowedValue(None, timestamp, (window,))
         previous, self._in_flight = self._in_flight, started

@@ -10,7 +10,8 @@ import uuid
 from collections.abc import Callable
 
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.options.pipeline_options import GoogleCloudOptions, PipelineOptions, PortableOptions, StandardOptions
+from apache_beam.options.pipeline_options import (FlinkRunnerOptions, GoogleCloudOptions, PipelineOptions, PortableOptions,
+                                                  SparkRunnerOptions, StandardOptions)
 
 from beam_extract.arc.augment import ArcView, augment
 from beam_extract.arc.encoders import parse_encoder
@@ -275,10 +276,18 @@ LOCAL_RUNNERS = (None, "DirectRunner", "direct", "FnApiRunner", "BundleBasedDire
 
 
 def is_local(options: PipelineOptions) -> bool:
-    """The job runs on this machine and ends with this process: Beam's in-process runners, or a
-    portable runner whose job service is on loopback (beam_extract.portable_local). A job server
-    elsewhere (Flink, Spark, a TPU VM's) runs the job on its own: remote."""
+    """The job runs on this machine and ends with this process: Beam's in-process runners; a
+    portable runner whose job service is on loopback (beam_extract.portable_local); Flink's or
+    Spark's embedded local cluster (its job server is a child of this process); or any runner
+    whose SDK workers run in this process (LOOPBACK). A job server elsewhere (a Flink or Spark
+    cluster, a TPU VM's) runs the job on its own: remote."""
     runner = options.view_as(StandardOptions).runner
+    if options.view_as(PortableOptions).environment_type == "LOOPBACK":
+        return True
+    if runner == "FlinkRunner":
+        return options.view_as(FlinkRunnerOptions).flink_master in ("[local]", "[auto]")
+    if runner == "SparkRunner":
+        return options.view_as(SparkRunnerOptions).spark_master_url.startswith("local")
     if runner not in ("PortableRunner", "PrismRunner"):
         return runner in LOCAL_RUNNERS
     endpoint = options.view_as(PortableOptions).job_endpoint or "embed"

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import shutil
+import signal
 import sys
+import threading
 from pathlib import Path
 
 import apache_beam as beam
@@ -24,6 +26,7 @@ from apache_beam.transforms.window import FixedWindows
 from beam_extract.accounting import AccountLines
 from beam_extract.batching import BatchSamples, ShuffleSamples
 from beam_extract.extract import BATCH_STATS, ExtractDoFn
+from beam_extract.faults import maybe_fail
 from beam_extract.io.sources import MatchPaths, ReadLines
 from beam_extract.job import DEAD_LETTER_STAGES, LOCAL_RUNNERS, Job, claim_output, make_job
 from beam_extract.options import UsageError, template_switches
@@ -48,6 +51,7 @@ def _finish(_, job: Job, lines_read: int, lines: dict, samples: int, resumed: in
     resumed run kept; anything else of ours on disk is removed."""
     every_group = [*job.resumed.groups, *groups]
     remove_unlisted(job.output, job.hooks, every_group)
+    maybe_fail("finalize")
     manifest = build_manifest(
         options=job.options, config=job.config, hooks=job.hooks, groups=every_group, lines_read=lines_read,
         lines=lines, samples=samples, resumed=resumed, dead_letters=dead_letters, batching=batching,
@@ -204,13 +208,40 @@ def _local_runner_without_download(options: PipelineOptions) -> None:
 
 
 def _refuse_local_streaming(options: PipelineOptions) -> None:
-    """Beam 2.77's local runners cannot watch files: the BundleBasedDirectRunner rejects
+    """Beam 2.77's in-process runners cannot watch files: the BundleBasedDirectRunner rejects
     MatchContinuously, the FnApiRunner polls but emits nothing past a GroupByKey until its source
-    ends (never), and the DirectRunner would first try to download Prism."""
+    ends (never), and the DirectRunner would first try to download Prism. Prism can."""
     standard = options.view_as(StandardOptions)
-    if standard.streaming and standard.runner in LOCAL_RUNNERS and standard.runner != "PortableRunner":
-        raise ValueError("--streaming runs on Dataflow or a portable runner (Flink, Spark); Beam's local runners "
-                         "cannot watch --input for new files. Without --streaming the job reads the files there now.")
+    if standard.streaming and standard.runner in LOCAL_RUNNERS and standard.runner not in ("PortableRunner",
+                                                                                         "PrismRunner"):
+        raise UsageError(f"--streaming with --runner={standard.runner or 'DirectRunner'}: Beam's in-process runners "
+                         "cannot watch --input for new files; run it locally with --runner=PrismRunner (`make "
+                         "prism`), or on Dataflow, Flink or Spark. Without --streaming the job reads the files "
+                         "there now.")
+
+
+def _quiet_if_stream_closed(args: threading.ExceptHookArgs) -> None:
+    """Once a local job is stopped, its SDK worker's threads see their streams to the runner close:
+    that is the stop, not an error to print."""
+    import grpc
+
+    if not isinstance(args.exc_value, grpc.RpcError):
+        threading.__excepthook__(args)
+
+
+def _wait_cancelling_on_interrupt(result: PipelineResult) -> None:
+    """Waits for a local job; Ctrl-C cancels it through its runner first, so its SDK worker stops
+    cleanly, instead of Beam's own handler stopping a portable runner's job server under it."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        result.wait_until_finish()
+    except KeyboardInterrupt:
+        threading.excepthook = _quiet_if_stream_closed
+        with contextlib.suppress(Exception):  # the in-process runners cannot cancel; they stop with us
+            result.cancel()  # not waited for: Prism may not end a watch promptly; it stops with us
+        raise
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = None) -> tuple[PipelineResult, Job]:
@@ -229,7 +260,7 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
         with Reporter(job.driver, job.input_bytes) if job.driver else contextlib.nullcontext():
             result = pipeline.run()
             if waits:
-                result.wait_until_finish()
+                _wait_cancelling_on_interrupt(result)
     except BaseException:
         ownership.release_lock(job.output, job.lock)
         raise

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from apache_beam.options.pipeline_options import PipelineOptions
 
+from beam_extract.job import is_local
 from beam_extract.options import ExtractOptions, extract_options
 from beam_extract.template import METADATA, render, template_metadata
 
@@ -92,3 +93,22 @@ def test_extraction_through_a_local_worker_pool(tmp_path):
     assert manifest["counts"]["samples"] == 11 and manifest["counts"]["lines_unaccounted"] == 0
     records = list(read_records(str(tmp_path / "out/resid_post/layer_01/*.tfrecord")))
     assert len(records) == 11 and all(r["activations"].shape == (r["n_tokens"], 64) for r in records)
+
+
+@pytest.mark.parametrize("args, local", [
+    ([], True),
+    (["--runner=PrismRunner"], True),
+    (["--runner=PortableRunner", "--job_endpoint=localhost:8099"], True),
+    (["--runner=FlinkRunner", "--environment_type=PROCESS"], True),  # an embedded Flink cluster
+    (["--runner=FlinkRunner", "--flink_master=[local]", "--environment_type=EXTERNAL"], True),
+    (["--runner=SparkRunner", "--environment_type=PROCESS"], True),  # local[4]
+    (["--runner=FlinkRunner", "--flink_master=jobmanager:8081", "--environment_type=LOOPBACK"], True),
+    (["--runner=FlinkRunner", "--flink_master=jobmanager:8081", "--environment_type=EXTERNAL"], False),
+    (["--runner=SparkRunner", "--spark_master_url=spark://master:7077", "--environment_type=EXTERNAL"], False),
+    (["--runner=PortableRunner", "--job_endpoint=tpu-vm:8099"], False),
+    (["--runner=DataflowRunner"], False),
+])
+def test_a_job_ends_with_the_command_when_it_runs_here(args, local):
+    """A local job is waited for (its lock released, its workers stopped with the command); a job
+    on an embedded Flink or Spark cluster, or with its SDK workers in this process, is one."""
+    assert is_local(PipelineOptions(args)) is local

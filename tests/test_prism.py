@@ -1,17 +1,25 @@
 """The pipeline on Prism, Beam's portable runner in Go (a runner of its own: job service, bundles,
-shuffles and an SDK worker over the Fn API), against the in-process FnApiRunner on the same input."""
+shuffles and an SDK worker over the Fn API): a batch job against the in-process FnApiRunner on the
+same input, and a streaming job watching a directory for real, stopped and resumed."""
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from test_integrity import GRID, records, task, write_lines
-from test_pipeline_default_run import run_guarded
+from test_pipeline_default_run import GUARDED_MAIN, TESTS, run_guarded
+
+from beam_extract.output.commits import read_groups_on_disk, select_groups
+from beam_extract.output.reader import read_activations, read_windows
 
 PRISM = Path(sys.executable).parent / "prism"
 pytestmark = pytest.mark.skipif(not PRISM.is_file() and not shutil.which("prism"),
@@ -58,3 +66,86 @@ def test_a_text_and_arc_job_on_prism_equals_the_in_process_runner(tmp_path):
         want = theirs[key]["activations"]
         np.testing.assert_allclose(record["activations"], want, rtol=0, atol=1e-5 * max(1, np.abs(want).max()),
                                    err_msg=str(key))
+
+
+def start_streaming(tmp_path, *args):
+    """The streaming job on Prism, running in the background (stopped like a user does, with Ctrl-C)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.Popen([sys.executable, "-c", GUARDED_MAIN, str(tmp_path / "stream.log"), "--runner=PrismRunner",
+                             "--streaming", f"--input={tmp_path / 'in'}/*.jsonl", f"--output={tmp_path / 'out'}",
+                             f"--poll_interval={POLL}", f"--window_seconds={WINDOW}", f"--flush_seconds={FLUSH}",
+                             "--layers=0", "--max_seq_len=256", *args], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def drop(tmp_path, name: str, documents: int) -> tuple[set, float]:
+    """Writes an input file atomically (as a copy into the watched directory would land) and
+    returns its sample ids and when it landed."""
+    lines = "".join(json.dumps({"text": f"{name} document {i} " * 12}) + "\n" for i in range(documents))
+    (tmp_path / f".{name}").write_text(lines)
+    os.rename(tmp_path / f".{name}", tmp_path / "in" / name)
+    return {f"{name}:{line}#w0" for line in range(1, documents + 1)}, time.monotonic()
+
+
+def committed(tmp_path) -> list[str]:
+    kept, _ = select_groups(read_groups_on_disk(str(tmp_path / "out")))
+    return [sample for group in kept for sample in group["samples"]]
+
+
+def windows_with(tmp_path, samples: int) -> list[dict]:
+    return [w for w in read_windows(str(tmp_path / "out")) if w["counts"]["samples_committed_now"] >= samples]
+
+
+def wait_for(condition, job, timeout: float):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert job.poll() is None, job.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.5)
+
+
+def stop(job) -> str:
+    job.send_signal(signal.SIGINT)
+    _, stderr = job.communicate(timeout=120)
+    assert job.returncode == 130, stderr[-3000:]
+    return stderr
+
+
+POLL, FLUSH, WINDOW = 1, 1, 5
+
+
+@pytest.mark.slow
+def test_streaming_on_prism_picks_up_dropped_files_and_resumes_after_a_stop(tmp_path):
+    (tmp_path / "in").mkdir()
+    first, _ = drop(tmp_path, "a.jsonl", 3)
+    job = start_streaming(tmp_path)
+    try:
+        # Start-up and the first compilations, then each new file within a window, its flush and a poll.
+        wait_for(lambda: first <= set(committed(tmp_path)) and windows_with(tmp_path, 3), job, timeout=240)
+        second, landed = drop(tmp_path, "b.jsonl", 2)
+        wait_for(lambda: second <= set(committed(tmp_path)), job, timeout=120)
+        wait_for(lambda: len(read_windows(str(tmp_path / "out"))) >= 2, job, timeout=120)
+        latency = time.monotonic() - landed
+        assert latency <= POLL + FLUSH + WINDOW + 20, latency  # slack for this 2-core machine's forwards
+        stderr = stop(job)
+    finally:
+        job.kill()
+    assert "the same command with --resume continues" in stderr and "Traceback" not in stderr
+    assert not (tmp_path / "out/_run/lock.json").exists()
+    assert not (tmp_path / "stream.log").exists()  # nothing left the machine
+
+    job = start_streaming(tmp_path, "--resume")  # a and b are listed again: skipped, not written twice
+    try:
+        third, _ = drop(tmp_path, "c.jsonl", 4)
+        wait_for(lambda: third <= set(committed(tmp_path)) and windows_with(tmp_path, 4), job, timeout=240)
+        stop(job)
+    finally:
+        job.kill()
+    ids = committed(tmp_path)
+    assert sorted(ids) == sorted(first | second | third)  # each sample once
+    indexes = read_windows(str(tmp_path / "out"))
+    assert all(w["ok"] for w in indexes), [w["problems"] for w in indexes]
+    assert sum(w["counts"]["samples_committed_now"] for w in indexes) == len(ids)
+    assert sum(w["counts"]["samples_resumed"] for w in indexes) == len(first | second)
+    for hook in ("blocks.0.hook_resid_post",):
+        assert sorted(r["sample_id"] for r in read_activations(str(tmp_path / "out"), hook)) == sorted(ids)

@@ -34,7 +34,7 @@ from apache_beam.transforms.window import FixedWindows, TimestampedValue
 
 from beam_extract.batching import BatchDoFn, BatchPlan
 from beam_extract.hooks import parse_hook_name
-from beam_extract.options import template_switches
+from beam_extract.options import UsageError, template_switches
 from beam_extract.output.writer import hook_dir
 from beam_extract.output.ownership import release_lock
 from beam_extract.job import claim_output, make_job
@@ -126,7 +126,8 @@ def test_streaming_watches_the_input_and_local_runners_are_refused(tmp_path):
     batch = make_job(PipelineOptions([f"--output={tmp_path}/out2", "--flush_seconds=9"]))
     assert not batch.streaming and batch.plan.flush_seconds == 0
     for runner in ("DirectRunner", "FnApiRunner", "BundleBasedDirectRunner"):
-        with pytest.raises(ValueError, match="--streaming runs on Dataflow"):
+        with pytest.raises(UsageError, match="cannot watch --input for new files; run it locally with "
+                                             "--runner=PrismRunner"):
             run(["--streaming=true", f"--runner={runner}", f"--output={tmp_path}/out3"])
 
 

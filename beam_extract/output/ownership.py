@@ -51,15 +51,16 @@ FINGERPRINT_OPTIONS = ("input_format", "text_field", "max_line_bytes", "special_
 
 def fingerprint(options: dict, *, weights_sha256: str, config: dict, tokenizer_sha256: str,
                 hooks: list[str], template_sha256: str) -> dict:
-    """The run's identity, as JSON values (compared field by field on --resume)."""
-    return {
+    """The run's identity, as JSON values (compared field by field on --resume with the one
+    recorded, read back from JSON: so tuples are lists here too)."""
+    return json.loads(json.dumps({
         "weights_sha256": weights_sha256,
         "config": config,
         "tokenizer_sha256": tokenizer_sha256,
         "hooks": hooks,
         "prompt_template_sha256": template_sha256,
         **{name: options[name] for name in FINGERPRINT_OPTIONS},
-    }
+    }))
 
 
 def differences(before: dict, now: dict) -> list[str]:

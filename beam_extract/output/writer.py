@@ -27,6 +27,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.transforms.window import GlobalWindows, IntervalWindow
 from apache_beam.utils.windowed_value import WindowedValue
 
+from beam_extract.faults import maybe_fail
 from beam_extract.hooks import Hook, hook_name
 from beam_extract.lifetime import Driver, exit_with_driver, stop_if_driver_gone
 from beam_extract.output.commits import (COMMITS, TEMPORARY_SUFFIX, commit_path, delete_quietly, group_files,
@@ -156,6 +157,7 @@ class WriteShards(beam.DoFn):
         record = group.close(self._output, self._hooks)
         stop_if_driver_gone(self._driver)
         write_json(commit_path(self._output, group.group), record)
+        maybe_fail("after_writes")
         return record
 
 
