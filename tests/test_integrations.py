@@ -16,7 +16,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from beam_extract.integrations.pytorch import ActivationDataset
-from beam_extract.integrations.shards import batches_in_order, mixed_batches, shard_plan
+from beam_extract.integrations.shards import batches_in_order, shard_plan
+from beam_extract.output.mixing import mixed_batches
 from beam_extract.output.reader import hook_files, read_activations
 
 HOOK = "blocks.1.hook_resid_post"

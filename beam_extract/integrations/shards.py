@@ -1,11 +1,13 @@
 """The numpy core of the consumers: which records a shard (a DataLoader worker of a DDP rank) reads,
-and a seeded mixing buffer that turns records into batches of single tokens."""
+and its batches of single tokens, in order or through the reader's mixing buffer."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 
 import numpy as np
+
+from beam_extract.output.mixing import mixed_batches
 
 
 def d_model(path: str, hook: str) -> int:
@@ -37,61 +39,36 @@ def shard_plan(n_files: int, shard: int, n_shards: int) -> list[tuple[int, int, 
 
 
 def shard_tokens(files: list[str], shard: int, n_shards: int) -> Iterator[np.ndarray]:
-    """The float32 [n_tokens, d_model] activations of each record `shard` reads, in file order."""
+    """The activations [n_tokens, d_model] (as stored) of each record `shard` reads, in file order."""
     # Imported on use: the reader's modules are the ones that reach gs://, and this package stays
     # importable without them being loaded.
-    from beam_extract.output.schema import decode_record
+    from beam_extract.output.reader import stored_tokens
     from beam_extract.output.tfrecord import iter_tfrecord
 
-    for index, first, stride in shard_plan(len(files), shard, n_shards):
-        for i, data in enumerate(iter_tfrecord(files[index])):
-            if i % stride == first:
-                yield decode_record(data)["activations"]
+    def records() -> Iterator[bytes]:
+        for index, first, stride in shard_plan(len(files), shard, n_shards):
+            for i, data in enumerate(iter_tfrecord(files[index])):
+                if i % stride == first:
+                    yield data
 
-
-def mixed_batches(arrays: Iterable[np.ndarray], batch_tokens: int, buffer_tokens: int, rng: np.random.Generator,
-                  drop_last: bool = False) -> Iterator[np.ndarray]:
-    """Float32 [batch_tokens, d_model] batches of the rows of `arrays`, each row once, mixed through a
-    buffer as tf.data's shuffle: once `buffer_tokens + batch_tokens` rows are held, a batch is drawn
-    uniformly from them and the rows read next take its places, so a batch costs O(batch_tokens)
-    whatever the buffer's size. At the end the rows still held leave in a random order; the last
-    batch is short unless `drop_last`."""
-    capacity = buffer_tokens + batch_tokens
-    pool, free = None, np.arange(capacity)  # free: the places not holding a row, filled first to last
-    for rows in arrays:
-        if pool is None:
-            pool = np.empty((capacity, rows.shape[1]), np.float32)
-        while len(rows):
-            if not len(free):
-                free = rng.choice(capacity, batch_tokens, replace=False, shuffle=False)
-                yield pool[free]
-            placed = min(len(rows), len(free))
-            pool[free[:placed]] = rows[:placed]
-            free, rows = free[placed:], rows[placed:]
-    if pool is None:
-        return
-    held = np.setdiff1d(np.arange(capacity), free, assume_unique=True)
-    order = held[rng.permutation(len(held))]
-    end = len(order) - len(order) % batch_tokens if drop_last else len(order)
-    for start in range(0, end, batch_tokens):
-        yield pool[order[start: start + batch_tokens]]
+    return stored_tokens(records())
 
 
 def batches_in_order(arrays: Iterable[np.ndarray], batch_tokens: int, drop_last: bool = False) -> Iterator[np.ndarray]:
-    """The rows of `arrays` in order, as float32 [batch_tokens, d_model] batches (the last one short
-    unless `drop_last`)."""
+    """The rows of `arrays` (of one dtype) in order, as float32 [batch_tokens, d_model] batches (the
+    last one short unless `drop_last`)."""
     held: list[np.ndarray] = []
     count = 0
     for rows in arrays:
         held.append(rows)
         count += len(rows)
         if count >= batch_tokens:
-            joined = np.concatenate(held)
+            joined = np.concatenate(held).astype(np.float32, copy=False)
             whole = count - count % batch_tokens
             yield from (joined[start: start + batch_tokens] for start in range(0, whole, batch_tokens))
             held, count = [joined[whole:]], count - whole
     if count and not drop_last:
-        yield np.concatenate(held)
+        yield np.concatenate(held).astype(np.float32, copy=False)
 
 
 def shard_batches(files: list[str], shard: int, n_shards: int, *, batch_tokens: int, shuffle: bool,

@@ -11,11 +11,12 @@ JAX, transformers, PyTorch nor TensorFlow: readers train on machines without the
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 
 from beam_extract.output.commits import read_groups_on_disk, select_groups
+from beam_extract.output.mixing import mixed_batches
 from beam_extract.output.layout import MANIFEST_NAME, WINDOWS, read_manifest
 from beam_extract.output.schema import OUTPUT_DTYPES, decode_record, tf_feature_spec
 from beam_extract.output.storage import exists, list_paths, read_json
@@ -105,48 +106,31 @@ def _activation_bytes(data: bytes) -> memoryview:
     raise ValueError("a record has no activations")
 
 
+def stored_tokens(records: Iterable[bytes]) -> Iterator[np.ndarray]:
+    """Each serialized record's activations [n_tokens, d_model], as stored (a view, in the run's
+    output dtype): the dtype and width come from the first record, as a run's records share them."""
+    layout = None
+    for data in records:
+        if layout is None:
+            first = decode_record(data)
+            layout = OUTPUT_DTYPES[first["dtype"]], first["d_model"]
+        yield np.frombuffer(_activation_bytes(data), layout[0]).reshape(-1, layout[1])
+
+
 def token_batches(path: str, hook: str, batch_tokens: int, shuffle_buffer: int = 65536, seed: int = 0,
                   epochs: int = 1) -> Iterator[np.ndarray]:
     """Float32 [batch_tokens, d_model] batches of single tokens, from files visited in a seeded
-    random order through a shuffle buffer (as tf.data's): once `shuffle_buffer + batch_tokens`
-    tokens are held, a batch is drawn uniformly from them and the tokens read next take its
-    places. The buffer holds tokens as stored (a 1M-token buffer of d_model 896 in bfloat16 is
-    1.7 GiB); each token is copied into it once and out once, in its batch, so a batch costs
-    O(batch_tokens) whatever the buffer's size. Every token is drawn once per epoch; a final
-    partial batch is dropped."""
+    random order through a mixing buffer of `shuffle_buffer` tokens (`mixing.mixed_batches`: O(batch)
+    per batch). Every token is drawn once per epoch; a final partial batch is dropped."""
     rng = np.random.default_rng(seed)
     files = hook_files(path, hook)
-    capacity = shuffle_buffer + batch_tokens
-    pool, held = None, 0  # rows [0, held) hold tokens; they fill in reading order until the pool is full
-    vacant = np.empty(0, np.int64)  # once full: the rows the last batch left, taken by the next tokens
 
-    def draw(rows: np.ndarray) -> np.ndarray:
-        np.take(pool, rows, axis=0, out=drawn, mode="clip")  # "raise" would copy through a buffer
-        return drawn.astype(np.float32)
+    def records() -> Iterator[bytes]:
+        for _ in range(epochs):
+            for index in rng.permutation(len(files)):
+                yield from iter_tfrecord(files[index])
 
-    for _ in range(epochs):
-        for index in rng.permutation(len(files)):
-            for data in iter_tfrecord(files[index]):
-                if pool is None:  # a run's records share their dtype and width
-                    first = decode_record(data)
-                    dtype, d_model = OUTPUT_DTYPES[first["dtype"]], first["d_model"]
-                    pool, drawn = np.empty((capacity, d_model), dtype), np.empty((batch_tokens, d_model), dtype)
-                tokens = np.frombuffer(_activation_bytes(data), dtype).reshape(-1, d_model)
-                placed = min(len(tokens), capacity - held)
-                pool[held:held + placed] = tokens[:placed]
-                held, tokens = held + placed, tokens[placed:]
-                while len(tokens):
-                    if not len(vacant):
-                        vacant = rng.choice(capacity, batch_tokens, replace=False, shuffle=False)
-                        yield draw(vacant)
-                    placed = min(len(tokens), len(vacant))
-                    pool[vacant[:placed]] = tokens[:placed]
-                    vacant, tokens = vacant[placed:], tokens[placed:]
-    if pool is not None:
-        rest = np.setdiff1d(np.arange(held), vacant, assume_unique=True)
-        rng.shuffle(rest)
-        for start in range(0, len(rest) - batch_tokens + 1, batch_tokens):
-            yield draw(rest[start: start + batch_tokens])
+    return mixed_batches(stored_tokens(records()), batch_tokens, shuffle_buffer, rng)
 
 
 def tf_dataset(path: str, hook: str):
