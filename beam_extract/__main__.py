@@ -16,7 +16,8 @@ from apache_beam.options.pipeline_options import PipelineOptions  # noqa: E402
 
 from beam_extract.job import is_local  # noqa: E402 (after the environment is set)
 from beam_extract.legacy import add_legacy_arguments  # noqa: E402
-from beam_extract.model import CheckpointError, UnsupportedConfigError  # noqa: E402
+from beam_extract.model.weights import CheckpointError  # noqa: E402
+from beam_extract.model.config import UnsupportedConfigError
 from beam_extract.options import UsageError, add_arguments, template_switches  # noqa: E402
 from beam_extract.output.manifest import read_manifest  # noqa: E402
 from beam_extract.output.ownership import OutputRefused  # noqa: E402

@@ -32,7 +32,6 @@ from apache_beam.utils.timestamp import Timestamp
 
 from beam_extract.tokenize import Sample
 
-PACKING_MODES = ("text", "all", "off")  # which samples are packed: text only, ARC prompts too, none
 # A packing key buffers this many batches' worth of tokens before it packs: enough choice for
 # first-fit to fill rows; only the least-filled rows wait for more samples.
 PACK_LOOKAHEAD_BATCHES = 4
@@ -189,7 +188,7 @@ class BatchPlan:
     buckets: tuple[int, ...]
     batch_size: int  # rows per batch, unless tokens_per_batch is set
     tokens_per_batch: int  # 0: use batch_size
-    packing: str  # one of PACKING_MODES
+    packing: str  # one of options.PACKING_MODES
     pack_length: int
     flush_seconds: int = 0  # streaming: emit a partial batch this long after its first sample; 0: never
 

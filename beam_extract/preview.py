@@ -26,7 +26,7 @@ from beam_extract.output.tfrecord import FRAMING_BYTES
 from beam_extract.records import DeadLetter, parse_line
 from beam_extract.records.arc import ArcTask
 from beam_extract.records.identity import input_root
-from beam_extract.stages import expand_views, prompt_and_selection
+from beam_extract.stages import prompt_and_selection
 from beam_extract.tokenize import Sample, load_tokenizer, to_samples
 
 

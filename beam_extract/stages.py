@@ -10,7 +10,7 @@ from apache_beam.metrics import Metrics
 from beam_extract.arc.augment import views
 from beam_extract.arc.encoders import parse_encoder
 from beam_extract.arc.prompt import load_template
-from beam_extract.io.sources import SourceLine
+from beam_extract.records.source_line import SourceLine
 from beam_extract.lifetime import Driver, exit_with_driver
 from beam_extract import progress
 from beam_extract.output.commits import read_sample_ids

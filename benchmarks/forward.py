@@ -16,7 +16,7 @@ import torch
 import transformers
 
 from beam_extract.batching import form_batches
-from beam_extract.model import load_model
+from beam_extract.model.loaded import load_model
 from beam_extract.tokenize import Sample
 from benchmarks.report import Figure
 

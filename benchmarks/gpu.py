@@ -24,7 +24,7 @@ import torch
 import transformers
 from safetensors.numpy import save_file
 
-from beam_extract.model import load_model
+from beam_extract.model.loaded import load_model
 from beam_extract.model.embedded import random_tensors
 from benchmarks.forward import QWEN25_05B, best_time, flops_per_token, gemm_peak_gflops
 

@@ -16,7 +16,7 @@ import numpy as np
 import transformers
 
 from benchmarks.forward import QWEN25_05B
-from beam_extract.model import load_model
+from beam_extract.model.loaded import load_model
 from beam_extract.model.embedded import write_random_checkpoint
 
 

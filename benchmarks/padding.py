@@ -89,7 +89,7 @@ def fit(name: str, compile_seconds: float, points: list[tuple[int, float]]) -> D
 
 def measure_cpu() -> Device:
     """The embedded model (4 layers, every resid_post, as the default job) on this CPU."""
-    from beam_extract.model import load_model
+    from beam_extract.model.loaded import load_model
 
     model = load_model("tiny-random-qwen2")
     hooks = tuple((layer, "resid_post") for layer in range(model.config.num_layers))

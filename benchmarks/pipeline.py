@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import transformers
 
-from beam_extract.model import load_model
+from beam_extract.model.loaded import load_model
 from beam_extract.model.embedded import write_random_checkpoint
 from beam_extract.model.loaded import Model
 from beam_extract.options import sample_input

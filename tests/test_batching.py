@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from beam_extract.batching import (BatchDoFn, BatchPlan, assemble, bucket_length, form_batches, pack_rows,
                                    parse_buckets, row_counts)
 from beam_extract.extract import extract_batch, pad_rows
-from beam_extract.model import load_model
+from beam_extract.model.loaded import load_model
 from beam_extract.options import UsageError, parse_layers, parse_sites
 from beam_extract.output.schema import decode_record
 from beam_extract.tokenize import Sample

@@ -136,7 +136,7 @@ def test_no_collectives_in_attention_on_sharded_meshes():
 COMPILE_CACHED = """
 import json, os, sys
 import numpy as np
-from beam_extract.model import load_model
+from beam_extract.model.loaded import load_model
 from beam_extract.model.compile_cache import enable_compilation_cache
 
 directory = sys.argv[1]

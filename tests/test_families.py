@@ -8,7 +8,8 @@ import json
 import numpy as np
 import pytest
 
-from beam_extract.model import UnsupportedConfigError, load_model
+from beam_extract.model.config import UnsupportedConfigError
+from beam_extract.model.loaded import load_model
 from beam_extract.model.config import check_context, rope_frequencies
 from hf_reference import FAMILIES, SITES, hf_activations, random_hf_checkpoint
 

@@ -351,7 +351,7 @@ class SplittingModel:
 
 
 def test_split_records_equal_unsplit_records_with_the_real_model():
-    from beam_extract.model import load_model
+    from beam_extract.model.loaded import load_model
 
     model = load_model("tiny-random-qwen2", "float32", "auto")
     rows = [[sample(1, 16)], [sample(2, 9), sample(3, 7)], [sample(4, 12)], [sample(5, 3), sample(6, 5)],

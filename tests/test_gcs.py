@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from beam_extract.model import load_model
+from beam_extract.model.loaded import load_model
 from beam_extract.model.weights import resolve_model_dir
 from beam_extract.options import sample_input
 from conftest import upload_dir

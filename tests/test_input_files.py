@@ -17,7 +17,8 @@ import zstandard
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.testing.util import assert_that, equal_to
 
-from beam_extract.io.sources import ReadLines, SourceLine, read_lines
+from beam_extract.io.sources import ReadLines, read_lines
+from beam_extract.records.source_line import SourceLine
 from beam_extract.records.dead_letter import DEAD_LETTER, DeadLetter
 
 

@@ -16,7 +16,7 @@ SCRIPT = """
 import json, sys
 import jax, numpy as np
 from pathlib import Path
-from beam_extract.model import load_model
+from beam_extract.model.loaded import load_model
 from beam_extract.model.mesh import parse_mesh
 from hf_reference import random_hf_checkpoint
 
@@ -69,7 +69,7 @@ def test_mesh_specs():
 
 @pytest.mark.slow
 def test_pipeline_on_an_eight_device_mesh(tmp_path):
-    from beam_extract.model import load_model
+    from beam_extract.model.loaded import load_model
     from beam_extract.output.reader import read_records
     from test_pipeline_default_run import run_guarded
 
@@ -116,7 +116,7 @@ FAMILIES_SCRIPT = """
 import json, sys
 import jax, numpy as np
 from pathlib import Path
-from beam_extract.model import load_model
+from beam_extract.model.loaded import load_model
 from beam_extract.model.mesh import parse_mesh
 from hf_reference import random_hf_checkpoint
 

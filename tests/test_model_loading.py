@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from beam_extract.model import CheckpointError, UnsupportedConfigError, load_model
+from beam_extract.model.weights import CheckpointError
+from beam_extract.model.config import UnsupportedConfigError
+from beam_extract.model.loaded import load_model
 from hf_reference import random_hf_checkpoint
 
 HOOKS = ["blocks.0.hook_resid_post", "blocks.1.hook_attn_out", "blocks.2.hook_mlp_out"]

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from beam_extract.model import load_model
+from beam_extract.model.loaded import load_model
 from hf_reference import SITES, hf_activations, random_hf_checkpoint
 
 CONFIGS = {

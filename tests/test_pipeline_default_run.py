@@ -124,7 +124,7 @@ def full_sequences() -> dict:
 def test_records_read_back_with_tensorflow_equal_a_direct_forward(default_run):
     import tensorflow as tf
 
-    from beam_extract.model import load_model
+    from beam_extract.model.loaded import load_model
     from beam_extract.output.schema import tf_feature_spec
 
     workdir, _, _ = default_run

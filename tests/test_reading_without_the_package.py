@@ -31,8 +31,10 @@ def fresh_python(code: str, cwd: Path = ROOT):
     return json.loads(result.stdout.splitlines()[-1])
 
 
-def test_importing_the_reader_loads_no_framework():
-    loaded = fresh_python("import json, sys, beam_extract.output.reader\n"
+@pytest.mark.parametrize("module", ["beam_extract.output.reader", "beam_extract.hooks", "beam_extract.records",
+                                    "beam_extract.output.mixing", "beam_extract.integrations.shards"])
+def test_importing_the_readers_side_loads_no_framework(module):
+    loaded = fresh_python(f"import json, sys, {module}\n"
                           f"print(json.dumps([m for m in {HEAVY!r} if m in sys.modules]))")
     assert loaded == []
 

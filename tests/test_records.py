@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from beam_extract.io.sources import SourceLine
+from beam_extract.records.source_line import SourceLine
 from beam_extract.records import DeadLetter, parse_line
 from beam_extract.records.arc import ArcTask
 from beam_extract.records.text import TextDoc

@@ -12,7 +12,8 @@ import pytest
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from beam_extract.job import make_job
-from beam_extract.model import CheckpointError, UnsupportedConfigError
+from beam_extract.model.weights import CheckpointError
+from beam_extract.model.config import UnsupportedConfigError
 from beam_extract.options import UsageError
 
 TEMPLATE = ("{% block system %}S{% endblock %}{% block user %}{{ test_input }}SUFFIX{% endblock %}"
@@ -289,7 +290,7 @@ def test_dead_letters_of_later_stages_carry_the_raw_line_and_the_id():
     from beam_extract.arc.augment import ArcView, augment
     from beam_extract.arc.encoders import DEFAULT_ENCODER, parse_encoder
     from beam_extract.arc.prompt import DEFAULT_TEMPLATE, load_template
-    from beam_extract.io.sources import SourceLine
+    from beam_extract.records.source_line import SourceLine
     from beam_extract.model.weights import resolve_model_dir
     from beam_extract.records import parse_line
     from beam_extract.tokenize import PromptSettings, TokenSelection, load_tokenizer, to_samples

@@ -33,7 +33,7 @@ import os
 import stat
 import zlib
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any, BinaryIO, NamedTuple
+from typing import Any, BinaryIO
 
 import apache_beam as beam
 import zstandard
@@ -42,15 +42,8 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
-if TYPE_CHECKING:  # imported lazily below: beam_extract.records imports this module (SourceLine)
-    from beam_extract.records.dead_letter import DeadLetter
-
-
-class SourceLine(NamedTuple):
-    path: str
-    line_number: int  # 1-based
-    data: bytes  # without the line ending; decoding is the parser's job (invalid UTF-8 is a dead letter)
-    too_long: int = 0  # a line over the byte limit: its length (data holds its start only), for a dead letter
+from beam_extract.records.dead_letter import DEAD_LETTER, DeadLetter
+from beam_extract.records.source_line import SourceLine
 
 
 # Default --max_line_bytes: a line longer than this is a `line_too_long` dead letter, read past
@@ -212,7 +205,6 @@ def read_lines(path: str, max_line_bytes: int = MAX_LINE_BYTES) -> Iterator[Sour
 
 
 def _dead_letter(path: str, reason: str, why: str, count: int) -> DeadLetter:
-    from beam_extract.records.dead_letter import DeadLetter
 
     detail = f"{printable_path(path)}: {why}; {count} lines read before the failure"
     return DeadLetter(printable_path(path), count, "read", reason,
@@ -263,8 +255,6 @@ class _ReadFile(beam.DoFn):
         self._max_line_bytes = max_line_bytes
 
     def process(self, path: str):
-        from beam_extract.records.dead_letter import DEAD_LETTER
-
         for item in read_lines(path, self._max_line_bytes):
             if isinstance(item, SourceLine):
                 yield item
@@ -284,8 +274,6 @@ class ReadLines(beam.PTransform):
         self._max_line_bytes = max_line_bytes
 
     def expand(self, paths):
-        from beam_extract.records.dead_letter import DEAD_LETTER
-
         return (
             paths
             | "SpreadFiles" >> beam.Reshuffle()

@@ -16,7 +16,7 @@ from safetensors import SafetensorError, safe_open
 
 from beam_extract.model.config import ModelConfig
 from beam_extract.model.families import FAMILIES, Stored, layer_tensors
-from beam_extract.model.mesh import GLOBAL_AXES, LAYER_AXES
+from beam_extract.model.param_axes import GLOBAL_AXES, LAYER_AXES
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"

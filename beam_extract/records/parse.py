@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 
-from beam_extract.io.sources import SourceLine
+from beam_extract.records.source_line import SourceLine
 from beam_extract.records.arc import ArcTask, validate_task
 from beam_extract.records.dead_letter import DeadLetter, raw_excerpt
 from beam_extract.records.errors import InvalidRecord
