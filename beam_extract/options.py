@@ -132,8 +132,9 @@ OPTIONS: tuple[Option, ...] = (
            "bucket that hold it", "batching", int, minimum=0, maximum=MAX_SEQ_LEN),
     Option("output", "activations", "Output directory, local or gs://", "output"),
     Option("output_dtype", "float32", "Storage dtype of the activations", "output", choices=tuple(OUTPUT_DTYPES)),
-    Option("exclude_special_tokens", True, "Do not store <|endoftext|>, <|im_start|>, <|im_end|> and pad tokens "
-           "(they still run through the model)", "output", flag),
+    Option("exclude_special_tokens", True, "Do not store the tokenizer's special tokens: BOS, EOS, pad and the added "
+           "tokens it marks special, such as Qwen's <|im_start|> and <|im_end|> (they still run through the model)",
+           "output", flag),
     Option("positions", ":", "Python-style slice of each sequence's positions to store, e.g. -64: or 0:512",
            "output"),
     Option("arc_tokens", "all", "ARC: store every prompt token, or only the test input and the answer part",

@@ -15,6 +15,7 @@ import transformers
 from beam_extract.arc.augment import ArcView
 from beam_extract.arc.encoders import Encoder
 from beam_extract.arc.prompt import PromptTemplate, PromptTooLong, build_prompts
+from beam_extract.model.weights import CheckpointError
 from beam_extract.records.dead_letter import DeadLetter
 from beam_extract.records.text import TextDoc
 
@@ -81,10 +82,11 @@ def parse_positions(spec: str) -> slice:
 
 
 def special_token_ids(tokenizer) -> frozenset[int]:
-    """The chat and end-of-text markers and the pad token."""
-    names = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
-    ids = {tokenizer.convert_tokens_to_ids(name) for name in names if name in tokenizer.get_vocab()}
-    return frozenset(ids | ({tokenizer.pad_token_id} if tokenizer.pad_token_id is not None else set()))
+    """The tokenizer's own special tokens: its BOS, EOS, pad and every added token it marks special
+    (chat markers such as Qwen's <|im_start|>, Llama 3's <|start_header_id|>, Gemma's
+    <start_of_turn>); added tokens it does not mark special (Qwen's <tool_call>) are text."""
+    marked = {index for index, token in tokenizer.added_tokens_decoder.items() if token.special}
+    return frozenset(marked | set(tokenizer.all_special_ids))
 
 
 def select(sample: Sample, selection: TokenSelection, test_start: int = 0) -> Sample | DeadLetter:
@@ -96,6 +98,12 @@ def select(sample: Sample, selection: TokenSelection, test_start: int = 0) -> Sa
 
 
 def load_tokenizer(model_dir: str | Path) -> transformers.PreTrainedTokenizerBase:
+    """The model directory's own tokenizer and chat template."""
+    names = {path.name for path in Path(model_dir).iterdir()}
+    if "tokenizer_config.json" not in names or not ("tokenizer.json" in names or {"vocab.json", "merges.txt"} <= names):
+        raise CheckpointError(f"{model_dir} has no tokenizer: a --model directory needs tokenizer.json (or vocab.json "
+                              "and merges.txt) and tokenizer_config.json, with its chat template there or in "
+                              "chat_template.jinja, beside config.json and the safetensors weights")
     return transformers.AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
 
 
@@ -156,14 +164,36 @@ def text_token_ids(tokenizer, text: str, markers_as_text: bool = True) -> np.nda
     return np.asarray([token for part in parts for token in part], dtype=np.int32)
 
 
+_AFFIXES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def special_affixes(tokenizer) -> tuple[np.ndarray, np.ndarray]:
+    """The ids the tokenizer itself puts before and after a text: a BOS for Llama 3 and Gemma,
+    nothing for Qwen."""
+    if tokenizer not in _AFFIXES:
+        bare = tokenizer("a", add_special_tokens=False)["input_ids"]
+        full = tokenizer("a", add_special_tokens=True)["input_ids"]
+        at = next((i for i in range(len(full) - len(bare) + 1) if full[i: i + len(bare)] == bare), None)
+        if at is None:
+            raise ValueError("the tokenizer tokenizes a text differently with its special tokens: cannot tell them apart")
+        _AFFIXES[tokenizer] = np.asarray(full[:at], np.int32), np.asarray(full[at + len(bare):], np.int32)
+    return _AFFIXES[tokenizer]
+
+
 def text_samples(doc: TextDoc, tokenizer, max_seq_len: int, selection: TokenSelection,
                  markers_as_text: bool = True) -> list[Sample | DeadLetter]:
-    """One sample per window of at most `max_seq_len` tokens (non-overlapping)."""
+    """One sample per window of at most `max_seq_len` tokens (non-overlapping), each framed as the
+    tokenizer frames a text: with its BOS (every window, so that none starts without one) and its
+    EOS (the last window)."""
     ids = text_token_ids(tokenizer, doc.text, markers_as_text)
+    prefix, suffix = special_affixes(tokenizer)
+    room = max_seq_len - len(prefix) - len(suffix)
+    starts = range(0, len(ids), room)
     return [
-        select(Sample(f"{doc.key}#w{start // max_seq_len}", ids[start : start + max_seq_len], doc.source,
-                      doc.line_number, doc_id=doc.doc_id), selection)
-        for start in range(0, len(ids), max_seq_len)
+        select(Sample(f"{doc.key}#w{window}",
+                      np.concatenate([prefix, ids[start: start + room], suffix if start == starts[-1] else suffix[:0]]),
+                      doc.source, doc.line_number, doc_id=doc.doc_id), selection)
+        for window, start in enumerate(starts)
     ]
 
 

@@ -24,7 +24,6 @@ from beam_extract.records.arc import ArcTask
 BUILTIN_TEMPLATES = ("output-from-examples-v0", "output-from-examples-v1")
 DEFAULT_TEMPLATE = "output-from-examples-v1"
 ANSWER_PREFIX = "```grid"
-END_OF_TURN = "<|im_end|>"
 BLOCKS = ("system", "user", "assistant")
 
 # A rendered prompt longer than this is refused: far past any context window, and a bound on what a
@@ -141,11 +140,21 @@ def load_template(name_or_path: str) -> PromptTemplate:
 
 
 def render_chat(tokenizer, messages: list[dict[str, str]]) -> str:
-    """The chat-templated text, cut after the assistant's content so it ends at the answer."""
-    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    """The model's own chat template applied, the text ending at the assistant's content (its
+    answer prefix, no end-of-turn marker: transformers' `continue_final_message`). A template that
+    refuses a system turn (Gemma 2's raises) gets the system text at the head of the user's, as
+    Gemma 3's template does by itself."""
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False, continue_final_message=True)
+    except TemplateError:
+        if messages[0]["role"] != "system":
+            raise
+        system, user, *rest = messages
+        merged = [{"role": "user", "content": f"{system['content']}\n\n{user['content']}"}, *rest]
+        text = tokenizer.apply_chat_template(merged, tokenize=False, continue_final_message=True)
     if len(text) > 2 * MAX_PROMPT_CHARS:  # the model's own chat template, rendered by transformers
         raise ValueError(f"the model's chat template renders {len(text)} characters, over {2 * MAX_PROMPT_CHARS}")
-    return text[: text.rindex(END_OF_TURN)]
+    return text
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,14 +174,15 @@ class PromptTooLong:
 
 def _test_start(tokenizer, text: str, messages: list[dict[str, str]], encoded_input: str) -> int:
     """The token where the test input begins: its last occurrence before the assistant's answer."""
-    answer_at = text.rindex(messages[-1]["content"])
+    answer_at = text.rindex(messages[-1]["content"].strip())
     char = text.rindex(encoded_input, 0, answer_at) if encoded_input in text[:answer_at] else answer_at
     offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
     return next(i for i, (_, end) in enumerate(offsets) if end > char)
 
 
 def token_ids(tokenizer, text: str) -> np.ndarray:
-    # The chat template wrote the markers, so they are control tokens here; Qwen2.5 adds no BOS.
+    # The chat template wrote the markers (and a BOS where the model has one), so they are control
+    # tokens here, and the tokenizer adds nothing of its own.
     return np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=np.int32)
 
 

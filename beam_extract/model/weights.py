@@ -22,7 +22,7 @@ SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 # The files of a model directory we use; anything else (pickles, remote code) is never fetched.
 METADATA_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
-                  "special_tokens_map.json", "generation_config.json")
+                  "special_tokens_map.json", "chat_template.jinja", "chat_template.json", "generation_config.json")
 WEIGHT_FILES = ("*.safetensors", INDEX_FILE)
 # Floating-point weights only: int8 and friends would need their quantisation scales, which we do not apply.
 STORED_DTYPES = ("BF16", "F16", "F32")
