@@ -19,7 +19,7 @@ from beam_extract.arc.prompt import load_template
 from beam_extract.batching import BatchPlan, parse_buckets
 from beam_extract.hooks import SITES, Hook, hook_name
 from beam_extract.io.inventory import inventory
-from beam_extract.io.sources import expand_input
+from beam_extract.io.sources import absolute_input
 from beam_extract.legacy import legacy_rewrites
 from beam_extract.lifetime import Driver
 from beam_extract.model.config import ModelConfig, check_context, config_from_hf, load_hf_config
@@ -139,9 +139,10 @@ def dry_render(options: dict, vocab_size: int) -> None:
     if fmt in ("text", "auto"):
         checks.append(("a text document", DRY_TEXT, ()))
     if fmt in ("arc", "auto"):
-        # Under `auto` the input may hold no ARC task: only a template or encoder that fails counts.
+        # Under `auto` the input may hold no ARC task: only a template or encoder that fails counts
+        # (a base model without a chat template still runs text; its ARC tasks are dead letters).
         checks.append(("an ARC task", ArcView(*augment(DRY_TASK, options["seed"], 0)), () if fmt == "arc" else
-                       ("too_long", "no_tokens_selected")))
+                       ("too_long", "no_tokens_selected", "no_chat_template")))
     for what, record, tolerated in checks:
         results = to_samples(record, tokenizer, settings, options["max_seq_len"], selection,
                              not options["special_tokens_in_text"], vocab_size)
@@ -200,9 +201,7 @@ def make_job(options: PipelineOptions) -> Job:
     if ours["resume"] and ours["overwrite"]:
         raise UsageError("--resume continues the run in --output and --overwrite deletes it: choose one")
     streaming = bool(options.view_as(StandardOptions).streaming)
-    ours["input"] = expand_input(ours["input"] or sample_input())
-    if "://" not in ours["input"]:
-        ours["input"] = os.path.abspath(ours["input"])
+    ours["input"] = absolute_input(ours["input"] or sample_input())
     if "://" not in ours["output"]:
         ours["output"] = os.path.abspath(ours["output"])
     ours["output"] = ours["output"].rstrip("/")
@@ -210,7 +209,11 @@ def make_job(options: PipelineOptions) -> Job:
         _input_paths(ours["input"])
     _usage(load_template, ours["prompt_template"])
     _usage(parse_encoder, ours["grid_encoder"])
-    _usage(parse_positions, ours["positions"])
+    positions = _usage(parse_positions, ours["positions"])
+    if (positions.start or 0) >= 0 and positions.stop is not None and 0 < positions.stop <= ours["norm_exclude_first"]:
+        raise UsageError(f"--positions {ours['positions']} stores only positions below --norm_exclude_first "
+                         f"{ours['norm_exclude_first']}: the normalisation factors would count no token; lower "
+                         "--norm_exclude_first")
     buckets = _usage(parse_buckets, ours["buckets"], ours["max_seq_len"])
     # Syntax and arithmetic only: counting devices here would start JAX in the driver (on a GPU it
     # would take the memory the workers need); the workers check the size against their devices.

@@ -168,7 +168,8 @@ def build(paths: beam.PCollection, job: Job) -> None:
         (
             {name: pcoll | f"Key[{name}]" >> beam.Map(lambda value: (None, value)) for name, pcoll in totals.items()}
             | "PerWindow" >> beam.CoGroupByKey()
-            | "WindowIndex" >> beam.ParDo(WriteWindowIndex(job.output, job.hooks))
+            | "WindowIndex" >> beam.ParDo(WriteWindowIndex(job.output, job.hooks, job.config.hidden_size,
+                                                           o["norm_exclude_first"]))
         )
     else:
         totals["groups"] = total(groups | "WithoutSampleIds" >> beam.Map(group_summary), "AllGroups",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import statistics
 import sys
 from collections.abc import Iterator
@@ -17,7 +18,7 @@ import numpy as np
 
 from beam_extract.arc.augment import ArcView, augment
 from beam_extract.hooks import hook_name
-from beam_extract.io.sources import match_paths, read_lines
+from beam_extract.io.sources import absolute_input, match_paths, read_lines
 from beam_extract.model.config import config_from_hf, load_hf_config
 from beam_extract.model.weights import resolve_model_dir
 from beam_extract.options import UsageError, add_arguments, parse_layers, parse_sites, sample_input
@@ -26,26 +27,31 @@ from beam_extract.output.tfrecord import FRAMING_BYTES
 from beam_extract.records import DeadLetter, parse_line
 from beam_extract.records.arc import ArcTask
 from beam_extract.records.identity import input_root
-from beam_extract.stages import prompt_and_selection
+from beam_extract.stages import is_duplicate_task, prompt_and_selection
 from beam_extract.tokenize import Sample, load_tokenizer, to_samples
 
 
-def preview_samples(options: dict, tokenizer, views: range) -> Iterator[tuple[int, Sample | DeadLetter]]:
-    """(view, result) of what the pipeline's parse, augment and tokenize stages make of the input, in
-    input order: each ARC task's `views`, text documents once (as view 0)."""
+def preview_samples(options: dict, tokenizer, views: range, vocab_size: int) -> Iterator[tuple[int, Sample | DeadLetter]]:
+    """(view, result) of what the pipeline's read, parse, dedup, augment and tokenize stages make of
+    the input, in input order: each ARC task's `views`, text documents once (as view 0)."""
     settings, selection = prompt_and_selection(options, tokenizer)
     markers_as_text = not options["special_tokens_in_text"]
-    for path in match_paths(options["input"]):
-        for line in read_lines(path):
+    first_of_id: dict[str, ArcTask] = {}
+    for path in match_paths(options["input"]):  # sorted, lines in order: the first of an id is the job's
+        for line in read_lines(path, options["max_line_bytes"]):
             record = line if isinstance(line, DeadLetter) else parse_line(
                 line, options["input_format"], options["text_field"], input_root(options["input"]))
+            if isinstance(record, ArcTask):
+                first = first_of_id.setdefault(record.task_id, record)
+                if first is not record:  # a dead letter, as the job's dedup makes it
+                    *_, record = is_duplicate_task(record.task_id, [first, record])
             if isinstance(record, DeadLetter):
                 yield 0, record
                 continue
             for view in views if isinstance(record, ArcTask) else range(1):
                 shown = ArcView(*augment(record, options["seed"], view)) if isinstance(record, ArcTask) else record
                 for result in to_samples(shown, tokenizer, settings, options["max_seq_len"], selection,
-                                         markers_as_text):
+                                         markers_as_text, vocab_size):
                     yield view, result
 
 
@@ -100,7 +106,7 @@ def main(argv: list[str] | None = None) -> None:
     add_arguments(parser)
     args, _ = parser.parse_known_args(argv)  # the job's Beam options may be pasted along
     options = vars(args)
-    options["input"] = options["input"] or sample_input()
+    options["input"] = absolute_input(options["input"] or sample_input())
     try:
         config = config_from_hf(load_hf_config(resolve_model_dir(options["model"], weights=False)))
         hooks = {hook_name(layer, site): (layer, hook_fields(hook_name(layer, site), layer))
@@ -112,7 +118,7 @@ def main(argv: list[str] | None = None) -> None:
                               options["output_dtype"])
     views = range(options["views_per_task"]) if args.stats else range(args.view, args.view + 1)
     lengths, dropped, fitted, dead, shown = [], 0, 0, {}, 0
-    for view, result in preview_samples(options, tokenizer, views):
+    for view, result in preview_samples(options, tokenizer, views, config.vocab_size):
         if isinstance(result, DeadLetter):
             dead[result.reason] = dead.get(result.reason, 0) + 1
             print(f"--- {result.source}:{result.line_number}: dead letter {result.reason}: {result.detail}")
@@ -131,7 +137,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.stats:
         ordered = sorted(lengths) or [0]
         print(f"{len(lengths)} samples: tokens min {ordered[0]}, median {statistics.median(ordered):.0f}, "
-              f"p90 {ordered[int(0.9 * (len(ordered) - 1))]}, max {ordered[-1]}; {dropped} train examples "
+              f"p90 {ordered[math.ceil(0.9 * len(ordered)) - 1]}, max {ordered[-1]}; {dropped} train examples "
               f"dropped from {fitted} ARC prompts to fit --max_seq_len; dead letters: {dead or 'none'}")
         print(estimate.report())
     sys.stdout.flush()

@@ -113,7 +113,7 @@ CHUNK_CHARS = 1 << 16
 PIECES_AT_ONCE = 8
 
 
-def _cut_before(text: str, at: int) -> bool:
+def cut_after_word(text: str, at: int) -> bool:
     """Where Qwen2's pre-tokenizer ends a pre-token whatever follows: after a letter or digit (a run
     of letters, or a digit, which is a pre-token of its own), when a space or a digit comes next.
     Cut there, a piece's last pre-token needs no look past the cut (unlike whitespace, whose
@@ -122,12 +122,26 @@ def _cut_before(text: str, at: int) -> bool:
     return text[at - 1].isalnum() and (text[at] == " " or text[at].isdecimal())
 
 
-def pieces(text: str, size: int = CHUNK_CHARS) -> list[str]:
-    """`text` cut at safe places (`_cut_before`) about every `size` characters. A stretch with no
-    safe place (a run of letters in a script written without spaces) stays whole."""
+def cut_at_line_start(text: str, at: int) -> bool:
+    """Before a letter that starts a line: where byte-level BPE pre-tokenizers that group digits
+    (Llama 3's, GPT-2's) end the newlines' pre-token whatever follows."""
+    return text[at - 1] == "\n" and text[at].isalpha()
+
+
+# Tried in order on each tokenizer: the first under which its pieces give the whole text's tokens.
+CUT_RULES = (cut_after_word, cut_at_line_start)
+# What a cut could break: digit runs next to letters, spaces and tabs before words, punctuation
+# ending a line, blank lines, indentation, composed and decomposed letters, contractions.
+_PROBE = ("Tokens 12345 and x9876y 1 2 3.\nNext line's 42nd item\n\nAnother  paragraph,\twith  spaces.\n"
+          "  Indented 007\nÉté 2024: café, e\u0301clair, 日本語 テキスト\n--- list:\n- item1\nend")
+
+
+def pieces(text: str, size: int = CHUNK_CHARS, cut=cut_after_word) -> list[str]:
+    """`text` cut where `cut` allows, about every `size` characters. A stretch with no such place
+    (a run of letters in a script written without spaces) stays whole."""
     cuts, at = [0], size
     while at < len(text):
-        while at < len(text) and not _cut_before(text, at):
+        while at < len(text) and not cut(text, at):
             at += 1
         if at >= len(text):
             break
@@ -137,6 +151,7 @@ def pieces(text: str, size: int = CHUNK_CHARS) -> list[str]:
 
 
 _PLAIN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_CUTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _plain_tokenizer(tokenizer) -> tokenizers.Tokenizer:
@@ -150,17 +165,34 @@ def _plain_tokenizer(tokenizer) -> tokenizers.Tokenizer:
     return _PLAIN[tokenizer]
 
 
-def text_token_ids(tokenizer, text: str, markers_as_text: bool = True) -> np.ndarray:
-    """A document's tokens, tokenized piece by piece (memory bounded by CHUNK_CHARS, not by the
-    document). Markers written in it are characters like any others unless `markers_as_text` is
-    off (the first release's behaviour): only the chat template inserts control tokens."""
-    cut = pieces(text)
+def _encode(tokenizer, texts: list[str], markers_as_text: bool) -> list[list[int]]:
     if not markers_as_text:
-        parts = [tokenizer(piece, add_special_tokens=False)["input_ids"] for piece in cut]
-    else:
-        plain = _plain_tokenizer(tokenizer)
-        parts = [encoding.ids for at in range(0, len(cut), PIECES_AT_ONCE)
-                 for encoding in plain.encode_batch(cut[at: at + PIECES_AT_ONCE], add_special_tokens=False)]
+        return [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
+    return [encoding.ids for encoding in _plain_tokenizer(tokenizer).encode_batch(texts, add_special_tokens=False)]
+
+
+def safe_cut(tokenizer, markers_as_text: bool = True):
+    """The first of CUT_RULES under which this tokenizer gives a probe text's tokens when the text
+    is cut at every place the rule allows, or None: such a tokenizer (one that prepends a `▁` to
+    every text, as Mistral's and Llama 2's do) tokenizes a document whole."""
+    found = _CUTS.setdefault(tokenizer, {})
+    if markers_as_text not in found:
+        whole = _encode(tokenizer, [_PROBE], markers_as_text)[0]
+        found[markers_as_text] = next(
+            (rule for rule in CUT_RULES
+             if sum(_encode(tokenizer, pieces(_PROBE, 1, rule), markers_as_text), []) == whole), None)
+    return found[markers_as_text]
+
+
+def text_token_ids(tokenizer, text: str, markers_as_text: bool = True) -> np.ndarray:
+    """A document's tokens, tokenized piece by piece where the tokenizer allows it (`safe_cut`:
+    memory bounded by CHUNK_CHARS, not by the document). Markers written in it are characters like
+    any others unless `markers_as_text` is off (the first release's behaviour): only the chat
+    template inserts control tokens."""
+    rule = safe_cut(tokenizer, markers_as_text)
+    cut = pieces(text, cut=rule) if rule else [text]
+    parts = [ids for at in range(0, len(cut), PIECES_AT_ONCE)
+             for ids in _encode(tokenizer, cut[at: at + PIECES_AT_ONCE], markers_as_text)]
     return np.asarray([token for part in parts for token in part], dtype=np.int32)
 
 
@@ -201,6 +233,10 @@ def arc_samples(view: ArcView, tokenizer, settings: PromptSettings, max_seq_len:
                 selection: TokenSelection) -> list[Sample | DeadLetter]:
     """One sample per test input of the view; a prompt that cannot fit is a `too_long` dead letter."""
     task, results = view.task, []
+    if not tokenizer.chat_template:  # base checkpoints (GPT-2, Mistral-7B-v0.1): text only
+        return [DeadLetter(task.source, task.line_number, "tokenize", "no_chat_template",
+                           "the model's tokenizer has no chat template (tokenizer_config.json's chat_template or "
+                           "chat_template.jinja), which ARC prompts are rendered with; text documents need none")]
     for prompt in build_prompts(task, tokenizer, settings.template, settings.encoder, max_seq_len,
                                 settings.include_answer):
         if isinstance(prompt, PromptTooLong):

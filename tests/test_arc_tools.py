@@ -4,6 +4,7 @@ import json
 import re
 
 import pyarrow as pa
+import pytest
 import pyarrow.parquet as pq
 
 from beam_extract import convert, preview
@@ -52,3 +53,30 @@ def test_preview_counts_dropped_train_examples_not_prompts(capsys, tmp_path):
     found = re.search(r"2 samples: .*; (\d+) train examples dropped from 2 ARC prompts", out)
     assert found and int(found.group(1)) >= 4 and int(found.group(1)) % 2 == 0, out  # as many from each view
     assert "x 2 hooks of d_model 64 in bfloat16" in out
+
+
+@pytest.mark.slow
+def test_preview_predicts_a_jobs_bytes_and_dead_letters(tmp_path, capsys, monkeypatch):
+    """Duplicate task ids, a line over --max_line_bytes, a relative --input (the job names sources by
+    absolute path), bfloat16 and a position stride: preview's figures are the job's."""
+    from test_pipeline_default_run import run_guarded
+
+    from beam_extract.options import sample_input
+
+    task = json.loads(open(sample_input().replace("sample_*", "sample_arc")).readline())
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in/a.jsonl").write_text(json.dumps(task) + "\n" + json.dumps({"text": "word " * 400}) + "\n")
+    (tmp_path / "in/b.jsonl").write_text(json.dumps(task) + "\n" + json.dumps({"text": "a short document"}) + "\n")
+    args = ["--input=in/*.jsonl", "--views_per_task=2", "--max_line_bytes=1024", "--output_dtype=bfloat16",
+            "--positions=::3", "--layers=0,2", "--sites=resid_post,mlp_out", "--max_seq_len=256"]
+    monkeypatch.chdir(tmp_path)
+    preview.main([*args, "--stats", "--num", "0"])
+    out = capsys.readouterr().out
+    result = run_guarded([*args, "--output=out"], tmp_path, tmp_path / "connections.log")
+    assert result.returncode == 0, result.stderr[-3000:]
+    manifest = json.loads((tmp_path / "out/manifest.json").read_text())
+    written = sum(f.stat().st_size for f in (tmp_path / "out").glob("*/layer_*/*.tfrecord"))
+    assert f"in all ({written:,} bytes)" in out
+    assert f"{manifest['counts']['samples']} samples:" in out
+    assert manifest["counts"]["dead_letters"] == {"duplicate_task_id": 1, "line_too_long": 1}
+    assert "'duplicate_task_id': 1" in out and "'line_too_long': 1" in out

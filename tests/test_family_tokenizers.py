@@ -76,3 +76,64 @@ def test_a_model_directory_without_a_tokenizer_is_refused_by_name(tmp_path):
     shutil.copy(source / "tokenizer_config.json", tmp_path / "tokenizer_config.json")
     with pytest.raises(CheckpointError, match="no tokenizer: a --model directory needs tokenizer.json"):
         load_tokenizer(tmp_path)
+
+
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+CORPUS = ["the cat sat on the mat 12345 678 9 x1y2 it's", "Next line\n\n  indented 2024: done.\n- item"] * 40
+
+
+def trained(style: str) -> "PreTrainedTokenizerFast":
+    """A small tokenizer of each pre-tokenization style our families use, trained here (no hub)."""
+    from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    if style == "llama3":  # byte-level BPE, digits in groups of up to 3 (GPT-2: any run)
+        backend = Tokenizer(models.BPE())
+        backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(LLAMA3_SPLIT), "isolated"),
+                                                         pre_tokenizers.ByteLevel(add_prefix_space=False,
+                                                                                  use_regex=False)])
+        backend.decoder = decoders.ByteLevel()
+        alphabet = pre_tokenizers.ByteLevel.alphabet()
+    else:  # Mistral / Llama 2: a `▁` prepended to every text
+        backend = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+        backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+        alphabet = []
+    backend.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=300, initial_alphabet=alphabet,
+                                                            special_tokens=["<unk>", "<s>"]))
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>")
+
+
+@pytest.mark.parametrize("style, rule", [("qwen2", "cut_after_word"), ("llama3", "cut_at_line_start"),
+                                         ("prepend", None)])
+def test_a_long_document_gives_the_whole_texts_tokens_whatever_the_tokenizer(style, rule):
+    """Long documents are tokenized in pieces (bounded memory) only where the tokenizer's pieces give
+    the whole text's tokens: at Qwen2's word ends, at line starts for digit-grouping byte-level BPE,
+    nowhere for a tokenizer that prepends to every text."""
+    from beam_extract.tokenize import CHUNK_CHARS, safe_cut
+
+    tokenizer = (load_tokenizer(resolve_model_dir("tiny-random-qwen2", weights=False)) if style == "qwen2"
+                 else trained(style))
+    assert getattr(safe_cut(tokenizer), "__name__", None) == rule
+    rng = np.random.default_rng(0)
+    words = ["cat", "12345", "x1y2", "it's", "\n", "\n\n", "  ", "2024:", "mat.\n", "Next", "- item", "678"]
+    text = "".join(rng.choice(words) + rng.choice(["", " "]) for _ in range(3 * CHUNK_CHARS // 5))
+    assert len(text) > 2 * CHUNK_CHARS
+    whole = tokenizer.backend_tokenizer.encode(text, add_special_tokens=False).ids
+    assert text_token_ids(tokenizer, text).tolist() == whole
+
+
+def test_a_base_model_without_a_chat_template_runs_text_and_dead_letters_arc(tmp_path):
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    from beam_extract.job import make_job
+    from beam_extract.options import UsageError
+
+    model = tmp_path / "model"
+    shutil.copytree(resolve_model_dir("tiny-random-qwen2"), model)
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    del config["chat_template"]
+    (model / "tokenizer_config.json").write_text(json.dumps(config))
+    make_job(PipelineOptions([f"--model={model}", f"--output={tmp_path}/out"]))  # auto: text runs
+    with pytest.raises(UsageError, match="no_chat_template: the model's tokenizer has no chat template"):
+        make_job(PipelineOptions([f"--model={model}", f"--output={tmp_path}/out", "--input_format=arc"]))

@@ -146,6 +146,8 @@ def test_streaming_on_prism_picks_up_dropped_files_and_resumes_after_a_stop(tmp_
     indexes = read_windows(str(tmp_path / "out"))
     assert all(w["ok"] for w in indexes), [w["problems"] for w in indexes]
     assert sum(w["counts"]["samples_committed_now"] for w in indexes) == len(ids)
+    assert all(hook["normalisation"]["saelens_scaling_factor"] > 0 for w in indexes
+               if w["counts"]["samples_committed_now"] for hook in w["hooks"].values())
     assert sum(w["counts"]["samples_resumed"] for w in indexes) == len(first | second)
     for hook in ("blocks.0.hook_resid_post",):
         assert sorted(r["sample_id"] for r in read_activations(str(tmp_path / "out"), hook)) == sorted(ids)

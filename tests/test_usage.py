@@ -49,6 +49,7 @@ def template(tmp_path, body: str, encoding: str = "utf-8") -> str:
     (["--mesh=data:0"], "--mesh 'data:0'"),
     (["--positions=::0"], "--positions '::0': the step must be at least 1"),
     (["--positions=5:2"], "no_tokens_selected"),
+    (["--positions=:1"], "--positions :1 stores only positions below --norm_exclude_first 1"),
     (["--input_format=arc", "--max_seq_len=64"], "too_long"),
     (["--buckets=nonsense"], "--buckets 'nonsense'"),
     (["--grid_encoder=RepeatNumberEncoder(0)"], "n must be 1 to 16"),

@@ -36,8 +36,8 @@ class ActivationDataset(IterableDataset):
     steps rather than to the end of an epoch.
 
     Shuffled (the default), files are visited in an order drawn from (seed, epoch) and each shard
-    mixes its tokens through a buffer of `shuffle_buffer` tokens (held per worker: float32, so
-    shuffle_buffer * d_model * 4 bytes each); a seed and epoch give the same batches again for the
+    mixes its tokens through a buffer of `shuffle_buffer + batch_tokens` tokens, held per worker in
+    the output's dtype ((shuffle_buffer + batch_tokens) * d_model * 2 bytes each for bfloat16); a seed and epoch give the same batches again for the
     same number of workers and ranks. Call `set_epoch` before each epoch; with
     `persistent_workers=True` the workers keep the epoch they started with, as they keep their copy
     of the dataset. The last batch of each shard is short unless `drop_last`."""

@@ -224,6 +224,13 @@ def expand_input(pattern: str) -> str:
     return pattern
 
 
+def absolute_input(given: str) -> str:
+    """--input as a job reads it and names its samples by: an old-layout dataset directory's chunk
+    files, a local glob made absolute."""
+    pattern = expand_input(given)
+    return pattern if "://" in pattern else os.path.abspath(pattern)
+
+
 def match_paths(pattern: str) -> list[str]:
     """Sorted paths matching a glob; an error if none match."""
     paths = sorted(m.path for m in FileSystems.match([pattern])[0].metadata_list)

@@ -1,6 +1,7 @@
 """Reading activations back: by output directory and hook (local or gs://), through the manifest
 (or the commits, for a run still going: an interrupted or a streaming one). Imports neither Beam,
-JAX, transformers, PyTorch nor TensorFlow: readers train on machines without them.
+JAX, transformers, PyTorch nor TensorFlow: a training process that reads the output loads none of
+them (installing the package still installs them: they are its dependencies).
 
 - `read_activations(path, hook)`: records as dicts with numpy arrays.
 - `tf_dataset(path, hook)`: a tf.data.Dataset of parsed records (imports TensorFlow when called).

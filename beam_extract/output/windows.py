@@ -12,15 +12,18 @@ import datetime
 import apache_beam as beam
 
 from beam_extract.hooks import Hook
-from beam_extract.output.manifest import line_and_sample_counts, problems, relative_paths, summarize_hooks
+from beam_extract.output.manifest import (line_and_sample_counts, problems, relative_paths, summarize_hooks,
+                                          with_normalisation_factors)
 from beam_extract.output.commits import write_json
 from beam_extract.output.layout import WINDOWS
 from beam_extract.output.writer import window_span
 
 
-def window_index(span: tuple[str, str], output: str, hooks: tuple[Hook, ...], totals: dict) -> dict:
+def window_index(span: tuple[str, str], output: str, hooks: tuple[Hook, ...], totals: dict, d_model: int,
+                 norm_exclude_first: int) -> dict:
     """`totals`: the window's combined results by name; a name is missing when nothing of that kind
-    happened in the window (e.g. no dead letters)."""
+    happened in the window (e.g. no dead letters). Each hook's normalisation factors are the
+    window's own."""
     committed = totals.get("commits") or {"commits": [], "hooks": summarize_hooks(hooks, [])}
     ids = totals.get("committed_ids", {"total": 0, "distinct": 0})
     counts = {**line_and_sample_counts(totals.get("lines_read", 0), totals.get("lines", {}), totals.get("samples", 0),
@@ -33,7 +36,7 @@ def window_index(span: tuple[str, str], output: str, hooks: tuple[Hook, ...], to
         "ok": not found,
         "problems": found,
         "counts": counts,
-        "hooks": committed["hooks"],
+        "hooks": with_normalisation_factors(committed["hooks"], d_model, norm_exclude_first),
         "commits": committed["commits"],
         "batching": totals.get("batching"),
         "dead_letter_files": relative_paths(output, totals.get("dead_letter_files", [])),
@@ -43,8 +46,9 @@ def window_index(span: tuple[str, str], output: str, hooks: tuple[Hook, ...], to
 class WriteWindowIndex(beam.DoFn):
     """(None, {name: [the window's total]}) from a CoGroupByKey -> the window's index; yields its path."""
 
-    def __init__(self, output: str, hooks: tuple[Hook, ...]):
+    def __init__(self, output: str, hooks: tuple[Hook, ...], d_model: int, norm_exclude_first: int):
         self._output, self._hooks = output, hooks
+        self._norms = d_model, norm_exclude_first
 
     def process(self, grouped, window=beam.DoFn.WindowParam):
         _, parts = grouped
@@ -57,5 +61,5 @@ class WriteWindowIndex(beam.DoFn):
                 totals[name] = values[0]
         span = window_span(window)
         path = f"{self._output}/{WINDOWS}/{span[0]}-{span[1]}.json"
-        write_json(path, window_index(span, self._output, self._hooks, totals))
+        write_json(path, window_index(span, self._output, self._hooks, totals, *self._norms))
         yield path

@@ -18,7 +18,7 @@ REASONS: dict[str, tuple[str, ...]] = {
               "wrong_type", "empty_text", "blank_line", "ragged_grid", "value_out_of_range", "grid_too_large",
               "empty_train", "empty_test", "too_many_examples"),
     "dedup": ("duplicate_task_id",),
-    "tokenize": ("too_long", "no_tokens_selected", "token_out_of_range", "tokenizer_error"),
+    "tokenize": ("too_long", "no_tokens_selected", "token_out_of_range", "no_chat_template", "tokenizer_error"),
     "resume": ("changed_since_commit",),
     "extract": ("model_oom", "non_finite"),
 }
