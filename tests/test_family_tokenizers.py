@@ -10,6 +10,7 @@ import shutil
 import numpy as np
 import pytest
 from tokenizers import Tokenizer, processors
+from transformers import PreTrainedTokenizerFast
 
 from beam_extract.arc.augment import ArcView, augment
 from beam_extract.arc.encoders import DEFAULT_ENCODER, parse_encoder
@@ -83,10 +84,9 @@ LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,
 CORPUS = ["the cat sat on the mat 12345 678 9 x1y2 it's", "Next line\n\n  indented 2024: done.\n- item"] * 40
 
 
-def trained(style: str) -> "PreTrainedTokenizerFast":
+def trained(style: str) -> PreTrainedTokenizerFast:
     """A small tokenizer of each pre-tokenization style our families use, trained here (no hub)."""
     from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
 
     if style == "llama3":  # byte-level BPE, digits in groups of up to 3 (GPT-2: any run)
         backend = Tokenizer(models.BPE())
