@@ -1,11 +1,11 @@
-"""beam-extract: per-token Qwen2 activations from text datasets, as an Apache Beam pipeline."""
+"""beam-extract: per-token transformer activations from text datasets, as an Apache Beam pipeline."""
 
 from setuptools import find_packages, setup
 
 setup(
     name="beam-extract",
     version="0.1.0",
-    description="Apache Beam pipeline that extracts per-token Qwen2 activations for SAE training",
+    description="Apache Beam pipeline that extracts per-token transformer activations for SAE training",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.11",

@@ -63,7 +63,7 @@ class _OneLineParser(argparse.ArgumentParser):
 def argument_parser() -> argparse.ArgumentParser:
     """Our options alone, for --help (with defaults and ranges) and for clear errors before Beam starts."""
     parser = _OneLineParser(
-        prog="beam-extract", description="Extract per-token Qwen2 activations from JSONL into TFRecords.",
+        prog="beam-extract", description="Extract per-token transformer activations from JSONL into TFRecords.",
         epilog="Beam's own options are accepted too, e.g. --runner=DirectRunner (default) or DataflowRunner, "
                "--direct_num_workers, --direct_running_mode, and Dataflow's --project, --region, --temp_location.")
     add_arguments(parser, show_defaults=True)

@@ -104,8 +104,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("grid_encoder", DEFAULT_ENCODER, "Grid encoder, by name", "ARC tasks"),
     Option("include_answer", False, "Render the test output, when present, after the answer prefix (train prompts)",
            "ARC tasks", flag),
-    Option("model", DEFAULT_MODEL, "Hugging Face-format Qwen2 directory (local or gs://), a hub id when online, or "
-           f"{DEFAULT_MODEL} (embedded, generated offline)", "model"),
+    Option("model", DEFAULT_MODEL, "Hugging Face-format model directory (local or gs://; see README, Model "
+           f"families), a hub id when online, or {DEFAULT_MODEL} (embedded, generated offline)", "model"),
     Option("layers", "all", "Layers to capture: 'all' or a list like 0,3,8-11 (0-based)", "model"),
     Option("sites", "resid_post", f"Comma-separated sites: {', '.join(SITES)}", "model"),
     Option("dtype", "float32", "Compute dtype", "model", choices=COMPUTE_DTYPES),
