@@ -19,7 +19,7 @@ from beam_extract.legacy import add_legacy_arguments  # noqa: E402
 from beam_extract.model.weights import CheckpointError  # noqa: E402
 from beam_extract.model.config import UnsupportedConfigError
 from beam_extract.options import UsageError, add_arguments, template_switches  # noqa: E402
-from beam_extract.output.manifest import read_manifest  # noqa: E402
+from beam_extract.output.layout import read_manifest  # noqa: E402
 from beam_extract.output.ownership import OutputRefused  # noqa: E402
 from beam_extract.pipeline import run  # noqa: E402
 

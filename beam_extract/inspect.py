@@ -14,7 +14,7 @@ import itertools
 import numpy as np
 from apache_beam.io.filesystems import FileSystems
 
-from beam_extract.output.manifest import read_manifest
+from beam_extract.output.layout import read_manifest
 from beam_extract.output.reader import read_activations
 
 SAMPLED_RECORDS = 2000  # per hook, for the plots

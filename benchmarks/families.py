@@ -50,8 +50,7 @@ BATCH, SEQ = 2, 512
 
 def _config(family: str, layers: int) -> transformers.PretrainedConfig:
     _, config_class, fields = ARCHITECTURES[family]
-    depth = {"n_layer": layers} if family == "gpt2" else {"num_hidden_layers": layers}
-    return config_class(vocab_size=VOCAB, **depth, **fields)
+    return config_class(vocab_size=VOCAB, num_hidden_layers=layers, **fields)
 
 
 def measure(quick: bool) -> tuple[list[Figure], dict]:

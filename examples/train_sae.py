@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from beam_extract.output.manifest import read_manifest
+from beam_extract.output.layout import read_manifest
 from beam_extract.output.reader import token_batches
 
 

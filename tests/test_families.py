@@ -8,9 +8,8 @@ import json
 import numpy as np
 import pytest
 
-from beam_extract.model.config import UnsupportedConfigError
+from beam_extract.model.config import UnsupportedConfigError, check_context, rope_frequencies
 from beam_extract.model.loaded import load_model
-from beam_extract.model.config import check_context, rope_frequencies
 from hf_reference import FAMILIES, SITES, hf_activations, random_hf_checkpoint
 
 HOOKS = tuple((layer, site) for layer in range(3) for site in SITES)
@@ -141,8 +140,7 @@ def test_bfloat16_compute_cosine_against_float32_reference(tmp_path, family):
     ("gpt2", {"activation_function": "relu"}, "activation_function"),
 ])
 def test_unsupported_config_fields_are_named(tmp_path, family, changes, field):
-    random_hf_checkpoint(tmp_path, family=family, num_hidden_layers=3) if family != "gpt2" else \
-        random_hf_checkpoint(tmp_path, family=family)
+    random_hf_checkpoint(tmp_path, family=family)
     config = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**config, **changes}))
     with pytest.raises(UnsupportedConfigError, match=field) as error:

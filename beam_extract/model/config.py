@@ -112,7 +112,8 @@ def layer_windows(hf: transformers.PretrainedConfig, every_layer: bool = False) 
         raise UnsupportedConfigError("layer_types", kinds, "must name sliding_attention or full_attention per layer")
     if "sliding_attention" in kinds and (not isinstance(window, int) or window < 1):
         raise UnsupportedConfigError("sliding_window", window, "sliding layers need a positive window")
-    return tuple(window if kind == "sliding_attention" else 0 for kind in kinds)
+    windows = tuple(window if kind == "sliding_attention" else 0 for kind in kinds)
+    return windows if any(windows) else ()
 
 
 def config_from_hf(hf: transformers.PretrainedConfig) -> ModelConfig:
@@ -127,7 +128,7 @@ def config_from_hf(hf: transformers.PretrainedConfig) -> ModelConfig:
         raise UnsupportedConfigError(
             "num_key_value_heads", kv_heads, f"must divide num_attention_heads={hf.num_attention_heads}")
     fields.setdefault("head_dim", getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads)
-    if fields.get("activation", "silu") not in ACTIVATIONS:
+    if fields["activation"] not in ACTIVATIONS:
         raise UnsupportedConfigError(family.activation_field, fields["activation"],
                                      f"implemented activations: {', '.join(ACTIVATIONS)}")
     return ModelConfig(

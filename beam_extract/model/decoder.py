@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from beam_extract.hooks import Hook
-from beam_extract.model.config import ModelConfig, rope_frequencies
+from beam_extract.model.config import ACTIVATIONS as ACTIVATION_NAMES, ModelConfig, rope_frequencies
 
 # Attention runs over [BLOCK x BLOCK] tiles of (queries, keys) with an online softmax, so no
 # score tensor is larger than one tile, and tiles no query may see (above the causal diagonal, or
@@ -36,6 +36,7 @@ Attention = Callable[..., jax.Array]
 
 ACTIVATIONS = {"silu": jax.nn.silu, "gelu": lambda x: jax.nn.gelu(x, approximate=False),
                "gelu_new": jax.nn.gelu, "gelu_pytorch_tanh": jax.nn.gelu}
+assert tuple(ACTIVATIONS) == ACTIVATION_NAMES  # the names config.py checks, without JAX there
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:

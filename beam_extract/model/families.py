@@ -70,9 +70,9 @@ GEMMA_LAYER = {
 LLAMA_GLOBALS = {"embed": Stored("embed_tokens.weight"), "final_norm": Stored("norm.weight")}
 
 
-def _refuse(hf: transformers.PretrainedConfig, field: str, why: str, ok=(None, False)) -> None:
+def _refuse(hf: transformers.PretrainedConfig, field: str, why: str) -> None:
     value = getattr(hf, field, None)
-    if value not in ok:
+    if value not in (None, False):
         raise UnsupportedConfigError(field, value, why)
 
 
@@ -82,9 +82,13 @@ def _llama_like(hf: transformers.PretrainedConfig) -> dict:
                 activation=hf.hidden_act, rope_theta=theta, rope_scaling=scaling, qkv_bias=False)
 
 
-def _read_qwen2(hf: transformers.PretrainedConfig) -> dict:
-    _refuse(hf, "use_sliding_window", "sliding-window attention is not implemented for Qwen2")
+def _full_attention_only(hf: transformers.PretrainedConfig, family: str) -> None:
+    _refuse(hf, "use_sliding_window", f"sliding-window attention is not implemented for {family}")
     layer_windows(hf)  # full attention on every layer, or an error naming layer_types
+
+
+def _read_qwen2(hf: transformers.PretrainedConfig) -> dict:
+    _full_attention_only(hf, "Qwen2")
     return _llama_like(hf) | dict(qkv_bias=True)
 
 
@@ -94,26 +98,23 @@ def _read_llama(hf: transformers.PretrainedConfig) -> dict:
 
 
 def _read_mistral(hf: transformers.PretrainedConfig) -> dict:
-    windows = layer_windows(hf, every_layer=True)
-    return _llama_like(hf) | dict(layer_windows=windows if any(windows) else ())
+    return _llama_like(hf) | dict(layer_windows=layer_windows(hf, every_layer=True))
 
 
 def _read_qwen3(hf: transformers.PretrainedConfig) -> dict:
-    _refuse(hf, "use_sliding_window", "sliding-window attention is not implemented for Qwen3")
-    layer_windows(hf)
+    _full_attention_only(hf, "Qwen3")
     return _read_llama(hf)
 
 
 def _read_gemma(hf: transformers.PretrainedConfig, rope: tuple[float, tuple], local_theta: float | None) -> dict:
     _refuse(hf, "use_bidirectional_attention", "only causal attention is implemented")
     theta, scaling = rope
-    windows = layer_windows(hf)
     bias = bool(getattr(hf, "attention_bias", False))
     return dict(intermediate_size=hf.intermediate_size, rms_norm_eps=float(hf.rms_norm_eps),
                 activation=hf.hidden_activation, norm="rms_offset", qkv_bias=bias, o_bias=bias,
                 attention_scale=float(hf.query_pre_attn_scalar) ** -0.5,
                 attn_softcap=float(hf.attn_logit_softcapping) if hf.attn_logit_softcapping else None,
-                embed_scale=float(hf.hidden_size) ** 0.5, layer_windows=windows if any(windows) else (),
+                embed_scale=float(hf.hidden_size) ** 0.5, layer_windows=layer_windows(hf),
                 rope_theta=theta, rope_scaling=scaling, rope_local_theta=local_theta)
 
 

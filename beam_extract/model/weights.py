@@ -142,8 +142,9 @@ def stored_params(config: ModelConfig) -> list[tuple[str, int | None, Stored, st
     family = FAMILIES[config.family]
     globals_ = [(name, None, stored, stored.name) for name, stored in family.globals.items()
                 if name != "pos_embed" or config.learned_positions]
+    per_layer = layer_tensors(config).items()
     layers = [(name, index, stored, f"{family.layers}.{index}.{stored.name}")
-              for index in range(config.num_layers) for name, stored in layer_tensors(config).items()]
+              for index in range(config.num_layers) for name, stored in per_layer]
     return globals_ + layers
 
 

@@ -60,10 +60,10 @@ class ExtractedBatch:
         normalisation factors (a sequence's first tokens are attention sinks with outlying norms)."""
         if not self.samples:
             return dict.fromkeys(HOOK_STATS, 0)
-        squared = np.square(np.concatenate([self.norms[hook][s.row, s.columns] for s in self.samples]),
-                            dtype=np.float64)
+        # float64: a float32 norm's square is exact there, and huge 16-bit values do not overflow.
+        norms = np.concatenate([self.norms[hook][s.row, s.columns] for s in self.samples]).astype(np.float64)
+        squared = np.square(norms)
         counted = np.concatenate([self.positions[s.row, s.columns] for s in self.samples]) >= norm_exclude_first
-        norms = np.sqrt(squared)
         return {"tokens": len(squared), "sum_l2_norm": float(norms.sum()), "sum_squared_norm": float(squared.sum()),
                 "norm_tokens": int(counted.sum()), "norm_sum_l2_norm": float(norms[counted].sum()),
                 "norm_sum_squared_norm": float(squared[counted].sum())}

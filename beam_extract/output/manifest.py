@@ -13,8 +13,7 @@ from beam_extract.hooks import Hook, hook_name
 from beam_extract.model.config import ModelConfig
 from beam_extract.output.schema import FEATURES
 from beam_extract.output.commits import write_json
-# read_manifest is imported from here by the pipeline's side; readers import it from `layout`.
-from beam_extract.output.layout import MANIFEST_NAME, read_manifest  # noqa: F401
+from beam_extract.output.layout import MANIFEST_NAME
 
 # 2: shard groups, fingerprint and lock, ids by file and line, `ok` and `problems`; 3: records hold their
 # whole sequence's token ids, hooks their normalisation
