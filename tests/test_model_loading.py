@@ -138,3 +138,10 @@ def test_weights_checksum_identifies_the_weights_not_the_files(checkpoint, tmp_p
     tensors["model.norm.weight"][3] += 1
     other = load_model(str(copy_checkpoint(checkpoint, tmp_path / "b", tensors)))
     assert load_model(str(checkpoint)).weights_sha256 == same.weights_sha256 != other.weights_sha256
+
+
+def test_the_readmes_model_import_works():
+    from beam_extract.model import load_model
+    from beam_extract.model.loaded import load_model as defined
+
+    assert load_model is defined

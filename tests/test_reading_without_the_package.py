@@ -32,7 +32,8 @@ def fresh_python(code: str, cwd: Path = ROOT):
 
 
 @pytest.mark.parametrize("module", ["beam_extract.output.reader", "beam_extract.hooks", "beam_extract.records",
-                                    "beam_extract.output.mixing", "beam_extract.integrations.shards"])
+                                    "beam_extract.output.mixing", "beam_extract.integrations.shards",
+                                    "beam_extract.model"])
 def test_importing_the_readers_side_loads_no_framework(module):
     loaded = fresh_python(f"import json, sys, {module}\n"
                           f"print(json.dumps([m for m in {HEAVY!r} if m in sys.modules]))")
