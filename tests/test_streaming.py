@@ -17,6 +17,7 @@ import argparse
 import json
 import shutil
 import socket
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -352,3 +353,49 @@ def test_a_restarted_streaming_job_resumes_without_writing_twice(streamed):
         assert after["counts"]["samples_extracted_now"] == 0 and not after["commits"]
         assert after["counts"]["lines_with_samples"] == before["counts"]["lines_with_samples"]
         assert after["counts"]["lines_unaccounted"] == 0
+
+
+# -- ARC task ids across windows -------------------------------------------------------------------
+
+def arc_task(task_id: str, source: str, line: int, at: float) -> TimestampedValue:
+    from beam_extract.records.arc import ArcTask
+
+    return TimestampedValue(ArcTask(task_id, (), (), source, line), at)
+
+
+@pytest.mark.parametrize("runner", ["BundleBasedDirectRunner", "PrismRunner"])
+def test_a_task_id_reused_in_a_later_window_is_a_dead_letter(runner):
+    """The attack of issue 26: a.jsonl's `dup1` arrives, and a window later b.jsonl with another
+    `dup1` and `uniq2`. Only the first `dup1` goes on; the second is a duplicate_task_id dead letter
+    naming the first's place, in the window it arrived in; each task stays in its own window."""
+    from beam_extract.records.dead_letter import DEAD_LETTER
+    from beam_extract.stages import DropDuplicateTasks
+
+    if runner == "PrismRunner" and not (Path(sys.executable).parent / "prism").is_file():
+        pytest.skip("prism is not installed (make prism); `make test` installs it")
+    stream = (test_stream.TestStream().advance_watermark_to(0)
+              .add_elements([arc_task("dup1", "a.jsonl", 1, 5), arc_task("twice", "a.jsonl", 2, 6),
+                             arc_task("twice", "a.jsonl", 3, 7)])
+              .advance_watermark_to(WINDOW)
+              .add_elements([arc_task("dup1", "b.jsonl", 1, WINDOW + 10), arc_task("uniq2", "b.jsonl", 2, WINDOW + 11)])
+              .advance_watermark_to(2 * WINDOW)
+              .add_elements([arc_task("uniq2", "c.jsonl", 1, 2 * WINDOW + 1)])
+              .advance_watermark_to_infinity())
+    extra = [f"--prism_location={Path(sys.executable).parent / 'prism'}"] if runner == "PrismRunner" else []
+    pipeline = beam.Pipeline(options=PipelineOptions(["--streaming", f"--runner={runner}", *extra]))
+    records = pipeline | stream | beam.WindowInto(FixedWindows(WINDOW))
+    tasks, dead = records | DropDuplicateTasks()
+
+    def where(value, window=beam.DoFn.WindowParam):
+        return value.task_id if hasattr(value, "task_id") else value.record_id, value.source, int(window.start)
+
+    assert_that(tasks | "Tasks" >> beam.Map(where),
+                equal_to([("dup1", "a.jsonl", 0), ("twice", "a.jsonl", 0), ("uniq2", "b.jsonl", WINDOW)]),
+                label="FirstUses")
+    assert_that(dead | "Dead" >> beam.Map(lambda d, window=beam.DoFn.WindowParam: (
+                    d.record_id, d.source, d.reason, d.detail.rpartition(" ")[2], int(window.start))),
+                equal_to([("twice", "a.jsonl", "duplicate_task_id", "a.jsonl:2", 0),
+                          ("dup1", "b.jsonl", "duplicate_task_id", "a.jsonl:1", WINDOW),
+                          ("uniq2", "c.jsonl", "duplicate_task_id", "b.jsonl:2", 2 * WINDOW)]),
+                label="Duplicates")
+    pipeline.run().wait_until_finish()
