@@ -38,14 +38,16 @@ def test_every_committed_sample_is_read_exactly_once_or_the_overlap_is_reported(
     assert set(kept.values()) <= {1}  # what a resumed run keeps holds each sample once
     names = lambda gs: sorted(g["group"] for g in gs)  # noqa: E731
     assert names(selection.kept + selection.dropped) == names(groups)  # every group is kept or dropped
-    hidden = [g for g in selection.dropped if g not in selection.overlapping]
-    assert all(set(g["samples"]) <= set(kept) for g in hidden)  # dropped unreported only if nothing is lost
+    left_out = [g for g in selection.dropped if g not in selection.overlapping]
+    assert all(set(g["samples"]) <= set(kept) for g in left_out)  # left out only if nothing is lost
     if any(n > 1 for n in read.values()):
         repeated_in = {g["group"] for g in selection.readable if any(read[s] > 1 for s in g["samples"])}
         assert selection.problems and all(any(name in p for p in selection.problems)
                                           for name in repeated_in - set(names(selection.kept)))
-    else:
-        assert not selection.problems
+    # No group is hidden silently: any overlap at all is reported.
+    overlap = sum(len(g["samples"]) for g in groups) != len(committed)
+    assert bool(selection.problems) == overlap
+    assert (f"{len(left_out)} commit groups are left out" in " ".join(selection.problems)) == bool(left_out)
 
 
 def test_the_issue_26_groups_read_uniq2_and_say_dup1_is_read_twice(tmp_path):

@@ -112,10 +112,14 @@ class Selection(NamedTuple):
 
     @property
     def problems(self) -> list[str]:
-        """The overlaps that cost something: each group whose samples cannot be read without reading
-        some of them twice (none: every committed sample is in exactly one kept group)."""
+        """Every overlap, in words (none: no sample is in two groups): each group whose samples cannot
+        be read without reading some of them twice, and how many groups are left out because other
+        groups hold all their samples."""
         held = {sample for group in self.kept for sample in group["samples"]}
         found = []
+        if covered := len(self.dropped) - len(self.overlapping):
+            found.append(f"{covered} commit groups are left out: other groups hold each of their samples (groups "
+                         "of an attempt that failed, or samples committed twice)")
         for group in self.overlapping:
             shared = sum(sample in held for sample in set(group["samples"]))
             repeated = len(group["samples"]) - len(set(group["samples"]))
