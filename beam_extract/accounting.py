@@ -20,7 +20,8 @@ FILE_STAGE = "read"
 class AccountLines(beam.PTransform):
     """{stage: dead letters} -> (dead-letter file paths, {reason: count} pairs, {outcome: lines}
     pairs). Lines that produced samples are marked from `written` (the extraction's
-    ExtractedBatches) and `resumed` (samples committed by the run resumed)."""
+    ExtractedBatches) and `resumed` (samples committed by the run resumed; a line with only those is
+    also counted as "skipped")."""
 
     def __init__(self, output: str, written: beam.PCollection, resumed: beam.PCollection):
         super().__init__()
@@ -42,7 +43,8 @@ class AccountLines(beam.PTransform):
             | "BitmapsWritten" >> beam.CombinePerKey(LineBitmaps()),
             self._resumed
             | "LinesResumed" >> beam.Map(lambda s: (s.source, (s.line_number, True)))
-            | "BitmapsResumed" >> beam.CombinePerKey(LineBitmaps()),
+            | "BitmapsResumed" >> beam.CombinePerKey(LineBitmaps())
+            | "AsResumed" >> beam.MapTuple(lambda source, bits: (source, (b"", b"", bits[0]))),
         ]
         lines = (
             bitmaps

@@ -260,7 +260,7 @@ def claim_output(job: Job) -> Job:
         if recorded is None:
             ownership.record_fingerprint(output, job.fingerprint)
             return dataclasses.replace(job, lock=lock)
-        kept, _ = select_groups(read_groups_on_disk(output))
+        kept = select_groups(read_groups_on_disk(output)).kept
         remove_unlisted(output, job.hooks, kept)
         ownership.remove_dead_letters(output, DEAD_LETTER_STAGES)  # every line is read, and dead-lettered, again
         delete_quietly(list_paths(f"{output}/{ownership.RUN_DIR}/*{RUN_SKIP_SUFFIX}"))  # of killed resumptions

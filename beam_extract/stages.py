@@ -5,7 +5,10 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import apache_beam as beam
+from apache_beam.coders import StrUtf8Coder, TupleCoder, VarIntCoder
 from apache_beam.metrics import Metrics
+from apache_beam.transforms.userstate import ReadModifyWriteStateSpec
+from apache_beam.transforms.window import GlobalWindows
 
 from beam_extract.arc.augment import views
 from beam_extract.arc.encoders import parse_encoder
@@ -123,14 +126,35 @@ def is_duplicate_task(task_id: str, tasks: Iterable[ArcTask]):
     first, *rest = sorted(tasks, key=lambda t: (t.source, t.line_number))
     yield first
     for task in rest:
-        yield DeadLetter(task.source, task.line_number, "dedup", "duplicate_task_id",
-                         f"task id {task_id!r} is first used at {first.source}:{first.line_number}", task.raw,
-                         task_id)
+        yield duplicate(task, (first.source, first.line_number))
+
+
+def duplicate(task: ArcTask, first: tuple[str, int]) -> DeadLetter:
+    return DeadLetter(task.source, task.line_number, "dedup", "duplicate_task_id",
+                      f"task id {task.task_id!r} is first used at {first[0]}:{first[1]}", task.raw, task.task_id)
+
+
+class FirstUseAcrossWindows(beam.DoFn):
+    """Streaming: (task id, task), each id at most once per window -> the task if no earlier window
+    used its id, else a dead letter. Where an id was first used is kept in state keyed by the id, so
+    the runner holds each id once, with its key, on whichever worker owns the key."""
+
+    FIRST = ReadModifyWriteStateSpec("first", TupleCoder((StrUtf8Coder(), VarIntCoder())))
+
+    def process(self, keyed: tuple[str, ArcTask], first=beam.DoFn.StateParam(FIRST)):
+        _, task = keyed
+        used = first.read()
+        if used is None:
+            first.write((task.source, task.line_number))
+            yield task  # counted as out of "dedup" already, in its window
+        else:
+            yield from route([duplicate(task, used)], "dedup")
 
 
 class DropDuplicateTasks(beam.PTransform):
     """ARC task ids must be unique: duplicates become dead letters (never silently dropped).
-    Text documents pass straight through, without a shuffle."""
+    Text documents pass straight through, without a shuffle. In streaming, ids are unique across
+    windows too: a task of a later window reusing an id is a dead letter, as within a window."""
 
     def expand(self, records):
         tasks, docs = records | "SplitKinds" >> beam.Partition(lambda r, _: 0 if isinstance(r, ArcTask) else 1, 2)
@@ -142,4 +166,18 @@ class DropDuplicateTasks(beam.PTransform):
                                                                                "dedup"))
             .with_outputs(DEAD_LETTER, main="tasks")
         )
-        return (checked.tasks, docs) | "Rejoin" >> beam.Flatten(), checked[DEAD_LETTER]
+        unique, duplicates = checked.tasks, checked[DEAD_LETTER]
+        windowing = records.windowing.windowfn
+        if not isinstance(windowing, GlobalWindows):
+            # State lives per key and window: the check across windows runs in the global window, and
+            # its results go back to the windows their tasks came from (by their timestamps).
+            across = (
+                unique
+                | "AllWindows" >> beam.WindowInto(GlobalWindows())
+                | "ByTaskIdAcross" >> beam.Map(lambda task: (task.task_id, task))
+                | "FirstUseOfId" >> beam.ParDo(FirstUseAcrossWindows()).with_outputs(DEAD_LETTER, main="tasks")
+            )
+            unique = across.tasks | "BackToWindows" >> beam.WindowInto(windowing)
+            duplicates = ((duplicates, across[DEAD_LETTER] | "LateDuplicatesToWindows" >> beam.WindowInto(windowing))
+                          | "AllDuplicates" >> beam.Flatten())
+        return (unique, docs) | "Rejoin" >> beam.Flatten(), duplicates

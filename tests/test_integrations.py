@@ -5,6 +5,7 @@ README's "Train an SAE from the output" snippets as written, against the output 
 import copy
 import importlib.util
 import re
+import shutil
 from collections import Counter
 import subprocess
 import sys
@@ -15,10 +16,11 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from beam_extract.integrations.pytorch import ActivationDataset
+from beam_extract.integrations.pytorch import ActivationDataset, check_same_plan
 from beam_extract.integrations.shards import batches_in_order, shard_plan
 from beam_extract.output.mixing import mixed_batches
 from beam_extract.output.reader import hook_files, read_activations
+from conftest import free_port
 
 HOOK = "blocks.1.hook_resid_post"
 README = Path(__file__).parent.parent / "README.md"
@@ -61,7 +63,7 @@ def test_importing_the_consumers_loads_no_framework(output):
 import sys
 import beam_extract.integrations, beam_extract.integrations.shards
 assert "torch" not in sys.modules
-from beam_extract.integrations.pytorch import ActivationDataset
+from beam_extract.integrations.pytorch import ActivationDataset, check_same_plan
 import beam_extract.integrations.saelens
 next(iter(ActivationDataset({output!r}, {HOOK!r}, 64)))
 print(sorted(m for m in ("jax", "apache_beam", "transformers", "tensorflow", "sae_lens") if m in sys.modules))
@@ -150,6 +152,85 @@ def test_bad_arguments_are_refused(output):
         ActivationDataset(output, HOOK, 0)
     with pytest.raises(KeyError, match="blocks.0.hook_resid_post"):
         ActivationDataset(output, "blocks.0.hook_resid_post")
+
+
+def run_in_progress(output: str, directory: Path, groups: int) -> Path:
+    """The output as readers saw it while its run was going: no manifest, `groups` of its commit
+    groups recorded (the others' files may already be there)."""
+    copy = directory / "in-progress"
+    shutil.copytree(output, copy)
+    (copy / "manifest.json").unlink()
+    for commit in sorted((copy / "_committed").glob("*.json"))[groups:]:
+        commit.unlink()
+    return copy
+
+
+def finish(output: str, copy: Path) -> None:
+    """The rest of the run lands: its other commits and the manifest."""
+    shutil.copytree(Path(output) / "_committed", copy / "_committed", dirs_exist_ok=True)
+    shutil.copy(Path(output) / "manifest.json", copy / "manifest.json")
+
+
+def tokens_of_files(files: list[str]) -> np.ndarray:
+    from beam_extract.output.reader import read_records
+
+    return np.concatenate([r["activations"] for f in files for r in read_records(f)])
+
+
+@pytest.mark.slow
+def test_ranks_plan_over_one_file_list(output, tokens, tmp_path):
+    """Issue 26's attack: rank 0 built while some groups are committed, rank 1 after the rest and the
+    manifest land. Refused now; through a snapshot both ranks read the snapshot's tokens once."""
+    from beam_extract.output.reader import IncompleteRunWarning, write_snapshot
+
+    commits = len(list((Path(output) / "_committed").glob("*.json")))
+    assert commits >= 2
+    copy = run_in_progress(output, tmp_path, commits // 2)
+    with pytest.raises(ValueError, match="write_snapshot"):
+        ActivationDataset(str(copy), HOOK, 256, seed=1, rank=0, world_size=2, shuffle_buffer=0)
+    with pytest.warns(IncompleteRunWarning, match="no manifest"):  # one reader alone is warned, not refused
+        alone = ActivationDataset(str(copy), HOOK, 256, seed=1)
+    write_snapshot(str(copy), str(tmp_path / "plan.json"))
+    finish(output, copy)
+    with pytest.warns(IncompleteRunWarning, match="no manifest"):  # the snapshot's files are a part of the run
+        ranks = [ActivationDataset(str(tmp_path / "plan.json"), HOOK, 256, seed=1, rank=rank, world_size=2,
+                                   shuffle_buffer=0) for rank in range(2)]
+    assert ranks[0].files == ranks[1].files == alone.files and ranks[0].plan_digest == alone.plan_digest
+    per_rank = np.concatenate([torch.cat(drawn(dataset)).numpy() for dataset in ranks])
+    assert np.array_equal(as_set(per_rank), as_set(tokens_of_files(alone.files)))
+    assert len(per_rank) < len(tokens)  # the snapshot holds a part of the run, every token of it once
+    complete = ActivationDataset(str(copy), HOOK, 256, seed=1, rank=1, world_size=2)
+    assert complete.files != ranks[0].files and complete.plan_digest != ranks[0].plan_digest
+    with pytest.raises(RuntimeError, match="ranks plan over different files"):
+        check_same_plan([ranks[0].plan_digest, complete.plan_digest])
+    check_same_plan([complete.plan_digest] * 2)
+
+
+@pytest.mark.slow
+def test_ddp_ranks_with_different_plans_all_fail(output, tmp_path):
+    """Under torch.distributed (gloo, two processes) the ranks compare their plans' digests: given a
+    snapshot and the finished output, both fail loudly instead of training on different tokens."""
+    from beam_extract.output.reader import write_snapshot
+
+    copy = run_in_progress(output, tmp_path, 1)
+    write_snapshot(str(copy), str(tmp_path / "plan.json"))
+    port = free_port()
+    code = f"""
+import sys, warnings, torch.distributed as dist
+from beam_extract.integrations.pytorch import ActivationDataset, check_same_plan
+warnings.simplefilter("ignore")
+rank = int(sys.argv[1])
+dist.init_process_group("gloo", init_method="tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+try:
+    ActivationDataset([{str(tmp_path / "plan.json")!r}, {output!r}][rank], {HOOK!r})
+except RuntimeError as error:
+    print("refused:", error)
+"""
+    ranks = [subprocess.Popen([sys.executable, "-c", code, str(rank)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for rank in range(2)]
+    results = [rank.communicate(timeout=300) for rank in ranks]
+    assert all(r.returncode == 0 for r in ranks), [err[-2000:] for _, err in results]
+    assert all(out.startswith("refused: ranks plan over different files") for out, _ in results), results
 
 
 def reconstruction_error(sae, batch: torch.Tensor) -> float:

@@ -543,3 +543,31 @@ def test_a_second_job_loads_its_forwards_from_the_compilation_cache(tmp_path):
     assert records_first.keys() == records_second.keys()
     for key, record in records_first.items():
         assert record["activations"].tobytes() == records_second[key]["activations"].tobytes(), key
+
+
+@pytest.mark.parametrize("where", ["local", "gs"])
+def test_resume_and_overwrite_remove_beams_temporary_dead_letter_directories(tmp_path, where, request):
+    """A failed attempt leaves WriteToText's dead_letter/beam-temp-*/ (batch) and fileio's
+    dead_letter/.temp*/ (streaming) directories with files in them: cleanup removes them whole, and
+    nothing else of the user's there."""
+    from apache_beam.io.filesystems import FileSystems
+    from beam_extract.job import DEAD_LETTER_STAGES
+    from beam_extract.output import ownership
+    from beam_extract.output.storage import list_paths
+
+    output = f"{request.getfixturevalue('gcs_bucket')}/temp-{tmp_path.name}" if where == "gs" else str(tmp_path)
+    left = [f"{output}/dead_letter/beam-temp-parse-0f3c/5b2e.jsonl",
+            f"{output}/dead_letter/beam-temp-read-77aa/sub/1e09.jsonl",
+            f"{output}/dead_letter/.temp9d1e-4c2b/8f7a", f"{output}/dead_letter/parse-00000-of-00001.jsonl"]
+    kept = [f"{output}/dead_letter/notes.txt", f"{output}/dead_letter/tempered.jsonl"]
+    for path in left + kept:
+        if where == "local":
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+        with FileSystems.create(path) as handle:
+            handle.write(b"x")
+    if where == "local":
+        os.makedirs(f"{output}/dead_letter/beam-temp-tokenize-empty")
+    ownership.remove_dead_letters(output, DEAD_LETTER_STAGES)
+    assert list_paths(f"{output}/dead_letter/**") == sorted(kept)
+    if where == "local":
+        assert sorted(os.listdir(f"{output}/dead_letter")) == ["notes.txt", "tempered.jsonl"]

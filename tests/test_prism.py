@@ -88,7 +88,7 @@ def drop(tmp_path, name: str, documents: int) -> tuple[set, float]:
 
 
 def committed(tmp_path) -> list[str]:
-    kept, _ = select_groups(read_groups_on_disk(str(tmp_path / "out")))
+    kept = select_groups(read_groups_on_disk(str(tmp_path / "out"))).kept
     return [sample for group in kept for sample in group["samples"]]
 
 

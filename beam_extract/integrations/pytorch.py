@@ -25,13 +25,30 @@ from torch.utils.data import IterableDataset, get_worker_info
 from beam_extract.integrations.shards import d_model, shard_batches
 
 
+def check_same_plan(digests: list[str]) -> None:
+    """Each rank's plan digest, by rank: every rank must read the same files."""
+    if len(set(digests)) > 1:
+        groups: dict[str, list[int]] = {}
+        for rank, digest in enumerate(digests):
+            groups.setdefault(digest, []).append(rank)
+        raise RuntimeError("ranks plan over different files (the output changed between their listings, or they "
+                           "were given different paths): " + "; ".join(f"ranks {ranks} read plan {digest}"
+                                                                      for digest, ranks in groups.items())
+                           + ". Give every rank the same finished output, or the same snapshot (write_snapshot)")
+
+
 class ActivationDataset(IterableDataset):
     """Token activations of `hook` under the output directory `path` (local or gs://; a finished run
-    through its manifest, a run still going through the files committed when the dataset is made).
+    through its manifest, a run still going through the files committed when the dataset is made),
+    or of the files a snapshot at `path` lists.
 
     Each DataLoader worker of each DDP rank is a shard that reads its own files (or, with fewer files
     than shards, its own records of a shared file): per epoch every token is yielded once over all
-    shards. `rank` and `world_size` default to torch.distributed's when it is initialised. Shards end
+    shards, provided every rank plans over the same files: a finished run's (its manifest), or a
+    snapshot's (`beam_extract.output.reader.write_snapshot`, its path passed as `path` to every rank).
+    A run still going is refused when `world_size` > 1; under torch.distributed the ranks compare
+    their plans' digests (`plan_digest`) and all fail if they differ. `rank` and `world_size` default
+    to torch.distributed's when it is initialised. Shards end
     up with token counts that differ by up to a file's, so under DDP train for a fixed number of
     steps rather than to the end of an epoch.
 
@@ -45,7 +62,7 @@ class ActivationDataset(IterableDataset):
     def __init__(self, path: str, hook: str, batch_tokens: int = 4096, *, shuffle: bool = True,
                  shuffle_buffer: int = 65536, seed: int = 0, drop_last: bool = False,
                  rank: int | None = None, world_size: int | None = None) -> None:
-        from beam_extract.output.reader import hook_files
+        from beam_extract.output.reader import read_plan
 
         if batch_tokens < 1 or shuffle_buffer < 0:
             raise ValueError(f"batch_tokens must be >= 1 and shuffle_buffer >= 0 (got {batch_tokens}, {shuffle_buffer})")
@@ -56,8 +73,20 @@ class ActivationDataset(IterableDataset):
         if not 0 <= self.rank < self.world_size:
             raise ValueError(f"rank {self.rank} is not in 0..{self.world_size - 1}")
         # Listed once here, not in each worker: a gs:// listing per worker per epoch is slow and could
-        # disagree between workers on a run still being written.
-        self.path, self.hook, self.files = path, hook, hook_files(path, hook)
+        # disagree between workers on a run still being written. Ranks list it each for itself, so
+        # they must plan over files that do not change: a finished run's, or a snapshot's.
+        plan = read_plan(path)
+        self.path, self.hook, self.files, self.plan_digest = path, hook, plan.files(hook), plan.digest(hook)
+        if distributed and rank is None and world_size is None and self.world_size > 1:
+            digests: list = [None] * self.world_size
+            torch.distributed.all_gather_object(digests, self.plan_digest)
+            check_same_plan(digests)
+        if self.world_size > 1 and not plan.fixed:
+            raise ValueError(f"{path} is a run still going (no manifest): ranks listing its files at different "
+                             "times would read some tokens twice and others never. List them once with "
+                             f"beam_extract.output.reader.write_snapshot({path!r}, SNAPSHOT) and give every rank "
+                             "SNAPSHOT as its path")
+        plan.warn()
         self.batch_tokens, self.shuffle, self.shuffle_buffer = batch_tokens, shuffle, shuffle_buffer
         self.seed, self.drop_last, self.epoch = seed, drop_last, 0
 

@@ -18,6 +18,7 @@ import re
 import uuid
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
+from typing import NamedTuple
 
 from beam_extract.output.storage import exists, list_paths, read_json
 
@@ -97,20 +98,57 @@ def read_groups_on_disk(output: str) -> list[dict]:
     return read_all(path for path in list_paths(f"{output}/{COMMITS}/*.json") if ours(path, "commit"))
 
 
-def select_groups(groups: list[dict]) -> tuple[list[dict], list[dict]]:
-    """(kept, dropped): groups in which no sample appears twice, taken in (written, group) order; a
-    group sharing a sample with one kept before it is dropped whole (its samples are then either in
-    the kept group or, if only in dropped ones, extracted again by a resumed run). Groups overlap only
-    when an attempt that later failed had recorded some before the run was killed."""
+class Selection(NamedTuple):
+    """What `select_groups` makes of the groups on disk."""
+
+    kept: list[dict]  # no sample in two of them: what a resumed run keeps
+    dropped: list[dict]  # the rest: groups whose every sample a kept group holds, and `overlapping`
+    overlapping: list[dict]  # dropped groups holding samples that no kept group holds
+
+    @property
+    def readable(self) -> list[dict]:
+        """The groups readers read: every committed sample, each once unless `problems` says otherwise."""
+        return sorted([*self.kept, *self.overlapping], key=_written_order)
+
+    @property
+    def problems(self) -> list[str]:
+        """Every overlap, in words (none: no sample is in two groups): each group whose samples cannot
+        be read without reading some of them twice, and how many groups are left out because other
+        groups hold all their samples."""
+        held = {sample for group in self.kept for sample in group["samples"]}
+        found = []
+        if covered := len(self.dropped) - len(self.overlapping):
+            found.append(f"{covered} commit groups are left out: other groups hold each of their samples (groups "
+                         "of an attempt that failed, or samples committed twice)")
+        for group in self.overlapping:
+            shared = sum(sample in held for sample in set(group["samples"]))
+            repeated = len(group["samples"]) - len(set(group["samples"]))
+            found.append(f"commit group {group['group']} holds {len(group['samples'])} samples, {shared} of them also "
+                         f"in other groups{f' and {repeated} twice in itself' if repeated else ''}: its samples are "
+                         "read with those repeats (a resumed run extracts them again instead)")
+        return found
+
+
+def _written_order(group: dict) -> tuple[str, str]:
+    return group.get("written", ""), group["group"]
+
+
+def select_groups(groups: list[dict]) -> Selection:
+    """Kept: groups in which no sample appears twice, taken in (written, group) order; a group sharing
+    a sample with one kept before it is dropped (its samples are then either in kept groups or, if
+    only in dropped ones, extracted again by a resumed run). A dropped group with samples that no
+    kept group holds is never hidden: it is `overlapping`, readers read it and report the repeats.
+    Groups overlap only when an attempt that later failed had recorded some before the run was
+    killed, or when a task id reached two groups (which the pipeline dead-letters)."""
     kept, dropped, seen = [], [], set()
-    for group in sorted(groups, key=lambda g: (g.get("written", ""), g["group"])):
+    for group in sorted(groups, key=_written_order):
         samples = set(group["samples"])
         if len(samples) != len(group["samples"]) or samples & seen:
             dropped.append(group)
         else:
             kept.append(group)
             seen |= samples
-    return kept, dropped
+    return Selection(kept, dropped, [group for group in dropped if not seen.issuperset(group["samples"])])
 
 
 def group_files(output: str, groups: Iterable[dict]) -> set[str]:

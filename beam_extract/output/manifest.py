@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import itertools
 from importlib import metadata
 
 import apache_beam as beam
@@ -54,14 +55,16 @@ class LineBitmaps(beam.CombineFn):
 
 
 class CountLineOutcomes(beam.CombineFn):
-    """Bitmap pairs of one file (from several stages) -> {with_samples, dead_lettered}. A line that
-    produced any sample counts as such, even if some of its samples failed."""
+    """Bitmap pairs of one file (from several stages), or triples whose third marks lines with samples
+    committed by the run resumed -> {with_samples, dead_lettered, skipped}. A line that produced any
+    sample counts as such, even if some of its samples failed; one whose samples were all committed
+    before and that nothing else happened to now is also `skipped` (re-read, not new)."""
 
     def create_accumulator(self):
-        return b"", b""
+        return b"", b"", b""
 
     def add_input(self, acc, bitmaps):
-        return _union(acc[0], bitmaps[0]), _union(acc[1], bitmaps[1])
+        return tuple(_union(mine, theirs) for mine, theirs in itertools.zip_longest(acc, bitmaps, fillvalue=b""))
 
     def merge_accumulators(self, accumulators):
         merged = self.create_accumulator()
@@ -70,10 +73,11 @@ class CountLineOutcomes(beam.CombineFn):
         return merged
 
     def extract_output(self, acc):
-        size = max(len(acc[0]), len(acc[1]))
-        samples, dead = (np.pad(np.frombuffer(b, np.uint8), (0, size - len(b))) for b in acc)
-        return {"with_samples": int(np.unpackbits(samples).sum()),
-                "dead_lettered": int(np.unpackbits(dead & ~samples).sum())}
+        size = max(len(bits) for bits in acc)
+        samples, dead, resumed = (np.pad(np.frombuffer(b, np.uint8), (0, size - len(b))) for b in acc)
+        return {"with_samples": int(np.unpackbits(samples | resumed).sum()),
+                "dead_lettered": int(np.unpackbits(dead & ~(samples | resumed)).sum()),
+                "skipped": int(np.unpackbits(resumed & ~samples & ~dead).sum())}
 
 
 def line_and_sample_counts(lines_read: int, lines: dict[str, int], samples: int, resumed: int,

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import fcntl
+import glob
 import json
 import os
 import uuid
@@ -274,12 +275,27 @@ def check_output(output: str, run: dict, resume: bool, site_names: set[str], ove
     return before
 
 
+# The temporary directories Beam's writers leave beside the dead letters of an attempt that failed:
+# WriteToText's (batch) and fileio.WriteToFiles' (streaming, without --temp_location).
+BEAM_TEMPORARY = ("beam-temp-*", ".temp*")
+
+
+def _beam_temporary(directory: str) -> list[str]:
+    """What to delete of Beam's temporary directories under `directory`: on gs:// their objects (a
+    "directory" there is only a name prefix); locally the directories themselves, empty ones too."""
+    if directory.startswith("gs://"):
+        return [path for name in BEAM_TEMPORARY for path in list_paths(f"{directory}/{name}/**")]
+    return sorted(path for name in BEAM_TEMPORARY for path in glob.glob(f"{glob.escape(directory)}/{name}")
+                  if os.path.isdir(path))
+
+
 def remove_dead_letters(output: str, stages: tuple[str, ...]) -> None:
     """A resumed run reads every line again and writes their dead letters anew: the earlier runs'
-    dead-letter files (and Beam's temporary directories beside them) go; nothing else there."""
+    dead-letter files and Beam's temporary directories beside them (with whatever files a failed
+    attempt left in them) go; nothing else there."""
     patterns = [f"{output}/dead_letter/{stage}-*.jsonl" for stage in stages]
     delete_quietly([path for pattern in patterns for path in list_paths(pattern) if ours(path, "dead_letter")]
-                   + list_paths(f"{output}/dead_letter/beam-temp-*"))
+                   + _beam_temporary(f"{output}/dead_letter"))
 
 
 def remove_our_output(output: str, sites: tuple[str, ...], stages: tuple[str, ...]) -> None:

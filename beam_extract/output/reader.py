@@ -8,10 +8,21 @@ them (installing the package still installs them: they are its dependencies).
 - `token_batches(path, hook, batch_tokens, shuffle_buffer, seed)`: shuffled float32
   [batch_tokens, d_model] arrays of single tokens, for SAE training.
 - `read_windows(path)`: a streaming job's progress, one index per closed time window.
+- `write_snapshot(path, snapshot)`: the files of a run still going, listed once into a file whose
+  path every reader above (and every rank of `ActivationDataset`) then takes in place of `path`, so
+  that they all read the same files.
+
+Reading a run that is not finished (no manifest), whose manifest says `ok: false`, or whose commits
+overlap, warns with an `IncompleteRunWarning` naming why (`warnings.simplefilter("error",
+IncompleteRunWarning)` makes it refuse).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
+import warnings
 from collections.abc import Iterable, Iterator
 
 import numpy as np
@@ -20,24 +31,95 @@ from beam_extract.output.commits import read_groups_on_disk, select_groups
 from beam_extract.output.mixing import mixed_batches
 from beam_extract.output.layout import MANIFEST_NAME, WINDOWS, read_manifest
 from beam_extract.output.schema import OUTPUT_DTYPES, decode_record, tf_feature_spec
-from beam_extract.output.storage import exists, list_paths, read_json
+from beam_extract.output.storage import exists, list_paths, read_json, write_bytes
 from beam_extract.output.tfrecord import iter_tfrecord
+
+
+class IncompleteRunWarning(UserWarning):
+    """The output read is not a finished run whose manifest says ok: what is read may change, or miss
+    or repeat samples, as the warning says."""
+
+
+SNAPSHOT_FORMAT = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """The files readers of an output read, per hook (relative to `output`), and what they come from:
+    the manifest of a finished run, the commits of a run still going, or a snapshot of either."""
+
+    output: str
+    source: str  # "manifest", "commits" or "snapshot"
+    hooks: dict[str, list[str]]
+    complete: bool  # a finished run's manifest: the files will not change
+    problems: tuple[str, ...]  # why reading this may not give every sample of a finished, ok run once
+
+    @property
+    def fixed(self) -> bool:
+        """Whether every reader that plans over this output now or later gets these very files."""
+        return self.complete or self.source == "snapshot"
+
+    def files(self, hook: str) -> list[str]:
+        if hook not in self.hooks and not self.complete:
+            return []  # a run still going may not have committed the hook yet
+        if hook not in self.hooks:
+            raise KeyError(f"{self.output} has no hook {hook!r}; it has {', '.join(self.hooks) or 'none yet'}")
+        return [f"{self.output}/{f}" for f in self.hooks[hook]]
+
+    def digest(self, hook: str) -> str:
+        """Equal for two plans exactly when they read the same files of `hook` in the same order."""
+        return hashlib.sha256(json.dumps([self.output, self.files(hook)]).encode()).hexdigest()[:16]
+
+    def warn(self, stacklevel: int = 3) -> None:
+        if self.problems:
+            warnings.warn(f"{self.output}: " + "; ".join(self.problems), IncompleteRunWarning, stacklevel=stacklevel)
+
+
+def read_plan(path: str) -> Plan:
+    """The plan of the output directory `path`, or the one a snapshot file at `path` holds."""
+    path = path.rstrip("/")
+    if exists(path):  # a file: a snapshot (an output is a directory)
+        snapshot = read_json(path)
+        if snapshot.get("snapshot_format") != SNAPSHOT_FORMAT:
+            raise ValueError(f"{path} is a file but not a snapshot of an output (see write_snapshot)")
+        return Plan(snapshot["output"], "snapshot", snapshot["hooks"], snapshot["complete"],
+                    tuple(snapshot["problems"]))
+    if exists(f"{path}/{MANIFEST_NAME}"):
+        manifest = read_manifest(path)
+        problems = () if manifest.get("ok", True) else (
+            "its manifest says ok: false (" + "; ".join(manifest.get("problems", [])) + ")",)
+        return Plan(path, "manifest", {hook: part["files"] for hook, part in manifest["hooks"].items()}, True, problems)
+    # A run still going (or killed) may have groups of failed attempts beside their retries'.
+    selection = select_groups(read_groups_on_disk(path))
+    hooks: dict[str, list[str]] = {}
+    for group in selection.readable:
+        for hook, part in group["hooks"].items():
+            hooks.setdefault(hook, []).extend(part["files"])
+    unfinished = (f"the run has no manifest (still going, or stopped before its end): the "
+                  f"{len(selection.readable)} commit groups there now are read, and readers that list it at "
+                  "another time may read other files (write_snapshot lists them once for all)")
+    return Plan(path, "commits", {hook: sorted(files) for hook, files in sorted(hooks.items())}, False,
+                (unfinished, *selection.problems))
+
+
+def write_snapshot(path: str, snapshot: str) -> Plan:
+    """Lists the files of the output `path` once, into the file `snapshot` (local or gs://): readers
+    given `snapshot` as their path read those files, whatever the run commits afterwards (they must
+    not be removed meanwhile: no --overwrite, and no --resume of a killed run, until reading ends)."""
+    plan = read_plan(path)
+    write_bytes(snapshot, json.dumps({"snapshot_format": SNAPSHOT_FORMAT, "output": plan.output,
+                                      "of": plan.source, "complete": plan.complete, "problems": plan.problems,
+                                      "hooks": plan.hooks}, indent=1).encode())
+    return plan
 
 
 def hook_files(path: str, hook: str) -> list[str]:
     """The files of one hook: from the manifest of a finished run, else from the groups committed so
-    far (an interrupted run's committed work is complete and readable)."""
-    path = path.rstrip("/")
-    if exists(f"{path}/{MANIFEST_NAME}"):
-        hooks = read_manifest(path)["hooks"]
-        if hook not in hooks:
-            raise KeyError(f"{path} has no hook {hook!r}; it has {', '.join(hooks)}")
-        files = hooks[hook]["files"]
-    else:
-        # A run still going (or killed) may have groups of failed attempts beside their retries'.
-        kept, _ = select_groups(read_groups_on_disk(path))
-        files = sorted(f for group in kept for f in group["hooks"].get(hook, {}).get("files", []))
-    return [f"{path}/{f}" for f in files]
+    far (an interrupted run's committed work is complete and readable), or as a snapshot lists them;
+    warns (IncompleteRunWarning) when reading them may miss or repeat samples."""
+    plan = read_plan(path)
+    plan.warn(stacklevel=4)
+    return plan.files(hook)
 
 
 def read_windows(path: str) -> list[dict]:

@@ -101,3 +101,15 @@ def read_bytes(path: str) -> bytes:
 
 def read_json(path: str) -> dict:
     return json.loads(read_bytes(path))
+
+
+def write_bytes(path: str, data: bytes) -> None:
+    """A small file, whole: readers never see a part of it (gs:// objects appear once uploaded; a
+    local file is written beside and renamed)."""
+    if path.startswith("gs://"):
+        _blob(path).upload_from_string(data)
+        return
+    temporary = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
+    with open(temporary, "wb") as handle:
+        handle.write(data)
+    os.replace(temporary, path)

@@ -26,8 +26,15 @@ def window_index(span: tuple[str, str], output: str, hooks: tuple[Hook, ...], to
     window's own."""
     committed = totals.get("commits") or {"commits": [], "hooks": summarize_hooks(hooks, [])}
     ids = totals.get("committed_ids", {"total": 0, "distinct": 0})
-    counts = {**line_and_sample_counts(totals.get("lines_read", 0), totals.get("lines", {}), totals.get("samples", 0),
-                                       totals.get("resumed", 0), totals.get("dead_letters", {})),
+    # A resumed job reads every file again, in new windows: lines whose samples were all committed
+    # before were counted by the windows that first read them, so here they are skipped, not read.
+    lines = totals.get("lines", {})
+    skipped = lines.get("skipped", 0)
+    counts = {**line_and_sample_counts(totals.get("lines_read", 0) - skipped,
+                                       {**lines, "with_samples": lines.get("with_samples", 0) - skipped},
+                                       totals.get("samples", 0), totals.get("resumed", 0),
+                                       totals.get("dead_letters", {})),
+              "lines_skipped": skipped,
               "samples_committed_now": ids["total"], "samples_committed_twice": ids["total"] - ids["distinct"]}
     found = problems(counts, totals.get("dead_letters", {}), whole_run=False)
     return {
