@@ -262,3 +262,141 @@ def test_special_ids_in_a_token_row_are_not_stored_when_excluded(tokenizer):
     doc = TokenDoc("a:1", (special, 5, 6, special, 7), "a", 1)
     [sample] = token_samples(doc, tokenizer, 64, TokenSelection(excluded_ids=frozenset({special})), 151936)
     assert isinstance(sample, Sample) and sample.stored.tolist() == [1, 2, 4]
+
+
+# -- the whole job, end to end --------------------------------------------------------------------
+
+# One row length (the only bucket) and no packing: every sample is computed in the same shape, so
+# a document's activations do not depend on which file it came from or what it was batched with.
+E2E = ["--runner=DirectRunner", "--layers=0,2", "--sites=resid_post", "--max_seq_len=64", "--buckets=64",
+       "--packing=off", "--batch_size=4"]
+
+
+def cli(cwd, *args):
+    result = run_guarded([*E2E, *args], cwd, cwd / "connections.log")
+    assert not (cwd / "connections.log").exists()
+    return result
+
+
+def by_document(output, name_prefix=""):
+    """(hook, doc_id, window) -> record of the files whose names start with `name_prefix`."""
+    return {(hook, r["doc_id"], sample_id.rpartition("#")[2]): r for (hook, sample_id), r in records(output).items()
+            if sample_id.startswith(name_prefix)}
+
+
+def assert_same_documents(found, expected):
+    assert found.keys() == expected.keys() and len(found) > 40
+    for key, record in found.items():
+        np.testing.assert_array_equal(record["token_ids"], expected[key]["token_ids"])
+        np.testing.assert_allclose(record["activations"], expected[key]["activations"], rtol=1e-6, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def text_run(tmp_path_factory):
+    """The same documents as JSONL and as Parquet (several row groups; the integer text in a file
+    of its own, as one Parquet column has one type), read by their nested field in one job."""
+    work = tmp_path_factory.mktemp("tables")
+    rows = documents()
+    write_jsonl(work / "in" / "docs.jsonl", rows)
+    write_parquet(work / "in" / "docs.parquet", typed(rows), row_group_size=8)
+    write_parquet(work / "in" / "number.parquet", [r for r in rows if isinstance(r["text"], int)])
+    result = cli(work, "--input=in/*", "--output=out", "--text_field=meta.text")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return work, rows
+
+
+@pytest.mark.slow
+def test_parquet_gives_the_jsonl_documents_activations(text_run):
+    work, rows = text_run
+    found = manifest(work / "out")
+    assert found["ok"] and found["counts"]["lines_read"] == 2 * len(rows) and found["counts"]["lines_unaccounted"] == 0
+    assert found["counts"]["dead_letters"] == {"wrong_type": 4}  # the null and the integer, of each format
+    letters = [json.loads(line) for line in (work / "out/dead_letter/parse-00000-of-00001.jsonl").read_text().splitlines()]
+    assert sorted((os.path.basename(d["source"]), d["line_number"]) for d in letters) == [
+        ("docs.jsonl", 5), ("docs.jsonl", 10), ("docs.parquet", 5), ("number.parquet", 1)]
+    assert_same_documents(by_document(work / "out", "docs.parquet:"), by_document(work / "out", "docs.jsonl:"))
+    inputs = json.loads((work / "out/_run/inputs.json").read_text())
+    assert sorted(inputs["files"]) == ["docs.jsonl", "docs.parquet", "number.parquet"]
+    assert inputs["files"]["docs.parquet"]["size"] == (work / "in/docs.parquet").stat().st_size
+
+
+@pytest.mark.slow
+def test_a_saved_dataset_folder_gives_the_jsonl_documents_activations(text_run):
+    import datasets
+
+    work, rows = text_run
+    datasets.Dataset.from_list(typed(rows)).save_to_disk(str(work / "ds"), num_shards=2)
+    result = cli(work, "--input=ds", "--output=ds-out", "--text_field=meta.text")
+    assert result.returncode == 0, result.stderr[-3000:]
+    found = by_document(work / "ds-out")
+    assert {s.partition(":")[0] for (_, s), _ in records(work / "ds-out").items()} == {
+        "data-00000-of-00002.arrow", "data-00001-of-00002.arrow"}
+    assert_same_documents(found, by_document(work / "out", "docs.jsonl:"))
+    assert manifest(work / "ds-out")["counts"]["dead_letters"] == {"wrong_type": 1}  # the null
+
+
+@pytest.mark.slow
+def test_pre_tokenized_rows_give_the_text_paths_tokens_and_activations(text_run, tokenizer):
+    from beam_extract.tokenize import text_token_ids
+
+    work, rows = text_run
+    texts = [r for r in rows if isinstance(r["text"], str)]
+    token_rows = [{"input_ids": text_token_ids(tokenizer, r["text"]).tolist(), "id": r["id"]} for r in texts]
+    token_rows.append({"input_ids": [1, 151936, 2], "id": "past-the-vocabulary"})
+    write_parquet(work / "tokens" / "rows.parquet", token_rows, row_group_size=10)
+    result = cli(work, "--input=tokens/*.parquet", "--output=tokens-out", "--input_format=tokens")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_same_documents(by_document(work / "tokens-out"), by_document(work / "out", "docs.jsonl:"))
+    found = manifest(work / "tokens-out")
+    assert found["counts"]["dead_letters"] == {"token_out_of_range": 1} and found["counts"]["lines_unaccounted"] == 0
+    [letter] = [json.loads(line) for line in
+                (work / "tokens-out/dead_letter/tokenize-00000-of-00001.jsonl").read_text().splitlines()]
+    assert letter["line_number"] == len(token_rows) and "151936" in letter["detail"]
+
+
+@pytest.mark.slow
+def test_bad_parquet_files_are_dead_letters_and_a_changed_one_refuses_resume(tmp_path):
+    rows = typed(documents())
+    write_parquet(tmp_path / "in" / "good.parquet", rows, row_group_size=8, write_page_checksum=True)
+    data = (tmp_path / "in/good.parquet").read_bytes()
+    (tmp_path / "in/cut.parquet").write_bytes(data[: len(data) // 2])
+    (tmp_path / "in/page.parquet").write_bytes(data)
+    corrupt_a_page(tmp_path / "in/page.parquet", row_group=1)
+    result = cli(tmp_path, "--input=in/*.parquet", "--output=out")
+    assert result.returncode == 1 and "NOT OK" in result.stdout, result.stderr[-3000:]
+    assert "input files were not read to their end" in result.stdout
+    found = manifest(tmp_path / "out")
+    assert not found["ok"] and found["counts"]["lines_unaccounted"] == 0
+    assert {k: v for k, v in found["counts"]["dead_letters"].items() if k != "wrong_type"} == {
+        "truncated_file": 1, "corrupt_file": 1}
+    letters = [json.loads(line) for line in (tmp_path / "out/dead_letter/read-00000-of-00001.jsonl").read_text()
+               .splitlines()]
+    assert sorted((os.path.basename(d["source"]), d["reason"]) for d in letters) == [
+        ("cut.parquet", "truncated_file"), ("page.parquet", "corrupt_file")]
+    assert all(d["source"] in d["detail"] for d in letters)
+    written = {s.partition(":")[0]: 0 for (_, s) in records(tmp_path / "out")}
+    assert set(written) == {"good.parquet", "page.parquet"}  # the other files, and the other row groups
+    # The Parquet file changes: a resume is refused, and nothing in the output is touched.
+    before = files_on_disk(tmp_path / "out")
+    write_parquet(tmp_path / "in" / "good.parquet", rows[:-1], row_group_size=8)
+    refused = cli(tmp_path, "--input=in/*.parquet", "--output=out", "--resume")
+    assert refused.returncode == 2 and "good.parquet changed" in refused.stderr, refused.stderr[-2000:]
+    assert files_on_disk(tmp_path / "out") == before
+
+
+@pytest.mark.slow
+def test_parquet_on_gcs_runs_and_resumes(tmp_path, gcs_bucket):
+    rows = typed(documents())
+    write_parquet(tmp_path / "a.parquet", rows, row_group_size=8)
+    with FileSystems.create(f"{gcs_bucket}/fineweb/a.parquet", compression_type=CompressionTypes.UNCOMPRESSED) as out:
+        out.write((tmp_path / "a.parquet").read_bytes())
+    result = cli(tmp_path, f"--input={gcs_bucket}/fineweb/*.parquet", "--output=out")
+    assert result.returncode == 0, result.stderr[-3000:]
+    counts = manifest(tmp_path / "out")["counts"]
+    assert counts["lines_read"] == len(rows) and counts["samples"] > len(rows)
+    inputs = json.loads((tmp_path / "out/_run/inputs.json").read_text())
+    assert inputs["root"] == f"{gcs_bucket}/fineweb" and list(inputs["files"]) == ["a.parquet"]
+    again = cli(tmp_path, f"--input={gcs_bucket}/fineweb/*.parquet", "--output=out", "--resume")
+    assert again.returncode == 0, again.stderr[-3000:]
+    resumed = manifest(tmp_path / "out")["counts"]
+    assert resumed["samples_resumed"] == counts["samples"] and resumed["samples_extracted_now"] == 0
