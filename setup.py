@@ -38,6 +38,7 @@ setup(
             "tensorflow-cpu>=2.19,<2.22",
             "gcp-storage-emulator>=2024.8",
             "tfrecord>=1.14.6,<1.15",  # the README's reader for people without our package, tested
+            "datasets>=5.2,<6",  # writes the save_to_disk folders the Arrow input is tested with
         ],
         "tpu": ["jax[tpu]>=0.10,<0.11"],
         # beam_extract.integrations.saelens. Optional: sae-lens 6.54 pins transformer-lens < 4 (and

@@ -20,6 +20,7 @@ from beam_extract.batching import BatchPlan, parse_buckets
 from beam_extract.hooks import SITES, Hook, hook_name
 from beam_extract.io.inventory import inventory
 from beam_extract.io.sources import absolute_input
+from beam_extract.io.tables import is_table
 from beam_extract.legacy import legacy_rewrites
 from beam_extract.lifetime import Driver
 from beam_extract.model.config import ModelConfig, check_context, config_from_hf, load_hf_config
@@ -36,7 +37,8 @@ from beam_extract.records.arc import ArcTask
 from beam_extract.records.dead_letter import DeadLetter
 from beam_extract.records.text import TextDoc
 from beam_extract.stages import prompt_and_selection
-from beam_extract.tokenize import load_tokenizer, parse_positions, to_samples
+from beam_extract.records.tokens import TokenDoc
+from beam_extract.tokenize import load_tokenizer, parse_positions, special_affixes, text_token_ids, to_samples
 
 
 # The stages that dead-letter, in the order of the data path (each writes dead_letter/{stage}-*.jsonl).
@@ -138,6 +140,12 @@ def dry_render(options: dict, vocab_size: int) -> None:
     checks = []
     if fmt in ("text", "auto"):
         checks.append(("a text document", DRY_TEXT, ()))
+    if fmt == "tokens":
+        if options["prepend_bos"] and not len(special_affixes(tokenizer)[0]):
+            raise UsageError(f"--prepend_bos: the tokenizer of --model {options['model']} puts nothing before a text "
+                             "(no BOS); leave it off")
+        ids = text_token_ids(tokenizer, DRY_TEXT.text, not options["special_tokens_in_text"])
+        checks.append(("a row of token ids", TokenDoc(DRY_TEXT.key, tuple(ids.tolist()), DRY_TEXT.source, 1), ()))
     if fmt in ("arc", "auto"):
         # Under `auto` the input may hold no ARC task: only a template or encoder that fails counts
         # (a base model without a chat template still runs text; its ARC tasks are dead letters).
@@ -145,7 +153,7 @@ def dry_render(options: dict, vocab_size: int) -> None:
                        ("too_long", "no_tokens_selected", "no_chat_template")))
     for what, record, tolerated in checks:
         results = to_samples(record, tokenizer, settings, options["max_seq_len"], selection,
-                             not options["special_tokens_in_text"], vocab_size)
+                             not options["special_tokens_in_text"], vocab_size, options["prepend_bos"])
         failed = [r for r in results if isinstance(r, DeadLetter) and r.reason not in tolerated]
         if failed and all(isinstance(r, DeadLetter) for r in results):
             raise UsageError(f"these options turn {what} into a dead letter ({failed[0].reason}: "
@@ -255,7 +263,7 @@ def claim_output(job: Job) -> Job:
         if not job.streaming:  # a streaming job's input is what arrives; its files are not known now
             files = inventory(o["input"])
             ownership.record_inputs(output, files, resumed=recorded is not None)
-            if not any(name.endswith(".gz") for name in files["files"]):
+            if not any(name.endswith(".gz") or is_table(name) for name in files["files"]):  # bytes read = size
                 job = dataclasses.replace(job, input_bytes=sum(f["size"] for f in files["files"].values()))
         if recorded is None:
             ownership.record_fingerprint(output, job.fingerprint)

@@ -82,13 +82,23 @@ class Option:
 
 MAX_SEQ_LEN = 1 << 20  # positions past this are beyond any model we load, and beyond host memory per row
 OPTIONS: tuple[Option, ...] = (
-    Option("input", None, "Glob of JSONL files, local or gs://, .gz allowed (default: the packaged samples)",
-           "input"),
-    Option("input_format", "auto", "arc (ARC-AGI tasks), text (one document per line), or auto (per line: an "
-           "object with 'train' is an ARC task, anything else text)", "input", choices=("auto", "arc", "text")),
-    Option("text_field", "text", "JSON field holding a text document's text", "input"),
-    Option("max_line_bytes", 64 << 20, "Longest input line in bytes: a longer one is a line_too_long dead letter, "
-           "read past without being held in memory", "input", int, minimum=1024, maximum=1 << 30),
+    Option("input", None, "Glob of input files, local or gs://: JSONL (.gz and other compressions allowed), Parquet "
+           "(.parquet), Arrow (.arrow), or a directory written by datasets' save_to_disk (default: the packaged "
+           "samples)", "input"),
+    Option("input_format", "auto", "arc (ARC-AGI tasks), text (one document per line or row), tokens (rows of "
+           "token ids, no tokenizer runs), or auto (per line or row: an object with 'train' is an ARC task, "
+           "anything else text)", "input", choices=("auto", "arc", "text", "tokens")),
+    Option("text_field", "text", "Field holding a text document's text; a dotted path reads a nested field "
+           "(meta.text)", "input"),
+    Option("id_field", "id", "Field holding a document's own id (a string or an integer), kept as doc_id; dotted "
+           "paths allowed", "input"),
+    Option("tokens_field", "", "--input_format tokens: the field holding a row's token ids (default: input_ids, "
+           "else tokens)", "input"),
+    Option("prepend_bos", False, "--input_format tokens: put the tokenizer's own text prefix (its BOS, as text "
+           "windows get; nothing for Qwen) before each window. Off: ids are taken as they are, as SAELens's "
+           "pre-tokenized datasets already begin each row with a BOS", "input", flag),
+    Option("max_line_bytes", 64 << 20, "Longest input line in bytes (of a table row: its text): a longer one is a "
+           "line_too_long dead letter, a line read past without being held in memory", "input", int, minimum=1024, maximum=1 << 30),
     Option("special_tokens_in_text", False, "Tokenize chat markers written in a document's text (<|im_end|>) as "
            "control tokens, as the first release did; by default they are characters like any others and only "
            "ARC prompts' chat template inserts control tokens", "input", flag),

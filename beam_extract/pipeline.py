@@ -1,8 +1,8 @@
 """The extraction pipeline, wired on one screen:
 
-JSONL files (matched once, or in streaming watched and put into time windows by arrival) -> lines
--> parse -> (ARC: unique ids, augmented views) -> tokenize -> (resume: skip committed)
--> fixed-shape batches -> forward -> TFRecords per hook in shard groups, each committed when closed
+JSONL, Parquet and Arrow files (matched once, or in streaming watched and put into time windows by
+arrival) -> lines and rows (Parquet by row group) -> parse -> (ARC: unique ids, augmented views)
+-> tokenize -> (resume: skip committed) -> fixed-shape batches -> forward -> TFRecords per hook in shard groups, each committed when closed
 -> manifest (streaming: an index per window), from the groups the pipeline accepted. Every failure
 becomes a dead letter with a reason; every input line is accounted for. The driver's side (options,
 fingerprint, claiming the output) is in `job`.
@@ -27,7 +27,8 @@ from beam_extract.accounting import AccountLines
 from beam_extract.batching import BatchSamples, ShuffleSamples
 from beam_extract.extract import BATCH_STATS, ExtractDoFn
 from beam_extract.faults import maybe_fail
-from beam_extract.io.sources import MatchPaths, ReadLines
+from beam_extract.io.sources import MatchPaths
+from beam_extract.io.tables import ReadInput, columns_for
 from beam_extract.job import DEAD_LETTER_STAGES, LOCAL_RUNNERS, Job, claim_output, make_job
 from beam_extract.options import UsageError, template_switches
 from beam_extract.progress import Reporter
@@ -119,9 +120,9 @@ def build(paths: beam.PCollection, job: Job) -> None:
     o = job.options
     if job.streaming:
         paths = paths | "Window" >> beam.WindowInto(FixedWindows(o["window_seconds"]))
-    read = paths | "ReadLines" >> ReadLines(o["max_line_bytes"])
-    parsed = read.lines | "Parse" >> beam.ParDo(ParseDoFn(o["input_format"], o["text_field"], input_root(o["input"]),
-                                                          job.driver)).with_outputs(DEAD_LETTER, main="records")
+    read = paths | "ReadInput" >> ReadInput(columns_for(o), o["max_line_bytes"])
+    parsed = read["lines"] | "Parse" >> beam.ParDo(ParseDoFn(o, input_root(o["input"]), job.driver)).with_outputs(
+        DEAD_LETTER, main="records")
     records, duplicates = parsed.records | "UniqueTaskIds" >> DropDuplicateTasks()
     tokenized = (
         records
@@ -151,7 +152,7 @@ def build(paths: beam.PCollection, job: Job) -> None:
 
     count = beam.combiners.CountCombineFn
     totals = {
-        "lines_read": total(read.lines, "CountLines", count(), job.streaming),
+        "lines_read": total(read["lines"], "CountLines", count(), job.streaming),
         "lines": total(lines, "AllFiles", SumCounts(), job.streaming),
         "samples": total(samples.todo, "CountSamples", count(), job.streaming),
         "resumed": total(samples[RESUMED], "CountResumed", count(), job.streaming),

@@ -18,7 +18,8 @@ import numpy as np
 
 from beam_extract.arc.augment import ArcView, augment
 from beam_extract.hooks import hook_name
-from beam_extract.io.sources import absolute_input, match_paths, read_lines
+from beam_extract.io.sources import absolute_input, match_paths
+from beam_extract.io.tables import columns_for, read_records
 from beam_extract.model.config import config_from_hf, load_hf_config
 from beam_extract.model.weights import resolve_model_dir
 from beam_extract.options import UsageError, add_arguments, parse_layers, parse_sites, sample_input
@@ -37,10 +38,11 @@ def preview_samples(options: dict, tokenizer, views: range, vocab_size: int) -> 
     settings, selection = prompt_and_selection(options, tokenizer)
     markers_as_text = not options["special_tokens_in_text"]
     first_of_id: dict[str, ArcTask] = {}
+    fields = options["input_format"], options["text_field"], input_root(options["input"]), options["id_field"], \
+        options["tokens_field"]
     for path in match_paths(options["input"]):  # sorted, lines in order: the first of an id is the job's
-        for line in read_lines(path, options["max_line_bytes"]):
-            record = line if isinstance(line, DeadLetter) else parse_line(
-                line, options["input_format"], options["text_field"], input_root(options["input"]))
+        for line in read_records(path, columns_for(options), options["max_line_bytes"]):
+            record = line if isinstance(line, DeadLetter) else parse_line(line, *fields)
             if isinstance(record, ArcTask):
                 first = first_of_id.setdefault(record.task_id, record)
                 if first is not record:  # a dead letter, as the job's dedup makes it
@@ -51,7 +53,7 @@ def preview_samples(options: dict, tokenizer, views: range, vocab_size: int) -> 
             for view in views if isinstance(record, ArcTask) else range(1):
                 shown = ArcView(*augment(record, options["seed"], view)) if isinstance(record, ArcTask) else record
                 for result in to_samples(shown, tokenizer, settings, options["max_seq_len"], selection,
-                                         markers_as_text, vocab_size):
+                                         markers_as_text, vocab_size, options["prepend_bos"]):
                     yield view, result
 
 

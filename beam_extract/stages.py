@@ -13,7 +13,7 @@ from apache_beam.transforms.window import GlobalWindows
 from beam_extract.arc.augment import views
 from beam_extract.arc.encoders import parse_encoder
 from beam_extract.arc.prompt import load_template
-from beam_extract.records.source_line import SourceLine
+from beam_extract.records.source_line import SourceLine, SourceRow
 from beam_extract.lifetime import Driver, exit_with_driver
 from beam_extract import progress
 from beam_extract.output.commits import read_sample_ids
@@ -37,16 +37,17 @@ def route(results: Iterable, stage: str):
 
 
 class ParseDoFn(beam.DoFn):
-    def __init__(self, input_format: str, text_field: str, root: str, driver: Driver | None = None):
-        self._input_format, self._text_field, self._root = input_format, text_field, root
+    def __init__(self, options: dict, root: str, driver: Driver | None = None):
+        self._fields = options["input_format"], options["text_field"], root, options["id_field"], options["tokens_field"]
         self._driver = driver  # a local job's driver: this worker process dies with it
 
     def setup(self):
         exit_with_driver(self._driver)
 
-    def process(self, line: SourceLine):
-        progress.count(self._driver, lines=1, bytes=(line.too_long or len(line.data)) + 1)
-        yield from route([parse_line(line, self._input_format, self._text_field, self._root)], "parse")
+    def process(self, line: SourceLine | SourceRow):
+        size = line.size if isinstance(line, SourceRow) else (line.too_long or len(line.data)) + 1
+        progress.count(self._driver, lines=1, bytes=size)
+        yield from route([parse_line(line, *self._fields)], "parse")
 
 
 def expand_views(record, seed: int, views_per_task: int) -> list:
@@ -81,7 +82,7 @@ class TokenizeDoFn(beam.DoFn):
 
     def process(self, record):
         results = to_samples(record, self._tokenizer, self._settings, self._max_seq_len, self._tokens,
-                             self._markers_as_text, self._vocab_size)
+                             self._markers_as_text, self._vocab_size, self._options["prepend_bos"])
         for result in results:
             if isinstance(result, Sample) and result.train_dropped:
                 self._dropped.inc(result.train_dropped)

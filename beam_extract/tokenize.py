@@ -18,6 +18,7 @@ from beam_extract.arc.prompt import PromptTemplate, PromptTooLong, build_prompts
 from beam_extract.model.weights import CheckpointError
 from beam_extract.records.dead_letter import DeadLetter
 from beam_extract.records.text import TextDoc
+from beam_extract.records.tokens import TokenDoc
 
 
 @dataclasses.dataclass(frozen=True)
@@ -229,6 +230,24 @@ def text_samples(doc: TextDoc, tokenizer, max_seq_len: int, selection: TokenSele
     ]
 
 
+def token_samples(doc: TokenDoc, tokenizer, max_seq_len: int, selection: TokenSelection, vocab_size: int | None,
+                  prepend_bos: bool = False) -> list[Sample | DeadLetter]:
+    """A pre-tokenized row's windows of at most `max_seq_len` ids, as given (no tokenizer runs):
+    with `prepend_bos` each window starts with the tokenizer's own text prefix, as text windows do.
+    An id that is no row of the model's embedding (or of any int32) makes the row a dead letter."""
+    ids = np.asarray(doc.token_ids, np.int64)
+    bound = vocab_size or 2**31
+    if ids.min() < 0 or ids.max() >= bound:
+        bad = int(ids[(ids < 0) | (ids >= bound)][0])
+        return [DeadLetter(doc.source, doc.line_number, "tokenize", "token_out_of_range",
+                           f"{doc.key}: token id {bad} has no row in the model's embedding of {bound} rows")]
+    prefix = special_affixes(tokenizer)[0] if prepend_bos else np.zeros(0, np.int32)
+    room = max_seq_len - len(prefix)
+    return [select(Sample(f"{doc.key}#w{window}", np.concatenate([prefix, ids[start: start + room].astype(np.int32)]),
+                          doc.source, doc.line_number, doc_id=doc.doc_id), selection)
+            for window, start in enumerate(range(0, len(ids), room))]
+
+
 def arc_samples(view: ArcView, tokenizer, settings: PromptSettings, max_seq_len: int,
                 selection: TokenSelection) -> list[Sample | DeadLetter]:
     """One sample per test input of the view; a prompt that cannot fit is a `too_long` dead letter."""
@@ -267,14 +286,16 @@ def within_vocabulary(result: Sample | DeadLetter, vocab_size: int) -> Sample | 
     return result
 
 
-def to_samples(record: TextDoc | ArcView, tokenizer, settings: PromptSettings, max_seq_len: int,
+def to_samples(record: TextDoc | TokenDoc | ArcView, tokenizer, settings: PromptSettings, max_seq_len: int,
                selection: TokenSelection, markers_as_text: bool = True,
-               vocab_size: int | None = None) -> list[Sample | DeadLetter]:
+               vocab_size: int | None = None, prepend_bos: bool = False) -> list[Sample | DeadLetter]:
     """A record's samples, or dead letters that carry its raw line and id."""
     source = record.task if isinstance(record, ArcView) else record
     try:
         if isinstance(record, ArcView):
             results = arc_samples(record, tokenizer, settings, max_seq_len, selection)
+        elif isinstance(record, TokenDoc):
+            results = token_samples(record, tokenizer, max_seq_len, selection, vocab_size, prepend_bos)
         else:
             results = text_samples(record, tokenizer, max_seq_len, selection, markers_as_text)
         results = [within_vocabulary(r, vocab_size) for r in results] if vocab_size else results

@@ -216,11 +216,18 @@ SHARDED_DATASET_MARKER = "master_metadata.json"
 SHARDED_DATASET_FILES = "shard_*/chunk_*.jsonl"
 
 
+# Directories named as --input, by the file that marks them: their data files. `datasets`'
+# save_to_disk writes DIR/state.json and DIR/data-*.arrow, for a DatasetDict one such DIR per split.
+DATASET_DIRECTORIES = ((SHARDED_DATASET_MARKER, SHARDED_DATASET_FILES), ("state.json", "data-*.arrow"),
+                       ("dataset_dict.json", "*/data-*.arrow"))
+
+
 def expand_input(pattern: str) -> str:
-    """A glob as given, or the chunk files of an old-layout sharded dataset directory."""
+    """A glob as given, or the data files of a dataset directory (DATASET_DIRECTORIES)."""
     directory = pattern.rstrip("/")
-    if FileSystems.exists(f"{directory}/{SHARDED_DATASET_MARKER}"):
-        return f"{directory}/{SHARDED_DATASET_FILES}"
+    for marker, files in DATASET_DIRECTORIES:
+        if FileSystems.exists(f"{directory}/{marker}"):
+            return f"{directory}/{files}"
     return pattern
 
 

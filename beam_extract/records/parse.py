@@ -1,16 +1,17 @@
-"""Line -> validated record (text document or ARC task) or a DeadLetter with a reason code."""
+"""Line or table row -> validated record (text document, token ids or ARC task) or a DeadLetter with a reason code."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 
-from beam_extract.records.source_line import SourceLine
+from beam_extract.records.source_line import SourceLine, SourceRow
 from beam_extract.records.arc import ArcTask, validate_task
-from beam_extract.records.dead_letter import DeadLetter, raw_excerpt
+from beam_extract.records.dead_letter import MAX_RAW_BYTES, DeadLetter, raw_excerpt
 from beam_extract.records.errors import InvalidRecord
 from beam_extract.records.identity import relative_name
 from beam_extract.records.text import TextDoc, validate_text
+from beam_extract.records.tokens import TokenDoc, validate_tokens
 
 
 def _reject_constant(name: str) -> float:
@@ -34,26 +35,47 @@ def decode_json_object(data: bytes) -> dict:
     return value
 
 
-def parse_line(line: SourceLine, input_format: str, text_field: str = "text",
-               root: str = "") -> TextDoc | ArcTask | DeadLetter:
+def row_excerpt(row: dict) -> str:
+    """A table row as JSON, each string and list cut to MAX_RAW_BYTES: what a dead letter keeps
+    of it, as of a line its start."""
+    def cut(value):
+        if isinstance(value, (str, bytes)):
+            return value[:MAX_RAW_BYTES] if isinstance(value, str) else raw_excerpt(value)
+        if isinstance(value, dict):
+            return {key: cut(item) for key, item in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [cut(item) for item in value[:MAX_RAW_BYTES // 8]]
+        return value if value is None or isinstance(value, (bool, int, float)) else str(value)
+
+    return raw_excerpt(json.dumps(cut(row), ensure_ascii=False).encode("utf-8", "backslashreplace"))
+
+
+def parse_line(line: SourceLine | SourceRow, input_format: str, text_field: str = "text", root: str = "",
+               id_field: str = "id", tokens_field: str = "") -> TextDoc | TokenDoc | ArcTask | DeadLetter:
     """Never raises on bad input: the result is a record or a DeadLetter saying why not.
 
-    input_format: arc, text, or auto (an object with a "train" field is an ARC task).
+    line: a JSONL line, or a Parquet/Arrow row (its columns already decoded), validated alike.
+    input_format: arc, text, tokens (a row of token ids), or auto (an object with a "train" field
+    is an ARC task, anything else text).
     root: the input root (records.identity), which names files in ids.
     """
+    is_row = isinstance(line, SourceRow)
+    raw = row_excerpt(line.row) if is_row else raw_excerpt(line.data)
     if line.too_long:
         return DeadLetter(line.path, line.line_number, "parse", "line_too_long",
-                          f"{line.too_long} bytes, over --max_line_bytes", raw_excerpt(line.data))
+                          f"{line.too_long} bytes, over --max_line_bytes", raw)
     obj = None
     try:
-        obj = decode_json_object(line.data)
+        obj = line.row if is_row else decode_json_object(line.data)
         name = relative_name(line.path, root)
         if input_format == "arc" or (input_format == "auto" and "train" in obj):
             record = validate_task(obj, line.path, line.line_number, name)
+        elif input_format == "tokens":
+            record = validate_tokens(obj, tokens_field, line.path, line.line_number, name, id_field)
         else:
-            record = validate_text(obj, text_field, line.path, line.line_number, name)
-        return dataclasses.replace(record, raw=raw_excerpt(line.data))
+            record = validate_text(obj, text_field, line.path, line.line_number, name, id_field)
+        return dataclasses.replace(record, raw=raw)
     except InvalidRecord as error:
-        given = obj.get("task_id", obj.get("id", "")) if isinstance(obj, dict) else ""
-        return DeadLetter(line.path, line.line_number, "parse", error.reason, str(error), raw_excerpt(line.data),
+        given = obj.get("task_id", obj.get(id_field, "")) if isinstance(obj, dict) else ""
+        return DeadLetter(line.path, line.line_number, "parse", error.reason, str(error), raw,
                           record_id=str(given)[:200] if isinstance(given, (str, int)) else "")

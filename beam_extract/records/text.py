@@ -1,4 +1,4 @@
-"""Web-text documents (FineWeb-style JSONL: {"text": ..., "id": ...?})."""
+"""Web-text documents (FineWeb-style JSONL or Parquet rows: {"text": ..., "id": ...?})."""
 
 from __future__ import annotations
 
@@ -17,19 +17,41 @@ class TextDoc:
     raw: str = ""  # the start of its input line, for dead letters of later stages
 
 
-def validate_text(obj: dict, text_field: str, source: str, line_number: int, name: str | None = None) -> TextDoc:
+_MISSING = object()
+
+
+def field(obj: dict, name: str):
+    """`obj[name]`, or with a dotted name the field nested under its parts (`meta.text`): a key
+    that holds the dot itself wins. A missing field, or a parent that is no object, is missing."""
+    if name in obj:
+        return obj[name]
+    value = obj
+    for part in name.split("."):
+        if not isinstance(value, dict) or part not in value:
+            raise InvalidRecord("missing_field", f"no {name!r} field")
+        value = value[part]
+    return value
+
+
+def document_id(obj: dict, id_field: str) -> str:
+    """The document's own id (`id_field`, "" when absent or null), a string or an integer."""
+    try:
+        doc_id = field(obj, id_field)
+    except InvalidRecord:
+        return ""
+    doc_id = "" if doc_id is None else doc_id
+    if not isinstance(doc_id, (str, int)) or isinstance(doc_id, bool):
+        raise InvalidRecord("wrong_type", f"{id_field!r} is a {type(doc_id).__name__}, not a string or an integer")
+    return check_unicode(str(doc_id), id_field)
+
+
+def validate_text(obj: dict, text_field: str, source: str, line_number: int, name: str | None = None,
+                  id_field: str = "id") -> TextDoc:
     """`name`: the file's name relative to the input root (see records.identity); default `source`."""
-    if text_field not in obj:
-        raise InvalidRecord("missing_field", f"no {text_field!r} field")
-    text = obj[text_field]
+    text = field(obj, text_field)
     if not isinstance(text, str):
         raise InvalidRecord("wrong_type", f"{text_field!r} is a {type(text).__name__}, not a string")
     if not text.strip():
         raise InvalidRecord("empty_text", f"{text_field!r} is empty")
     check_unicode(text, text_field)
-    doc_id = obj.get("id")
-    doc_id = "" if doc_id is None else doc_id
-    if not isinstance(doc_id, (str, int)) or isinstance(doc_id, bool):
-        raise InvalidRecord("wrong_type", f"'id' is a {type(doc_id).__name__}, not a string or an integer")
-    doc_id = check_unicode(str(doc_id), "id")
-    return TextDoc(f"{name or source}:{line_number}", text, source, line_number, doc_id)
+    return TextDoc(f"{name or source}:{line_number}", text, source, line_number, document_id(obj, id_field))
