@@ -38,7 +38,7 @@ def preview_samples(options: dict, tokenizer, views: range, vocab_size: int) -> 
     markers_as_text = not options["special_tokens_in_text"]
     first_of_id: dict[str, ArcTask] = {}
     for path in match_paths(options["input"]):  # sorted, lines in order: the first of an id is the job's
-        for line in read_lines(path, options["max_line_bytes"]):
+        for line in read_lines(path, options["max_line_bytes"], options["max_expansion"]):
             record = line if isinstance(line, DeadLetter) else parse_line(
                 line, options["input_format"], options["text_field"], input_root(options["input"]))
             if isinstance(record, ArcTask):
