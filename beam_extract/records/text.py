@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from beam_extract.records.errors import InvalidRecord, check_unicode
+from beam_extract.records.errors import InvalidRecord, check_id, check_unicode
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,5 +31,6 @@ def validate_text(obj: dict, text_field: str, source: str, line_number: int, nam
     doc_id = "" if doc_id is None else doc_id
     if not isinstance(doc_id, (str, int)) or isinstance(doc_id, bool):
         raise InvalidRecord("wrong_type", f"'id' is a {type(doc_id).__name__}, not a string or an integer")
-    doc_id = check_unicode(str(doc_id), "id")
-    return TextDoc(f"{name or source}:{line_number}", text, source, line_number, doc_id)
+    doc_id = check_id(str(doc_id), "id")
+    key = check_id(f"{name or source}:{line_number}", "file:line")
+    return TextDoc(key, text, source, line_number, doc_id)
