@@ -40,7 +40,7 @@ def summary(manifest: dict, seconds: float) -> str:
         f"beam-extract: {counts['lines_read']} lines -> {counts['samples']} samples{resumed}, "
         f"{tokens} tokens in {seconds:.1f} s ({tokens / seconds:.0f} tokens/s end to end)",
         f"  lines: {counts['lines_read']} read = {counts['lines_with_samples']} with samples + "
-        f"{counts['lines_dead_lettered']} dead-lettered: {lines_check}",
+        f"{counts['lines_dead_lettered']} dead-lettered + {counts['lines_blank']} blank: {lines_check}",
         f"  dead letters: {counts['dead_lettered']} ({reasons})",
         f"  wrote {files} TFRecord files for {len(hooks)} hooks ({stored} token activations) under {output}/",
         f"  manifest: {output}/manifest.json",

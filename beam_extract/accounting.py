@@ -15,13 +15,15 @@ from beam_extract.output.writer import WriteDeadLetters
 # Dead letters of whole input files: their line number counts the lines read before the failure,
 # so they are not marks of one line.
 FILE_STAGE = "read"
+# The dead letter of a file's blank lines: its line number is how many there were (io.sources).
+BLANK_LINES = "blank_lines"
 
 
 class AccountLines(beam.PTransform):
     """{stage: dead letters} -> (dead-letter file paths, {reason: count} pairs, {outcome: lines}
-    pairs). Lines that produced samples are marked from `written` (the extraction's
-    ExtractedBatches) and `resumed` (samples committed by the run resumed; a line with only those is
-    also counted as "skipped")."""
+    pairs; outcome "blank" for the blank lines the reader counted). Lines that produced samples are
+    marked from `written` (the extraction's ExtractedBatches) and `resumed` (samples committed by the
+    run resumed; a line with only those is also counted as "skipped")."""
 
     def __init__(self, output: str, written: beam.PCollection, resumed: beam.PCollection):
         super().__init__()
@@ -33,7 +35,10 @@ class AccountLines(beam.PTransform):
             files.append(letters | f"WriteDeadLetters[{stage}]" >> WriteDeadLetters(self._output, stage))
             reasons.append(letters | f"Reasons[{stage}]" >> beam.Map(lambda d: d.reason)
                            | f"CountReasons[{stage}]" >> beam.combiners.Count.PerElement())
-            if stage != FILE_STAGE:
+            if stage == FILE_STAGE:
+                blank = (letters | "BlankLines" >> beam.Filter(lambda d: d.reason == BLANK_LINES)
+                         | "CountBlank" >> beam.Map(lambda d: ("blank", d.line_number)))
+            else:
                 bitmaps.append(letters | f"LinesDead[{stage}]" >> beam.Map(lambda d: (d.source, (d.line_number, False)))
                                | f"BitmapsDead[{stage}]" >> beam.CombinePerKey(LineBitmaps()))
         bitmaps += [
@@ -52,4 +57,5 @@ class AccountLines(beam.PTransform):
             | "PerFile" >> beam.CombinePerKey(CountLineOutcomes())
             | "FileCounts" >> beam.FlatMap(lambda file_counts: file_counts[1].items())
         )
+        lines = (lines, blank) | "WithBlankLines" >> beam.Flatten()
         return (files | "AllDeadLetterFiles" >> beam.Flatten(), reasons | "AllReasons" >> beam.Flatten(), lines)

@@ -99,6 +99,9 @@ OPTIONS: tuple[Option, ...] = (
            "pre-tokenized datasets already begin each row with a BOS", "input", flag),
     Option("max_line_bytes", 64 << 20, "Longest input line in bytes (of a table row: its text): a longer one is a "
            "line_too_long dead letter, a line read past without being held in memory", "input", int, minimum=1024, maximum=1 << 30),
+    Option("max_expansion", 200, "Most bytes a compressed input file may decode to per compressed byte (past its "
+           "first 64 KiB): the rest of a file over it is an expansion_too_large dead letter", "input", int,
+           minimum=1, maximum=1 << 20),
     Option("special_tokens_in_text", False, "Tokenize chat markers written in a document's text (<|im_end|>) as "
            "control tokens, as the first release did; by default they are characters like any others and only "
            "ARC prompts' chat template inserts control tokens", "input", flag),

@@ -120,7 +120,7 @@ def build(paths: beam.PCollection, job: Job) -> None:
     o = job.options
     if job.streaming:
         paths = paths | "Window" >> beam.WindowInto(FixedWindows(o["window_seconds"]))
-    read = paths | "ReadInput" >> ReadInput(columns_for(o), o["max_line_bytes"])
+    read = paths | "ReadInput" >> ReadInput(columns_for(o), o["max_line_bytes"], o["max_expansion"])
     parsed = read["lines"] | "Parse" >> beam.ParDo(ParseDoFn(o, input_root(o["input"]), job.driver)).with_outputs(
         DEAD_LETTER, main="records")
     records, duplicates = parsed.records | "UniqueTaskIds" >> DropDuplicateTasks()

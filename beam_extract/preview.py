@@ -41,7 +41,7 @@ def preview_samples(options: dict, tokenizer, views: range, vocab_size: int) -> 
     fields = options["input_format"], options["text_field"], input_root(options["input"]), options["id_field"], \
         options["tokens_field"]
     for path in match_paths(options["input"]):  # sorted, lines in order: the first of an id is the job's
-        for line in read_records(path, columns_for(options), options["max_line_bytes"]):
+        for line in read_records(path, columns_for(options), options["max_line_bytes"], options["max_expansion"]):
             record = line if isinstance(line, DeadLetter) else parse_line(line, *fields)
             if isinstance(record, ArcTask):
                 first = first_of_id.setdefault(record.task_id, record)

@@ -248,3 +248,115 @@ def test_truncated_gz_on_gcs(gcs_bucket):
     assert_complete_prefix(good, path, rows)
     good, bad = read(f"{gcs_bucket}/input-files/missing.jsonl.gz")
     assert good == [] and only_reason(bad) == "unreadable_file"
+
+
+@pytest.mark.parametrize("suffix", [".gz", ".zst", ".deflate", ".bz2", ".xz"])
+def test_an_empty_compressed_file_is_truncated(tmp_path, suffix):
+    """No compressor writes an empty file: zero bytes named .gz are a cut file, not an empty input."""
+    path = tmp_path / f"empty.jsonl{suffix}"
+    path.write_bytes(b"")
+    good, bad = read(path)
+    assert good == [] and only_reason(bad) == "truncated_file"
+
+
+def test_an_empty_plain_file_is_empty(tmp_path):
+    (tmp_path / "empty.jsonl").write_bytes(b"")
+    assert read(tmp_path / "empty.jsonl") == ([], [])
+
+
+def test_blank_lines_are_counted_in_one_dead_letter(tmp_path):
+    """A million blank lines gave a million dead letters (149 MB): now one, counting them. (As a
+    1 KB .gz they are past the expansion bound, below.)"""
+    rows = lines(3)
+    data = joined(rows[:1]) + b"\n" * 500_000 + b"  \t\r\n" + joined(rows[1:]) + b"\n" * 499_999
+    path = tmp_path / "blank.jsonl"
+    path.write_bytes(data)
+    with deadline(20):
+        items = list(read_lines(str(path)))
+    *good, letter = items
+    assert [(line.line_number, line.data) for line in good] == [(1, rows[0]), (500_003, rows[1]), (500_004, rows[2])]
+    assert (letter.reason, letter.stage, letter.line_number) == ("blank_lines", "read", 1_000_000)
+    assert "1000000 blank lines (the first is line 2)" in letter.detail
+
+
+def test_blank_lines_then_a_cut_give_both_dead_letters(tmp_path):
+    whole = gzip.compress(b"\n" * 10 + joined(lines()))
+    path = tmp_path / "cut.jsonl.gz"
+    path.write_bytes(whole[: len(whole) // 2])
+    items = list(read_lines(str(path)))
+    blank, cut = items[-2:]
+    assert (blank.reason, blank.line_number) == ("blank_lines", 10)
+    assert cut.reason == "truncated_file" and cut.line_number == len(items) - 2 + 10
+
+
+@pytest.mark.parametrize("suffix, compress", [(".gz", lambda d: gzip.compress(d, 9)), (".xz", lzma.compress),
+                                              (".zst", zstandard.ZstdCompressor(level=19).compress)])
+def test_a_compressed_file_past_its_expansion_bound_stops_there(tmp_path, suffix, compress):
+    """A decompression bomb (10 MB of lines from a few KB) is read up to --max_expansion times its
+    compressed bytes, then one dead letter: never hours of reading nor millions of dead letters."""
+    from beam_extract.io.sources import EXPANSION_FREE_BYTES
+
+    path = tmp_path / f"bomb.jsonl{suffix}"
+    path.write_bytes(compress(b"x\n" * 5_000_000))
+    with deadline(20):
+        items = list(read_lines(str(path), max_expansion=100))
+    *good, letter = items
+    assert letter.reason == "expansion_too_large" and letter.line_number == len(good)
+    bound = max(EXPANSION_FREE_BYTES, 100 * path.stat().st_size) + (1 << 16)  # + the decoders' read-ahead
+    assert 0 < len(good) * 2 <= bound
+    assert all(line.data == b"x" for line in good)
+
+
+def test_a_small_gz_of_a_million_blank_lines_is_one_bounded_read(tmp_path):
+    path = tmp_path / "blank.jsonl.gz"
+    path.write_bytes(gzip.compress(b"\n" * 1_000_000, 9))
+    assert path.stat().st_size < 2048
+    with deadline(20):
+        blank, bomb = read_lines(str(path))
+    assert blank.reason == "blank_lines" and bomb.reason == "expansion_too_large"
+    assert blank.line_number == bomb.line_number < 200_000
+
+
+def test_compressed_text_within_the_bound_reads_whole(tmp_path):
+    rows = lines(5000)
+    path = tmp_path / "text.jsonl.zst"
+    path.write_bytes(zstandard.ZstdCompressor(level=19).compress(joined(rows)))
+    good, bad = read(path)
+    assert bad == [] and [line.data for line in good] == rows
+
+
+def test_blank_lines_are_accounted_for(tmp_path):
+    """Lines read = with samples + dead-lettered + blank: the blank ones counted from their one dead letter."""
+    from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+
+    from beam_extract.accounting import AccountLines
+    from beam_extract.output.manifest import SumCounts, line_and_sample_counts
+    from beam_extract.records import parse_line
+
+    (tmp_path / "a.jsonl.gz").write_bytes(gzip.compress(b"x\n\n\n{bad\n \n"))
+    (tmp_path / "b.jsonl").write_bytes(b"\n" * 7 + b"y")
+    with deadline(120), beam.Pipeline(runner=FnApiRunner()) as pipeline:
+        read_ = pipeline | beam.Create([str(tmp_path / "a.jsonl.gz"), str(tmp_path / "b.jsonl")]) | ReadLines()
+        parsed = read_.lines | beam.Map(parse_line, "text")
+        empty = pipeline | "None" >> beam.Create([])
+        _, reasons, outcomes = {"read": read_[DEAD_LETTER], "parse": parsed} | AccountLines(
+            str(tmp_path / "out"), empty, pipeline | "NoneResumed" >> beam.Create([]))
+        read_count = read_.lines | beam.combiners.Count.Globally()
+        counts = (outcomes | "SumLines" >> beam.CombineGlobally(SumCounts())
+                  | beam.Map(lambda lines, n, dead: line_and_sample_counts(n, lines, 0, 0, dead),
+                             beam.pvalue.AsSingleton(read_count),
+                             beam.pvalue.AsSingleton(reasons | "SumReasons" >> beam.CombineGlobally(SumCounts())))
+                  | beam.Map(lambda c: {k: c[k] for k in ("lines_read", "lines_dead_lettered", "lines_blank",
+                                                          "lines_unaccounted", "dead_letters")}))
+        assert_that(counts, equal_to([{"lines_read": 13, "lines_dead_lettered": 3, "lines_blank": 10,
+                                       "lines_unaccounted": 0,
+                                       "dead_letters": {"blank_lines": 2, "invalid_json": 3}}]))
+
+
+def test_a_file_past_its_expansion_bound_makes_the_run_not_ok():
+    from beam_extract.output.manifest import line_and_sample_counts, problems
+
+    counts = line_and_sample_counts(5, {"with_samples": 5}, 5, 0, {"expansion_too_large": 1})
+    counts |= {"samples_committed": 5, "samples_committed_now": 5, "samples_committed_twice": 0}
+    assert problems(counts, {"expansion_too_large": 1}) == ["1 input files were not read to their end (see the read "
+                                                             "dead letters)"]

@@ -5,7 +5,7 @@ lines it could read and then exactly one DeadLetter (stage "read") whose `line_n
 lines were yielded before the failure. Reason codes (stable):
 
 - truncated_file: the compressed stream ends before its end marker (a cut gzip, bz2, xz, zstd or
-  deflate file). Only lines that end with their newline inside the part that still decoded are
+  deflate file; an empty file, which no compressor writes). Only lines that end with their newline inside the part that still decoded are
   yielded: the bytes after the last newline are a line of unknown length, possibly cut, so they are
   dropped (in a complete file a last line without newline is kept, as before).
 - corrupt_file: the compressed data is bad (not gzip at all, CRC mismatch, zlib/bz2/lzma/zstd error).
@@ -18,6 +18,14 @@ lines were yielded before the failure. Reason codes (stable):
   every JSON or protobuf record that names its source, so the file is not read.
 - unreadable_file: the storage failed while opening or reading (permission denied, vanished, I/O
   error, a GCS error).
+- expansion_too_large: a compressed file decodes to more than `max_expansion` times the compressed
+  bytes read so far (past its first EXPANSION_FREE_BYTES): a small file must not cost unbounded time,
+  memory or dead letters. The lines decoded before are yielded.
+
+Blank lines (nothing but ASCII whitespace) are not lines of input: they are skipped, counted, and a
+file that has any ends with one `blank_lines` DeadLetter (stage "read") whose `line_number` is how
+many there were (before any failure's dead letter), so that a million of them cost one record, and
+every line is still accounted for.
 
 A dead letter's `source` is the path with invalid UTF-8 bytes shown as backslash escapes; its
 `detail` names the file and says how many lines were read.
@@ -46,6 +54,10 @@ from beam_extract.records.dead_letter import DEAD_LETTER, DeadLetter
 from beam_extract.records.source_line import SourceLine
 
 
+# Default --max_expansion: decoded bytes per compressed byte. Text and ARC JSONL compress 3-15x;
+# gzip's own limit is about 1000x, xz's and zstd's beyond 10000x.
+MAX_EXPANSION = 200
+EXPANSION_FREE_BYTES = 1 << 16  # decoded before the ratio applies: a small file's headers and all
 # Default --max_line_bytes: a line longer than this is a `line_too_long` dead letter, read past
 # without being held in memory.
 MAX_LINE_BYTES = 64 << 20
@@ -62,12 +74,17 @@ class _Unreadable(Exception):
     """The storage failed to give the file's bytes (as opposed to the bytes being bad)."""
 
 
+class _Expanded(Exception):
+    """A compressed file decodes to more than its bound (see read_lines)."""
+
+
 class _Raw(io.RawIOBase):
     """A file's bytes as stored, with every storage error raised as _Unreadable."""
 
     def __init__(self, handle: BinaryIO):
         super().__init__()
         self._handle = handle
+        self.consumed = 0  # bytes read from storage
 
     def readable(self) -> bool:
         return True
@@ -78,6 +95,7 @@ class _Raw(io.RawIOBase):
         except Exception as error:  # OSError locally, google.api_core errors on gs://
             raise _Unreadable(error) from error
         buffer[: len(data)] = data
+        self.consumed += len(data)
         return len(data)
 
     def close(self) -> None:
@@ -121,9 +139,47 @@ class _Streams(io.RawIOBase):
         return size
 
 
-def _decoded(raw: io.RawIOBase, path: str) -> BinaryIO:
+class _Bounded(io.RawIOBase):
+    """Decoded bytes, at most `ratio` per compressed byte read (past EXPANSION_FREE_BYTES): a
+    decompression bomb stops at its bound instead of running on for hours."""
+
+    def __init__(self, decoded: BinaryIO, raw: _Raw, ratio: int):
+        super().__init__()
+        self._decoded, self._raw, self._ratio = decoded, raw, ratio
+        self.produced = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        size = self._decoded.readinto1(buffer)  # what one decoding step gives: nothing decoded is held back
+        if not size and not self._raw.consumed:
+            raise EOFError("the file is empty, which no compressor writes")
+        self.produced += size
+        if self.produced > max(EXPANSION_FREE_BYTES, self._ratio * self._raw.consumed):
+            raise _Expanded(f"{self.produced} bytes decoded from {self._raw.consumed} compressed bytes, over "
+                            f"{self._ratio}x (--max_expansion)")
+        return size
+
+    def close(self) -> None:
+        if not self.closed:
+            try:
+                self._decoded.close()
+            finally:
+                super().close()
+
+
+def _decoded(raw: _Raw, path: str, max_expansion: int = MAX_EXPANSION) -> BinaryIO:
     """The file's lines as bytes, decompressed by its name's suffix like Beam does, by decoders that
-    report a cut or damaged stream instead of ending quietly."""
+    report a cut or damaged stream instead of ending quietly, within `max_expansion`."""
+    decoder = _decoder(raw, path)
+    if decoder is None:
+        return io.BufferedReader(raw)
+    return io.BufferedReader(_Bounded(decoder, raw, max_expansion), _CHUNK)
+
+
+def _decoder(raw: io.RawIOBase, path: str) -> BinaryIO | None:
+    """The decompressing reader for the file's suffix, or None for an uncompressed file."""
     kind = CompressionTypes.detect_compression_type(path)
     if kind == CompressionTypes.GZIP:
         return gzip.GzipFile(fileobj=raw, mode="rb")  # multi-member; EOFError when cut
@@ -135,7 +191,7 @@ def _decoded(raw: io.RawIOBase, path: str) -> BinaryIO:
         return io.BufferedReader(_Streams(raw, zlib.decompressobj))
     if kind == CompressionTypes.ZSTD:
         return io.BufferedReader(_Streams(raw, lambda: zstandard.ZstdDecompressor().decompressobj()))
-    return io.BufferedReader(raw)
+    return None
 
 
 def printable_path(path: str) -> str:
@@ -176,32 +232,63 @@ def _lines(stream: BinaryIO, limit: int) -> Iterator[tuple[bytes, int]]:
         yield start, size
 
 
-def read_lines(path: str, max_line_bytes: int = MAX_LINE_BYTES) -> Iterator[SourceLine | DeadLetter]:
+def read_lines(path: str, max_line_bytes: int = MAX_LINE_BYTES,
+               max_expansion: int = MAX_EXPANSION) -> Iterator[SourceLine | DeadLetter]:
     """Streams one file (local or gs://, compressed by suffix) line by line: memory does not grow
-    with it. If the file fails, ends with one DeadLetter (see the module docstring)."""
+    with it. Blank lines are counted, not yielded; if the file fails, ends with one DeadLetter (see
+    the module docstring)."""
     count = 0
+    blank = _BlankLines(path)
     refusal = _refusal(path)
     if refusal:
         yield _dead_letter(path, *refusal, count)
         return
+    failure = None
     try:
         try:
             handle = FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED)
         except Exception as error:  # OSError locally, google.api_core errors on gs://
             raise _Unreadable(error) from error
         # The decoders do not close a handle they were given: the outer `with` does.
-        with _Raw(handle) as raw, _decoded(raw, path) as lines:
+        with _Raw(handle) as raw, _decoded(raw, path, max_expansion) as lines:
             for line, too_long in _lines(lines, max_line_bytes):
                 count += 1
-                yield SourceLine(path, count, line.rstrip(b"\r\n"), too_long)
+                if not blank.skips(line, too_long, count):
+                    yield SourceLine(path, count, line.rstrip(b"\r\n"), too_long)
     except _Unreadable as error:
-        yield _dead_letter(path, "unreadable_file", f"cannot read: {error}", count)
+        failure = _dead_letter(path, "unreadable_file", f"cannot read: {error}", count)
     except EOFError as error:
-        yield _dead_letter(path, "truncated_file",
-                           f"compressed data ends before its end marker ({error}); the bytes after "
-                           "the last complete line are dropped", count)
+        failure = _dead_letter(path, "truncated_file",
+                               f"compressed data ends before its end marker ({error}); the bytes after "
+                               "the last complete line are dropped", count)
+    except _Expanded as error:
+        failure = _dead_letter(path, "expansion_too_large", f"{error}; not read further", count)
     except _CORRUPT as error:
-        yield _dead_letter(path, "corrupt_file", f"bad compressed data: {error}", count)
+        failure = _dead_letter(path, "corrupt_file", f"bad compressed data: {error}", count)
+    if blank.count:
+        yield blank.dead_letter()
+    if failure:
+        yield failure
+
+
+class _BlankLines:
+    """A file's lines of nothing but ASCII whitespace, counted instead of passed on."""
+
+    def __init__(self, path: str):
+        self._path, self.count, self._first = path, 0, 0
+
+    def skips(self, line: bytes, too_long: int, number: int) -> bool:
+        if too_long or line.strip():
+            return False
+        self.count += 1
+        self._first = self._first or number
+        return True
+
+    def dead_letter(self) -> DeadLetter:
+        """One for all of them: its line number is their count."""
+        name = printable_path(self._path)
+        return DeadLetter(name, self.count, "read", "blank_lines",
+                          f"{name}: {self.count} blank lines (the first is line {self._first}), skipped")
 
 
 def _dead_letter(path: str, reason: str, why: str, count: int) -> DeadLetter:
@@ -265,11 +352,11 @@ class _ReadFile(beam.DoFn):
     """A file's lines on the main output and its dead letter, if any, on DEAD_LETTER; both keep the
     path's timestamp and window."""
 
-    def __init__(self, max_line_bytes: int):
-        self._max_line_bytes = max_line_bytes
+    def __init__(self, max_line_bytes: int, max_expansion: int):
+        self._max_line_bytes, self._max_expansion = max_line_bytes, max_expansion
 
     def process(self, path: str):
-        for item in read_lines(path, self._max_line_bytes):
+        for item in read_lines(path, self._max_line_bytes, self._max_expansion):
             if isinstance(item, SourceLine):
                 yield item
             else:
@@ -283,13 +370,13 @@ class ReadLines(beam.PTransform):
     A line over `max_line_bytes` arrives as its start with `too_long` set, for the parser to
     dead-letter."""
 
-    def __init__(self, max_line_bytes: int = MAX_LINE_BYTES):
+    def __init__(self, max_line_bytes: int = MAX_LINE_BYTES, max_expansion: int = MAX_EXPANSION):
         super().__init__()
-        self._max_line_bytes = max_line_bytes
+        self._max_line_bytes, self._max_expansion = max_line_bytes, max_expansion
 
     def expand(self, paths):
         return (
             paths
             | "SpreadFiles" >> beam.Reshuffle()
-            | "Lines" >> beam.ParDo(_ReadFile(self._max_line_bytes)).with_outputs(DEAD_LETTER, main="lines")
+            | "Lines" >> beam.ParDo(_ReadFile(self._max_line_bytes, self._max_expansion)).with_outputs(DEAD_LETTER, main="lines")
         )

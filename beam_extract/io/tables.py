@@ -30,7 +30,7 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
-from beam_extract.io.sources import MAX_LINE_BYTES, ReadLines, _refusal, printable_path, read_lines
+from beam_extract.io.sources import MAX_EXPANSION, MAX_LINE_BYTES, ReadLines, _refusal, printable_path, read_lines
 from beam_extract.records.dead_letter import DEAD_LETTER, DeadLetter
 from beam_extract.records.source_line import SourceLine, SourceRow
 from beam_extract.records.text import field
@@ -263,11 +263,11 @@ def table_parts(path: str) -> Iterator[Part | DeadLetter]:
         yield Part(path)
 
 
-def read_records(path: str, columns: Columns, max_line_bytes: int = MAX_LINE_BYTES
-                 ) -> Iterator[SourceLine | SourceRow | DeadLetter]:
+def read_records(path: str, columns: Columns, max_line_bytes: int = MAX_LINE_BYTES,
+                 max_expansion: int = MAX_EXPANSION) -> Iterator[SourceLine | SourceRow | DeadLetter]:
     """A file's lines or rows, in order, by its name (what the job reads of it, in one process)."""
     if not is_table(path):
-        yield from read_lines(path, max_line_bytes)
+        yield from read_lines(path, max_line_bytes, max_expansion)
         return
     for part in table_parts(path):
         yield from [part] if isinstance(part, DeadLetter) else read_part(part, columns, max_line_bytes)
@@ -300,13 +300,13 @@ class ReadInput(beam.PTransform):
     row group that failed}. JSONL goes through io.sources.ReadLines; Parquet and Arrow files are
     split into parts (row groups), spread over workers and read in record batches."""
 
-    def __init__(self, columns: Columns, max_line_bytes: int = MAX_LINE_BYTES):
+    def __init__(self, columns: Columns, max_line_bytes: int = MAX_LINE_BYTES, max_expansion: int = MAX_EXPANSION):
         super().__init__()
-        self._columns, self._max_line_bytes = columns, max_line_bytes
+        self._columns, self._max_line_bytes, self._max_expansion = columns, max_line_bytes, max_expansion
 
     def expand(self, paths):
         lines, tables = paths | "TablesApart" >> beam.Partition(lambda path, _: int(is_table(path)), 2)
-        read = lines | "ReadLines" >> ReadLines(self._max_line_bytes)
+        read = lines | "ReadLines" >> ReadLines(self._max_line_bytes, self._max_expansion)
         parts = (tables | "SpreadTables" >> beam.Reshuffle()
                  | "TableParts" >> beam.ParDo(_SplitTable()).with_outputs(DEAD_LETTER, main="parts"))
         rows = (parts.parts | "SpreadParts" >> beam.Reshuffle()

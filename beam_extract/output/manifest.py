@@ -20,7 +20,7 @@ from beam_extract.output.layout import MANIFEST_NAME
 # whole sequence's token ids, hooks their normalisation
 FORMAT_VERSION = 3
 # Dead-letter reasons of whole input files that lost lines (`not_a_file` lost none: it was never input).
-LOST_LINES = ("truncated_file", "corrupt_file", "unreadable_file", "bad_file_name")
+LOST_LINES = ("truncated_file", "corrupt_file", "unreadable_file", "bad_file_name", "expansion_too_large")
 
 
 def _union(a: bytes, b: bytes) -> bytes:
@@ -82,12 +82,15 @@ class CountLineOutcomes(beam.CombineFn):
 
 def line_and_sample_counts(lines_read: int, lines: dict[str, int], samples: int, resumed: int,
                            dead_letters: dict[str, int]) -> dict:
-    """The accounting of a run (manifest) or of a streaming window (its index)."""
+    """The accounting of a run (manifest) or of a streaming window (its index). `lines_read` counts
+    the lines passed on, `lines["blank"]` the blank ones the reader counted instead."""
     with_samples, dead_lettered = lines.get("with_samples", 0), lines.get("dead_lettered", 0)
+    blank = lines.get("blank", 0)
     return {
-        "lines_read": lines_read,
+        "lines_read": lines_read + blank,
         "lines_with_samples": with_samples,
         "lines_dead_lettered": dead_lettered,
+        "lines_blank": blank,
         "lines_unaccounted": lines_read - with_samples - dead_lettered,
         "samples": samples + resumed,
         "samples_extracted_now": samples,
@@ -146,7 +149,7 @@ def problems(counts: dict, dead_letters: dict, whole_run: bool = True) -> list[s
         found.append(f"{broken} samples had NaN or infinite activations (non_finite dead letters): check the weights")
     failed = oom + broken  # extracted, then dead-lettered: not committed
     if counts["lines_unaccounted"]:
-        found.append(f"{counts['lines_unaccounted']} lines read are neither written nor dead-lettered")
+        found.append(f"{counts['lines_unaccounted']} lines read are neither written, dead-lettered nor blank")
     if lost := sum(dead_letters.get(reason, 0) for reason in LOST_LINES):
         found.append(f"{lost} input files were not read to their end (see the read dead letters)")
     if counts["samples_extracted_now"] != counts["samples_committed_now"] + failed:

@@ -45,7 +45,8 @@ class OutputRefused(Exception):
 
 # Options that change which samples exist or their activations. Everything else (batching, mesh,
 # shard size, shuffling, runner flags) may differ between a run and its resumption.
-FINGERPRINT_OPTIONS = ("input_format", "text_field", "id_field", "tokens_field", "prepend_bos", "max_line_bytes", "special_tokens_in_text", "max_seq_len",
+FINGERPRINT_OPTIONS = ("input_format", "text_field", "id_field", "tokens_field", "prepend_bos", "max_line_bytes",
+                       "max_expansion", "special_tokens_in_text", "max_seq_len",
                        "views_per_task", "seed", "grid_encoder", "include_answer", "dtype", "output_dtype",
                        "exclude_special_tokens", "positions", "arc_tokens", "norm_exclude_first")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from beam_extract.records.errors import InvalidRecord, check_unicode
+from beam_extract.records.errors import InvalidRecord, check_id
 
 Grid = tuple[tuple[int, ...], ...]
 MAX_GRID_SIDE = 30
@@ -69,5 +69,5 @@ def validate_task(obj: dict, source: str, line_number: int, name: str | None = N
     task_id = obj.get("task_id", f"{name or source}:{line_number}")
     if not isinstance(task_id, str) or not task_id:
         raise InvalidRecord("wrong_type", "task_id is not a non-empty string")
-    check_unicode(task_id, "task_id")
+    check_id(task_id, "task_id")
     return ArcTask(task_id, _pairs(obj, "train", True), _pairs(obj, "test", False), source, line_number)

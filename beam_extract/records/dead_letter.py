@@ -13,10 +13,11 @@ MAX_RAW_BYTES = 4096
 
 # Every reason code, by the stage that gives it (the README lists the same; a test compares them).
 REASONS: dict[str, tuple[str, ...]] = {
-    "read": ("truncated_file", "corrupt_file", "unreadable_file", "bad_file_name", "not_a_file"),
+    "read": ("truncated_file", "corrupt_file", "unreadable_file", "bad_file_name", "not_a_file",
+             "expansion_too_large", "blank_lines"),
     "parse": ("line_too_long", "invalid_json", "invalid_utf8", "invalid_unicode", "not_an_object", "missing_field",
               "wrong_type", "empty_text", "blank_line", "ragged_grid", "value_out_of_range", "grid_too_large",
-              "empty_train", "empty_test", "too_many_examples"),
+              "empty_train", "empty_test", "too_many_examples", "id_too_long"),
     "dedup": ("duplicate_task_id",),
     "tokenize": ("too_long", "no_tokens_selected", "token_out_of_range", "no_chat_template", "tokenizer_error"),
     "resume": ("changed_since_commit",),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from beam_extract.records.errors import InvalidRecord, check_unicode
+from beam_extract.records.errors import InvalidRecord, check_id, check_unicode
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,4 +54,5 @@ def validate_text(obj: dict, text_field: str, source: str, line_number: int, nam
     if not text.strip():
         raise InvalidRecord("empty_text", f"{text_field!r} is empty")
     check_unicode(text, text_field)
-    return TextDoc(f"{name or source}:{line_number}", text, source, line_number, document_id(obj, id_field))
+    key = check_id(f"{name or source}:{line_number}", "file:line")
+    return TextDoc(key, text, source, line_number, check_id(document_id(obj, id_field), id_field))
