@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import hashlib
 import json
 import weakref
@@ -46,6 +47,7 @@ class PromptSettings:
     encoder_name: str
     encoder: Encoder
     include_answer: bool
+    date: datetime.datetime | None = None  # what the chat template's clock reads: the run's creation
 
 
 @dataclasses.dataclass(frozen=True)
@@ -238,7 +240,7 @@ def arc_samples(view: ArcView, tokenizer, settings: PromptSettings, max_seq_len:
                            "the model's tokenizer has no chat template (tokenizer_config.json's chat_template or "
                            "chat_template.jinja), which ARC prompts are rendered with; text documents need none")]
     for prompt in build_prompts(task, tokenizer, settings.template, settings.encoder, max_seq_len,
-                                settings.include_answer):
+                                settings.include_answer, settings.date):
         if isinstance(prompt, PromptTooLong):
             results.append(DeadLetter(task.source, task.line_number, "tokenize", "too_long",
                                       f"view {view.params.view} test {prompt.test_index}: "
