@@ -38,6 +38,7 @@ from beam_extract.output import ownership
 from beam_extract.output.commits import (RUN_SKIP_SUFFIX, delete_quietly, list_paths, read_groups_on_disk,
                                          select_groups, without_samples, write_sample_ids)
 from beam_extract.output.schema import OUTPUT_DTYPES
+from beam_extract.output.storage import exists
 from beam_extract.output.writer import remove_unlisted
 from beam_extract.records.arc import ArcTask
 from beam_extract.records.dead_letter import DeadLetter
@@ -134,28 +135,61 @@ def _usage(check: Callable, *args):
         raise UsageError(str(error)) from None
 
 
-MATCH_SECONDS = 60  # how long the driver waits for the first listing of --input (gs:// retries for minutes)
+ANSWER_SECONDS = 30  # for Cloud Storage's first answer: its client retries an unreachable endpoint for minutes
+
+
+def _bounded(call: Callable, seconds: float):
+    """call(), or TimeoutError after `seconds`; in a daemon thread, so that a call that hangs (no
+    network) does not keep the driver from exiting."""
+    outcome: list = []
+
+    def target() -> None:
+        try:
+            outcome.append((True, call()))
+        except Exception as error:
+            outcome.append((False, error))
+
+    thread = threading.Thread(target=target, name="bounded-call", daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if not outcome:
+        raise TimeoutError(f"no answer in {seconds} s")
+    succeeded, value = outcome[0]
+    if not succeeded:
+        raise value
+    return value
+
+
+def _check_gcs(paths: dict[str, str]) -> None:
+    """gs:// paths need credentials and an answer from Cloud Storage: checked once in the driver,
+    in bounded time, instead of a traceback or a listing retried for minutes."""
+    gcs = {option: path for option, path in paths.items() if path.startswith("gs://")}
+    if not gcs:
+        return
+    if not os.environ.get("STORAGE_EMULATOR_HOST"):  # an emulator takes anonymous requests
+        import google.auth
+        from google.auth.exceptions import DefaultCredentialsError
+
+        try:
+            google.auth.default()
+        except DefaultCredentialsError as error:
+            raise UsageError(f"{', '.join(gcs)} on gs:// need Google Cloud credentials (gcloud auth "
+                             f"application-default login, or GOOGLE_APPLICATION_CREDENTIALS): {_one_line(error)}") from None
+    option, path = next(iter(gcs.items()))
+    bucket = path.removeprefix("gs://").partition("/")[0]
+    try:  # one small request (absent or present, an answer either way)
+        _bounded(lambda: exists(f"gs://{bucket}/.beam-extract-reachable"), ANSWER_SECONDS)
+    except TimeoutError as error:
+        raise UsageError(f"{option} {path}: Cloud Storage gave {error} (is the network reachable?)") from None
+    except Exception as error:
+        raise UsageError(f"{option} {path}: {_one_line(error)}") from None
 
 
 def _input_paths(pattern: str) -> list[str]:
-    listing: list = []
-
-    def match() -> None:
-        try:
-            listing.append([m.path for m in FileSystems.match([pattern])[0].metadata_list])
-        except Exception as error:  # Beam wraps each file system's errors in its own
-            listing.append(error)
-
-    # In a daemon thread: a listing that hangs (no network) must not keep the driver from exiting.
-    matcher = threading.Thread(target=match, name="match-input", daemon=True)
-    matcher.start()
-    matcher.join(MATCH_SECONDS)
-    if not listing:
-        raise UsageError(f"--input {pattern}: no answer in {MATCH_SECONDS} s (is the network or the bucket "
-                         "reachable?)")
-    if isinstance(listing[0], Exception):
-        raise UsageError(f"--input {pattern}: {_one_line(listing[0])}")
-    paths = listing[0]
+    try:
+        paths = [m.path for m in FileSystems.match([pattern])[0].metadata_list]
+    except Exception as error:  # Beam wraps each file system's errors in its own
+        raise UsageError(f"--input {pattern}: {_one_line(error)}") from None
     if not paths:
         raise UsageError(f"--input {pattern}: no file matches")
     directory = next((p for p in paths if "://" not in p and os.path.isdir(p)), None)
@@ -275,8 +309,10 @@ def make_job(options: PipelineOptions) -> Job:
     if ours["resume"] and ours["overwrite"]:
         raise UsageError("--resume continues the run in --output and --overwrite deletes it: choose one")
     streaming = bool(options.view_as(StandardOptions).streaming)
-    ours["input"] = absolute_input(ours["input"] or sample_input())
     ours["output"] = location("--output", ours["output"])
+    _check_gcs({"--input": ours["input"] or "", "--output": ours["output"], "--model": ours["model"],
+                "--compilation_cache_dir": ours["compilation_cache_dir"]})
+    ours["input"] = absolute_input(ours["input"] or sample_input())
     check_input_outside_output(ours["input"], ours["output"])
     if not streaming:  # a streaming job may start before its first file lands
         _input_paths(ours["input"])

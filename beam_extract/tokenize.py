@@ -106,7 +106,11 @@ def load_tokenizer(model_dir: str | Path) -> transformers.PreTrainedTokenizerBas
         raise CheckpointError(f"{model_dir} has no tokenizer: a --model directory needs tokenizer.json (or vocab.json "
                               "and merges.txt) and tokenizer_config.json, with its chat template there or in "
                               "chat_template.jinja, beside config.json and the safetensors weights")
-    return transformers.AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
+    try:
+        return transformers.AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
+    except Exception as error:  # a truncated or malformed file: the tokenizers library raises plain Exceptions
+        raise CheckpointError(f"{model_dir}: its tokenizer cannot be loaded ({type(error).__name__}: "
+                              f"{' '.join(str(error).split())[:300]})") from None
 
 
 # Long documents are tokenized in pieces of about this many characters, a batch of pieces at a
