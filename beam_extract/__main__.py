@@ -12,13 +12,10 @@ import time
 # worker processes started from here inherit this).
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
-from apache_beam.options.pipeline_options import PipelineOptions  # noqa: E402
-
-from beam_extract.job import is_local  # noqa: E402 (after the environment is set)
 from beam_extract.legacy import add_legacy_arguments  # noqa: E402
 from beam_extract.model.weights import CheckpointError  # noqa: E402
 from beam_extract.model.config import UnsupportedConfigError
-from beam_extract.options import UsageError, add_arguments, template_switches  # noqa: E402
+from beam_extract.options import UsageError, add_arguments  # noqa: E402
 from beam_extract.output.layout import read_manifest  # noqa: E402
 from beam_extract.output.ownership import OutputRefused  # noqa: E402
 from beam_extract.pipeline import run  # noqa: E402
@@ -72,7 +69,7 @@ def argument_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = template_switches(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
     argument_parser().parse_known_args(argv)  # --help, or an error naming a bad option value
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     start = time.perf_counter()
@@ -85,7 +82,7 @@ def main(argv: list[str] | None = None) -> None:
         print("beam-extract: stopped. What was committed stays readable; the same command with --resume "
               "continues", file=sys.stderr)
         sys.exit(130)
-    if not is_local(PipelineOptions(argv)):
+    if job.remote:
         progress = (f"an index per window under {job.output}/_windows/" if job.streaming
                     else f"the manifest will be at {job.output}/manifest.json")
         print(f"beam-extract: submitted ({result.state}); {progress}")

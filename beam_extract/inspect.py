@@ -1,8 +1,9 @@
 """`python -m beam_extract.inspect OUT`: what an output directory holds, as a table and two plots.
 
 Prints per hook the records, stored tokens, dtype, bytes and mean token norm, and the dead letters
-by reason; writes OUT/inspect_norms.png (token L2 norms per hook) and OUT/inspect_tokens.png
-(tokens per record).
+by reason; writes inspect_norms.png (token L2 norms per hook) and inspect_tokens.png (tokens per
+record) into --plots (default: the working directory), never into the output, which holds only
+what runs of beam-extract wrote.
 """
 
 from __future__ import annotations
@@ -10,12 +11,14 @@ from __future__ import annotations
 import argparse
 import io
 import itertools
+import os
 
 import numpy as np
 from apache_beam.io.filesystems import FileSystems
 
-from beam_extract.output.layout import read_manifest
+from beam_extract.output.layout import MANIFEST_NAME, read_manifest
 from beam_extract.output.reader import read_activations
+from beam_extract.output.storage import exists
 
 SAMPLED_RECORDS = 2000  # per hook, for the plots
 
@@ -46,7 +49,7 @@ def save_png(figure, path: str) -> None:
         handle.write(buffer.getvalue())
 
 
-def plots(output: str, manifest: dict) -> list[str]:
+def plots(output: str, manifest: dict, directory: str) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
@@ -64,13 +67,13 @@ def plots(output: str, manifest: dict) -> list[str]:
         axis.hist(values, bins=60, histtype="step", label=name)
     axis.set(xlabel="token L2 norm", ylabel="tokens", title=f"Activation norms per hook ({sampled})")
     axis.legend(fontsize="small")
-    written.append(f"{output}/inspect_norms.png")
+    written.append(f"{directory}/inspect_norms.png")
     save_png(figure, written[-1])
     figure, axis = plt.subplots(figsize=(8, 5))
     axis.hist(lengths, bins=40)
     axis.set(xlabel="stored tokens per record (the same at every hook)", ylabel="records",
              title=f"Tokens per record ({sampled})")
-    written.append(f"{output}/inspect_tokens.png")
+    written.append(f"{directory}/inspect_tokens.png")
     save_png(figure, written[-1])
     plt.close("all")
     return written
@@ -80,13 +83,31 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m beam_extract.inspect", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("output", help="An output directory (local or gs://) with a manifest.json")
+    parser.add_argument("--plots", default=".", help="Directory for the plots, local or gs:// (default: the "
+                        "working directory); not inside the output")
     args = parser.parse_args(argv)
-    output = args.output.rstrip("/")
+    try:
+        output, directory = checked_paths(args.output, args.plots)
+    except ValueError as error:
+        parser.exit(2, f"{parser.prog}: {error}\n")
+    if not exists(f"{output}/{MANIFEST_NAME}"):
+        parser.exit(2, f"{parser.prog}: {output} holds no {MANIFEST_NAME}: not an output of beam-extract, or its run "
+                    "has not finished (continue an interrupted run with --resume)\n")
     manifest = read_manifest(output)
     print(table(output, manifest))
-    for path in plots(output, manifest):
+    for path in plots(output, manifest, directory):
         print(f"wrote {path}")
     print(f"the plots show the {sampled_records(manifest)} ({len(manifest['hooks'])} hooks)")
+
+
+def checked_paths(output: str, plots: str) -> tuple[str, str]:
+    """The output and the plots' directory, absolute; plots inside the output are refused (its owner
+    would take them for foreign files and refuse --resume and --overwrite)."""
+    output, plots = (p.rstrip("/") if "://" in p else os.path.abspath(os.path.expanduser(p)) for p in (output, plots))
+    if plots == output or plots.startswith(f"{output}/"):
+        raise ValueError(f"--plots {plots} is inside the output {output}, which holds only what beam-extract "
+                         "wrote: choose another directory")
+    return output, plots
 
 
 if __name__ == "__main__":

@@ -4,11 +4,17 @@ batch plan and fingerprint, and the output it claims (lock, checks, what a resum
 from __future__ import annotations
 
 import dataclasses
+import datetime
+import difflib
 import hashlib
+import importlib
 import os
+import re
+import threading
 import uuid
 from collections.abc import Callable
 
+from apache_beam.io.filesystem import FileSystem
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import (FlinkRunnerOptions, GoogleCloudOptions, PipelineOptions, PortableOptions,
                                                   SparkRunnerOptions, StandardOptions)
@@ -26,12 +32,14 @@ from beam_extract.lifetime import Driver
 from beam_extract.model.config import ModelConfig, check_context, config_from_hf, load_hf_config
 from beam_extract.model.weights import (METADATA_FILES, check_checkpoint, remote_weights_checksum, resolve_model_dir,
                                         weights_checksum)
+from beam_extract.model import devices
 from beam_extract.model.mesh import mesh_sizes
 from beam_extract.options import UsageError, check_ranges, extract_options, parse_layers, parse_sites, sample_input
 from beam_extract.output import ownership
 from beam_extract.output.commits import (RUN_SKIP_SUFFIX, delete_quietly, list_paths, read_groups_on_disk,
                                          select_groups, without_samples, write_sample_ids)
 from beam_extract.output.schema import OUTPUT_DTYPES
+from beam_extract.output.storage import exists
 from beam_extract.output.writer import remove_unlisted
 from beam_extract.records.arc import ArcTask
 from beam_extract.records.dead_letter import DeadLetter
@@ -69,6 +77,7 @@ class Job:
     resumed: Resumed = Resumed()
     remote: bool = False  # the runner runs the job elsewhere: the job itself releases the lock
     input_bytes: int | None = None  # of the input files when known and uncompressed (for progress)
+    software_changes: tuple[str, ...] = ()  # from the run resumed, accepted with --accept_software_change
 
     @property
     def output(self) -> str:
@@ -91,8 +100,20 @@ def _files_sha256(directory, names) -> str:
     return digest.hexdigest()
 
 
-def run_fingerprint(options: dict, config: ModelConfig, hooks: tuple[Hook, ...]) -> dict:
-    """Everything that decides which samples exist and what their activations are."""
+SOFTWARE = ("beam-extract", "jax", "jaxlib", "transformers", "tokenizers")  # whose versions the fingerprint holds
+
+
+def software_versions() -> dict[str, str]:
+    from importlib import metadata
+
+    return {name: metadata.version(name) for name in SOFTWARE}
+
+
+def run_fingerprint(options: dict, config: ModelConfig, hooks: tuple[Hook, ...], device: dict | None,
+                    created: str) -> dict:
+    """Everything that decides which samples exist and what their activations are: options, model,
+    software and device (None: a remote job's, unknown to the driver), and the creation date that
+    chat templates read."""
     if options["model"].startswith("gs://"):  # identified by its objects; the workers check and load it
         model_dir = resolve_model_dir(options["model"], weights=False)
         weights = remote_weights_checksum(options["model"])
@@ -104,7 +125,8 @@ def run_fingerprint(options: dict, config: ModelConfig, hooks: tuple[Hook, ...])
         options, weights_sha256=weights, config=dataclasses.asdict(config),
         tokenizer_sha256=_files_sha256(model_dir, [n for n in METADATA_FILES if n != "config.json"]),
         hooks=[hook_name(*hook) for hook in hooks],
-        template_sha256=hashlib.sha256(load_template(options["prompt_template"]).source.encode()).hexdigest())
+        template_sha256=hashlib.sha256(load_template(options["prompt_template"]).source.encode()).hexdigest(),
+        software=software_versions(), device=device, created=created)
 
 
 def _usage(check: Callable, *args):
@@ -115,14 +137,88 @@ def _usage(check: Callable, *args):
         raise UsageError(str(error)) from None
 
 
+ANSWER_SECONDS = 30  # for Cloud Storage's first answer: its client retries an unreachable endpoint for minutes
+
+
+def _bounded(call: Callable, seconds: float):
+    """call(), or TimeoutError after `seconds`; in a daemon thread, so that a call that hangs (no
+    network) does not keep the driver from exiting."""
+    outcome: list = []
+
+    def target() -> None:
+        try:
+            outcome.append((True, call()))
+        except Exception as error:
+            outcome.append((False, error))
+
+    thread = threading.Thread(target=target, name="bounded-call", daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if not outcome:
+        raise TimeoutError(f"no answer in {seconds} s")
+    succeeded, value = outcome[0]
+    if not succeeded:
+        raise value
+    return value
+
+
+def _check_gcs(paths: dict[str, str]) -> None:
+    """gs:// paths need credentials and an answer from Cloud Storage: checked once in the driver,
+    in bounded time, instead of a traceback or a listing retried for minutes."""
+    gcs = {option: path for option, path in paths.items() if path.startswith("gs://")}
+    if not gcs:
+        return
+    if not os.environ.get("STORAGE_EMULATOR_HOST"):  # an emulator takes anonymous requests
+        import google.auth
+        from google.auth.exceptions import DefaultCredentialsError
+
+        try:
+            google.auth.default()
+        except DefaultCredentialsError as error:
+            raise UsageError(f"{', '.join(gcs)} on gs:// need Google Cloud credentials (gcloud auth "
+                             f"application-default login, or GOOGLE_APPLICATION_CREDENTIALS): {_one_line(error)}") from None
+    option, path = next(iter(gcs.items()))
+    bucket = path.removeprefix("gs://").partition("/")[0]
+    try:  # one small request (absent or present, an answer either way)
+        _bounded(lambda: exists(f"gs://{bucket}/.beam-extract-reachable"), ANSWER_SECONDS)
+    except TimeoutError as error:
+        raise UsageError(f"{option} {path}: Cloud Storage gave {error} (is the network reachable?)") from None
+    except Exception as error:
+        raise UsageError(f"{option} {path}: {_one_line(error)}") from None
+
+
 def _input_paths(pattern: str) -> list[str]:
     try:
         paths = [m.path for m in FileSystems.match([pattern])[0].metadata_list]
     except Exception as error:  # Beam wraps each file system's errors in its own
-        raise UsageError(f"--input {pattern}: {error}") from None
+        raise UsageError(f"--input {pattern}: {_one_line(error)}") from None
     if not paths:
         raise UsageError(f"--input {pattern}: no file matches")
+    directory = next((p for p in paths if "://" not in p and os.path.isdir(p)), None)
+    if directory:
+        raise UsageError(f"--input {pattern}: {directory} is a directory; name its files, e.g. {directory}/*.jsonl")
     return paths
+
+
+def _one_line(error: Exception) -> str:
+    return " ".join(str(error).split())[:500]
+
+
+# A file of each kind a run writes into its output, named as runs of ours name them (commits.OUR_NAMES).
+OUTPUT_FILES = ("manifest.json", "_run/fingerprint.json", "_run/inputs.json", "_run/lock.json",
+                f"_run/.lock.json.{'0' * 32}.tmp", f"_run/{'0' * 12}{RUN_SKIP_SUFFIX}",
+                f"_committed/{'0' * 12}-{'0' * 12}.json", "_windows/20260101T000000Z-20260101T001000Z.json",
+                "dead_letter/read-00000-of-00001.jsonl", f"{SITES[0]}/layer_00/part-{'0' * 12}-{'0' * 12}.tfrecord")
+
+
+def check_input_outside_output(pattern: str, output: str) -> None:
+    """A glob that would match the job's own files would read them as input (and record them as the
+    run's input files, so that no --resume matches again)."""
+    matches = re.compile(FileSystem.translate_pattern(pattern)).match  # how every Beam file system matches
+    covered = next((name for name in OUTPUT_FILES if matches(f"{output}/{name}")), None)
+    if covered:
+        raise UsageError(f"--input {pattern} matches the job's own output files ({output}/{covered}); choose an "
+                         "--output outside what --input matches, or a narrower --input")
 
 
 DRY_TASK = ArcTask("dry-run", (((((1, 0), (0, 2)), ((2, 0), (0, 1))),)), ((((0, 1), (1, 0)), ((1, 0), (0, 1))),),
@@ -131,11 +227,11 @@ DRY_TEXT = TextDoc("<built-in>:1", "A short document to check the options with, 
                    "<built-in>", 1)
 
 
-def dry_render(options: dict, vocab_size: int) -> None:
+def dry_render(options: dict, vocab_size: int, created: str) -> None:
     """Renders a built-in ARC task and text document the way the job will, so a template, encoder,
     length or token selection that would dead-letter every sample fails now, in one line."""
     tokenizer = load_tokenizer(resolve_model_dir(options["model"], weights=False))
-    settings, selection = prompt_and_selection(options, tokenizer)
+    settings, selection = prompt_and_selection(options, tokenizer, created)
     fmt = options["input_format"]
     checks = []
     if fmt in ("text", "auto"):
@@ -174,16 +270,12 @@ def compilation_cache_dir(given: str, options: PipelineOptions, remote: bool) ->
         if options.view_as(StandardOptions).runner != "DataflowRunner" or not temp:
             return ""
         given = f"{temp.rstrip('/')}/beam-extract-compile-cache/jax-{jax_version()}"
-    if given.startswith("gs://"):
-        if not given.removeprefix("gs://").strip("/"):
-            raise UsageError(f"--compilation_cache_dir {given!r}: name a bucket, gs://bucket/path")
-        return given.rstrip("/")
-    if "://" in given:
-        raise UsageError(f"--compilation_cache_dir {given!r}: use a local directory or gs://bucket/path")
+    local = location("--compilation_cache_dir", given)
+    if local.startswith("gs://"):
+        return local
     if remote:
         raise UsageError(f"--compilation_cache_dir {given!r}: a job that runs elsewhere needs a gs:// directory "
                          "its workers share")
-    local = os.path.abspath(os.path.expanduser(given))
     try:
         os.makedirs(local, exist_ok=True)
     except OSError as error:
@@ -191,6 +283,21 @@ def compilation_cache_dir(given: str, options: PipelineOptions, remote: bool) ->
     if not os.access(local, os.W_OK):
         raise UsageError(f"--compilation_cache_dir {given!r}: not writable")
     return local
+
+
+def location(option: str, given: str) -> str:
+    """gs://bucket/path (without a trailing /), or a local path made absolute with ~ expanded.
+    Another scheme, a misspelt gs:// or no bucket is refused: never a local directory named `gs:`."""
+    if given.startswith("gs://"):
+        bucket = given.removeprefix("gs://").partition("/")[0]
+        if not bucket:
+            raise UsageError(f"{option} {given!r}: name a bucket, gs://bucket/path (is a variable in it unset?)")
+        return given.rstrip("/")
+    if re.match(r"[A-Za-z][A-Za-z0-9+.-]*:", given):
+        raise UsageError(f"{option} {given!r}: use a local directory or gs://bucket/path")
+    if not given.strip():
+        raise UsageError(f"{option}: name a directory")
+    return os.path.abspath(os.path.expanduser(given))
 
 
 def jax_version() -> str:
@@ -204,15 +311,17 @@ def make_job(options: PipelineOptions) -> Job:
     """Resolves and checks everything in the driver, before the graph is built: a mistake is a
     UsageError (or a CheckpointError, UnsupportedConfigError) naming the option, never a failure on
     the workers or a run that dead-letters everything."""
+    check_runner(options.view_as(StandardOptions).runner)
     ours = legacy_rewrites(options, extract_options(options))
     check_ranges(ours)
     if ours["resume"] and ours["overwrite"]:
         raise UsageError("--resume continues the run in --output and --overwrite deletes it: choose one")
     streaming = bool(options.view_as(StandardOptions).streaming)
+    ours["output"] = location("--output", ours["output"])
+    _check_gcs({"--input": ours["input"] or "", "--output": ours["output"], "--model": ours["model"],
+                "--compilation_cache_dir": ours["compilation_cache_dir"]})
     ours["input"] = absolute_input(ours["input"] or sample_input())
-    if "://" not in ours["output"]:
-        ours["output"] = os.path.abspath(ours["output"])
-    ours["output"] = ours["output"].rstrip("/")
+    check_input_outside_output(ours["input"], ours["output"])
     if not streaming:  # a streaming job may start before its first file lands
         _input_paths(ours["input"])
     _usage(load_template, ours["prompt_template"])
@@ -223,10 +332,21 @@ def make_job(options: PipelineOptions) -> Job:
                          f"{ours['norm_exclude_first']}: the normalisation factors would count no token; lower "
                          "--norm_exclude_first")
     buckets = _usage(parse_buckets, ours["buckets"], ours["max_seq_len"])
-    # Syntax and arithmetic only: counting devices here would start JAX in the driver (on a GPU it
-    # would take the memory the workers need); the workers check the size against their devices.
     _usage(mesh_sizes, ours["mesh"])
-    ours["compilation_cache_dir"] = compilation_cache_dir(ours["compilation_cache_dir"], options, not is_local(options))
+    local = is_local(options)
+    ours["compilation_cache_dir"] = compilation_cache_dir(ours["compilation_cache_dir"], options, not local)
+    # A local job's workers run on this host: their devices are counted (in a child process, so the
+    # driver never holds the accelerator) and a mesh that does not cover them is refused here. A
+    # remote job's workers check it against their own.
+    device = None
+    if local:
+        try:
+            device = devices.local_devices()
+        except devices.DevicesUnavailable as error:
+            raise UsageError(f"--mesh {ours['mesh']}: {error}") from None
+        _usage(mesh_sizes, ours["mesh"], device["count"])
+        device = {"platform": device["platform"], "kind": device["kind"]}
+    created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     config = config_from_hf(load_hf_config(resolve_model_dir(ours["model"], weights=False)))
     layers, sites = parse_layers(ours["layers"], config.num_layers), parse_sites(ours["sites"])
     # A token's activations, and its id, position and id in the sequence (varints of up to 10 bytes).
@@ -238,13 +358,13 @@ def make_job(options: PipelineOptions) -> Job:
                          f"{ours['output_dtype']} and 3 token ids per token), over the {MAX_RECORD_BYTES / 2**30:.1f} GiB a record "
                          f"can be read back with; use at most {MAX_RECORD_BYTES // token_bytes}")
     _usage(check_context, config, ours["max_seq_len"])
-    dry_render(ours, config.vocab_size)
+    dry_render(ours, config.vocab_size, created)
     hooks = tuple((layer, site) for site in sites for layer in layers)
     plan = BatchPlan(buckets, ours["batch_size"], ours["tokens_per_batch"], ours["packing"],
                      min(ours["pack_length"] or ours["max_seq_len"], ours["max_seq_len"]),
                      ours["flush_seconds"] if streaming else 0)
     return Job(ours, config, hooks, plan, streaming, run_id=uuid.uuid4().hex[:12],
-               fingerprint=run_fingerprint(ours, config, hooks), remote=not is_local(options))
+               fingerprint=run_fingerprint(ours, config, hooks, device, created), remote=runs_elsewhere(options))
 
 
 def claim_output(job: Job) -> Job:
@@ -253,10 +373,11 @@ def claim_output(job: Job) -> Job:
     groups; the rest removed). Nothing is written or deleted before the lock is held and the checks
     pass."""
     output, sites, o = job.output, set(SITES), job.options  # a run of ours with other sites is ours too
-    ownership.check_output(output, job.fingerprint, o["resume"], sites, o["overwrite"])
+    check = (output, job.fingerprint, o["resume"], sites, o["overwrite"], o["accept_software_change"])
+    ownership.check_output(*check)
     lock = ownership.take_lock(output, job.run_id, "remote" if job.remote else "local", job.remote)
     try:
-        recorded = ownership.check_output(output, job.fingerprint, o["resume"], sites, o["overwrite"])
+        recorded = ownership.check_output(*check)
         if recorded is not None and o["overwrite"]:
             ownership.remove_our_output(output, SITES, DEAD_LETTER_STAGES)
             recorded = None
@@ -275,10 +396,33 @@ def claim_output(job: Job) -> Job:
         skip_path = f"{output}/{ownership.RUN_DIR}/{job.run_id}{RUN_SKIP_SUFFIX}"
         write_sample_ids(skip_path, {s: d for g in kept for s, d in zip(g["samples"], g["digests"])})
         resumed = Resumed(tuple(without_samples(g) for g in kept), skip_path)
-        return dataclasses.replace(job, lock=lock, resumed=resumed)
+        # The run's prompts keep the date they were first rendered with (an older run recorded none).
+        run = {**job.fingerprint, ownership.CREATED: recorded.get(ownership.CREATED) or job.fingerprint[ownership.CREATED]}
+        return dataclasses.replace(job, lock=lock, resumed=resumed, fingerprint=run,
+                                   software_changes=tuple(ownership.software_differences(recorded, job.fingerprint)))
     except BaseException:
         ownership.release_lock(output, lock)
         raise
+
+
+def check_runner(runner: str | None) -> None:
+    """A runner name Beam knows (case-insensitive, `Runner` optional) or a dotted class path; Beam
+    itself would only fail when the pipeline runs, after the output was claimed."""
+    if runner is None:
+        return
+    known = {path.rsplit(".", 1)[-1].lower() for path in StandardOptions.ALL_KNOWN_RUNNERS}
+    if runner.lower() in known or f"{runner.lower()}runner" in known:
+        return
+    module, _, name = runner.rpartition(".")
+    if module:
+        try:
+            getattr(importlib.import_module(module), name)
+            return
+        except (ImportError, AttributeError, ValueError) as error:
+            raise UsageError(f"--runner={runner}: cannot load it ({error})") from None
+    close = difflib.get_close_matches(runner, StandardOptions.KNOWN_RUNNER_NAMES, n=1)
+    raise UsageError(f"--runner={runner}: no such runner" + (f"; did you mean {close[0]}?" if close else
+                     f"; choose from {', '.join(StandardOptions.KNOWN_RUNNER_NAMES)}"))
 
 
 # Runners whose job ends with this process (PortableRunner: our own job service and worker pool).
@@ -303,3 +447,24 @@ def is_local(options: PipelineOptions) -> bool:
         return runner in LOCAL_RUNNERS
     endpoint = options.view_as(PortableOptions).job_endpoint or "embed"
     return endpoint == "embed" or endpoint.rpartition(":")[0].strip("[]") in ("localhost", "127.0.0.1", "::1")
+
+
+def job_server_in_launcher(options: PipelineOptions) -> bool:
+    """Beam's FlinkRunner and SparkRunner start their job server as a child of this process (and stop
+    it when this process exits) unless given one (--job_endpoint) or told to submit an uber jar to
+    the cluster: then the cluster receives the job only while this process lives."""
+    if options.view_as(PortableOptions).job_endpoint:
+        return False
+    runner = options.view_as(StandardOptions).runner
+    if runner == "FlinkRunner":
+        return not options.view_as(FlinkRunnerOptions).flink_submit_uber_jar
+    if runner == "SparkRunner":
+        return not options.view_as(SparkRunnerOptions).spark_submit_uber_jar
+    return False
+
+
+def runs_elsewhere(options: PipelineOptions) -> bool:
+    """The job goes on without this process, which returns once it is submitted and leaves the lock
+    to the job. A job whose job server lives here is waited for like a local one, its lock released
+    here: otherwise this process would exit, its job server with it, before the cluster got the job."""
+    return not is_local(options) and not job_server_in_launcher(options)

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 from collections.abc import Callable
 from importlib import resources
 
-from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.options.pipeline_options import PipelineOptions, _BeamArgumentParser
 
 from beam_extract.arc.encoders import DEFAULT_ENCODER
 from beam_extract.arc.prompt import BUILTIN_TEMPLATES, DEFAULT_TEMPLATE
@@ -38,8 +39,12 @@ def template_switches(argv: list[str]) -> list[str]:
         name, equals, value = arg.partition("=")
         if name != "--streaming" or not equals:
             rewritten.append(arg)
-        elif flag(value):
-            rewritten.append(name)
+            continue
+        try:
+            if flag(value):
+                rewritten.append(name)
+        except argparse.ArgumentTypeError as error:
+            raise UsageError(f"--streaming: {error}") from None
     return rewritten
 
 
@@ -161,6 +166,9 @@ OPTIONS: tuple[Option, ...] = (
            maximum=1 << 20),
     Option("resume", False, "Continue an interrupted run into the same --output: samples it already committed are "
            "skipped, nothing is written twice", "output", flag),
+    Option("accept_software_change", False, "With --resume: continue a run whose recorded software (beam-extract, "
+           "JAX, jaxlib, transformers, tokenizers) or device platform differs from this job's, whose activations "
+           "may then differ beyond rounding; the differences accepted are recorded in the manifest", "output", flag),
     Option("overwrite", False, "Delete the output of an earlier beam-extract run in --output first (never files "
            "beam-extract did not write)", "output", flag),
     Option("poll_interval", 60, "Seconds between listings of --input for new files; each file is read once",
@@ -237,3 +245,29 @@ def extract_options(options: PipelineOptions) -> dict:
     """Our options (not Beam's or the cloud's, which may hold credentials) as a plain dict."""
     view = options.view_as(ExtractOptions)
     return {option.name: getattr(view, option.name) for option in OPTIONS}
+
+
+class _OneLineParser(_BeamArgumentParser):
+    """Beam's parser (it knows value-provider arguments), with a mistake raised as a UsageError."""
+
+    def error(self, message: str):
+        raise UsageError(message)
+
+
+def check_arguments(argv: list[str]) -> None:
+    """Every argument is an option of ours or of one of Beam's option classes, with a value of its
+    type and choices. Beam only logs a warning for an unknown one and runs with the defaults, so a
+    misspelled --output_dytpe would go unnoticed; its own errors print the whole usage."""
+    parser = _OneLineParser(allow_abbrev=False, add_help=False)
+    for options_class in {str(c): c for c in PipelineOptions.__subclasses__()}.values():
+        options_class._add_argparse_args(parser)  # as Beam collects them (PipelineOptions.get_all_options)
+    known, unknown = parser.parse_known_args(argv)
+    if known.flink_submit_uber_jar or known.spark_submit_uber_jar:
+        return  # Beam then passes the arguments it does not know to the Java side, which may know them
+    if unknown:
+        name = unknown[0].split("=", 1)[0]
+        if not name.startswith("-"):
+            raise UsageError(f"unexpected argument {unknown[0]!r}: options are written --name=value")
+        known = [o for action in parser._actions for o in action.option_strings]  # as Beam's warning finds them
+        close = difflib.get_close_matches(name, known, n=1)
+        raise UsageError(f"{name}: no such option" + (f"; did you mean {close[0]}?" if close else " (see --help)"))

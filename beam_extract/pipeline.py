@@ -30,7 +30,7 @@ from beam_extract.faults import maybe_fail
 from beam_extract.io.sources import MatchPaths
 from beam_extract.io.tables import ReadInput, columns_for
 from beam_extract.job import DEAD_LETTER_STAGES, LOCAL_RUNNERS, Job, claim_output, make_job
-from beam_extract.options import UsageError, template_switches
+from beam_extract.options import UsageError, check_arguments, template_switches
 from beam_extract.progress import Reporter
 from beam_extract.output import ownership
 from beam_extract.output.commits import read_sample_ids, without_samples
@@ -58,6 +58,9 @@ def _finish(_, job: Job, lines_read: int, lines: dict, samples: int, resumed: in
         lines=lines, samples=samples, resumed=resumed, dead_letters=dead_letters, batching=batching,
         dead_letter_files=dead_letter_files, weights_sha256=job.fingerprint["weights_sha256"],
         committed_now=sum(g["samples"] for g in groups), committed_ids=committed_ids, run_id=job.run_id)
+    # The software and device of this job; a resumption's differences from the run's, as accepted.
+    manifest["software"] = {**job.fingerprint["software"], "device": job.fingerprint["device"],
+                            "accepted_changes": list(job.software_changes)}
     manifest["problems"] = problems(manifest["counts"], dead_letters)
     manifest["ok"] = not manifest["problems"]
     path = write_manifest(job.output, manifest)
@@ -127,7 +130,8 @@ def build(paths: beam.PCollection, job: Job) -> None:
     tokenized = (
         records
         | "Augment" >> beam.FlatMap(expand_views, o["seed"], o["views_per_task"])
-        | "Tokenize" >> beam.ParDo(TokenizeDoFn(o, job.config.vocab_size, job.driver)).with_outputs(
+        | "Tokenize" >> beam.ParDo(TokenizeDoFn(o, job.config.vocab_size, job.driver,
+                                                job.fingerprint["created"])).with_outputs(
             DEAD_LETTER, main="samples")
     )
     samples = tokenized.samples | "SkipCommitted" >> beam.ParDo(SkipCommitted(job.resumed.skip_path)).with_outputs(
@@ -249,7 +253,9 @@ def _wait_cancelling_on_interrupt(result: PipelineResult) -> None:
 def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = None) -> tuple[PipelineResult, Job]:
     """Builds and runs the job. Local and portable runs are waited for; a Dataflow job (or a Flex
     Template launch) returns once submitted."""
-    options = PipelineOptions(template_switches(sys.argv[1:] if argv is None else argv))
+    argv = template_switches(sys.argv[1:] if argv is None else argv)
+    check_arguments(argv)
+    options = PipelineOptions(argv)
     _refuse_local_streaming(options)
     _local_runner_without_download(options)
     job = claim_output(make_job(options))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime
 import math
 import statistics
 import sys
@@ -35,7 +36,9 @@ from beam_extract.tokenize import Sample, load_tokenizer, to_samples
 def preview_samples(options: dict, tokenizer, views: range, vocab_size: int) -> Iterator[tuple[int, Sample | DeadLetter]]:
     """(view, result) of what the pipeline's read, parse, dedup, augment and tokenize stages make of
     the input, in input order: each ARC task's `views`, text documents once (as view 0)."""
-    settings, selection = prompt_and_selection(options, tokenizer)
+    # Prompts as a run started now renders them: its chat templates read its creation date.
+    now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    settings, selection = prompt_and_selection(options, tokenizer, now)
     markers_as_text = not options["special_tokens_in_text"]
     first_of_id: dict[str, ArcTask] = {}
     fields = options["input_format"], options["text_field"], input_root(options["input"]), options["id_field"], \

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 from collections.abc import Iterable
 
 import apache_beam as beam
@@ -55,11 +56,12 @@ def expand_views(record, seed: int, views_per_task: int) -> list:
     return views(record, seed, views_per_task) if isinstance(record, ArcTask) else [record]
 
 
-def prompt_and_selection(options: dict, tokenizer) -> tuple[PromptSettings, TokenSelection]:
+def prompt_and_selection(options: dict, tokenizer, created: str | None = None) -> tuple[PromptSettings, TokenSelection]:
     """How the job's options render ARC prompts and choose the stored tokens (workers and the
-    driver's dry render alike)."""
+    driver's dry render alike); chat templates read the date `created` (the run's, ISO 8601)."""
     settings = PromptSettings(load_template(options["prompt_template"]), options["grid_encoder"],
-                              parse_encoder(options["grid_encoder"]), options["include_answer"])
+                              parse_encoder(options["grid_encoder"]), options["include_answer"],
+                              datetime.datetime.fromisoformat(created) if created else None)
     selection = TokenSelection(special_token_ids(tokenizer) if options["exclude_special_tokens"] else frozenset(),
                                parse_positions(options["positions"]), options["arc_tokens"] == "test")
     return settings, selection
@@ -68,8 +70,9 @@ def prompt_and_selection(options: dict, tokenizer) -> tuple[PromptSettings, Toke
 class TokenizeDoFn(beam.DoFn):
     """Records -> samples; the tokenizer and prompt settings are loaded once per DoFn instance."""
 
-    def __init__(self, options: dict, vocab_size: int, driver: Driver | None = None):
+    def __init__(self, options: dict, vocab_size: int, driver: Driver | None = None, created: str | None = None):
         self._driver = driver  # a local job's driver: this worker process dies with it
+        self._created = created  # the run's creation date, which chat templates read
         self._options, self._max_seq_len, self._vocab_size = options, options["max_seq_len"], vocab_size
         self._markers_as_text = not options["special_tokens_in_text"]
         self._dropped = Metrics.counter("arc", "train_examples_dropped")
@@ -78,7 +81,7 @@ class TokenizeDoFn(beam.DoFn):
     def setup(self):
         exit_with_driver(self._driver)
         self._tokenizer = load_tokenizer(resolve_model_dir(self._options["model"], weights=False))
-        self._settings, self._tokens = prompt_and_selection(self._options, self._tokenizer)
+        self._settings, self._tokens = prompt_and_selection(self._options, self._tokenizer, self._created)
 
     def process(self, record):
         results = to_samples(record, self._tokenizer, self._settings, self._max_seq_len, self._tokens,

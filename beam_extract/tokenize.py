@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import hashlib
 import json
 import weakref
@@ -47,6 +48,7 @@ class PromptSettings:
     encoder_name: str
     encoder: Encoder
     include_answer: bool
+    date: datetime.datetime | None = None  # what the chat template's clock reads: the run's creation
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,7 +107,11 @@ def load_tokenizer(model_dir: str | Path) -> transformers.PreTrainedTokenizerBas
         raise CheckpointError(f"{model_dir} has no tokenizer: a --model directory needs tokenizer.json (or vocab.json "
                               "and merges.txt) and tokenizer_config.json, with its chat template there or in "
                               "chat_template.jinja, beside config.json and the safetensors weights")
-    return transformers.AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
+    try:
+        return transformers.AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
+    except Exception as error:  # a truncated or malformed file: the tokenizers library raises plain Exceptions
+        raise CheckpointError(f"{model_dir}: its tokenizer cannot be loaded ({type(error).__name__}: "
+                              f"{' '.join(str(error).split())[:300]})") from None
 
 
 # Long documents are tokenized in pieces of about this many characters, a batch of pieces at a
@@ -257,7 +263,7 @@ def arc_samples(view: ArcView, tokenizer, settings: PromptSettings, max_seq_len:
                            "the model's tokenizer has no chat template (tokenizer_config.json's chat_template or "
                            "chat_template.jinja), which ARC prompts are rendered with; text documents need none")]
     for prompt in build_prompts(task, tokenizer, settings.template, settings.encoder, max_seq_len,
-                                settings.include_answer):
+                                settings.include_answer, settings.date):
         if isinstance(prompt, PromptTooLong):
             results.append(DeadLetter(task.source, task.line_number, "tokenize", "too_long",
                                       f"view {view.params.view} test {prompt.test_index}: "

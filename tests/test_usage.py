@@ -306,3 +306,129 @@ def test_dead_letters_of_later_stages_carry_the_raw_line_and_the_id():
     assert line.startswith(letter.raw) and len(letter.raw) == 4096  # the start of the line, capped
     bad = parse_line(SourceLine("/in/a.jsonl", 4, b'{"task_id": "t8", "train": [], "test": []}'), "arc")
     assert bad.reason == "empty_train" and bad.record_id == "t8"
+
+
+def refused_by_main(argv: list[str], capsys) -> str:
+    """`beam-extract ARGV` in this process: exit code 2 and the one line it says."""
+    from beam_extract.__main__ import main
+
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    said = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert exited.value.code == 2 and len(said) == 1, said[-20:]
+    return said[0]
+
+
+def one_device_more() -> str:
+    from beam_extract.model.devices import local_devices
+
+    return f"--mesh=data:{local_devices()['count'] + 1}"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--streaming=on"], "--streaming: expected true or false, not 'on'"),
+    (["--runner=DirectRuner"], "--runner=DirectRuner: no such runner; did you mean DirectRunner?"),
+    (["--runner=no.such.module.Runner"], "--runner=no.such.module.Runner: cannot load it"),
+    (["--direct_num_workers=abc"], "argument --direct_num_workers: invalid int value: 'abc'"),
+    (["--direct_running_mode=foo"], "argument --direct_running_mode: invalid choice: 'foo'"),
+    (["--output_dytpe", "bfloat16"], "--output_dytpe: no such option; did you mean --output_dtype?"),
+    (["--flink_mastr=host:8081"], "did you mean --flink_master?"),
+    (["stray"], "unexpected argument 'stray'"),
+    ([one_device_more], "devices; this host has"),
+    (["--input={tmp}"], "is a directory; name its files, e.g."),
+    (["--input={tmp}/corpus/**", "--output={tmp}/corpus/acts"], "matches the job's own output files"),
+    (["--input={tmp}/corpus/**/*.jsonl", "--output={tmp}/corpus/acts"], "dead_letter/read-00000-of-00001.jsonl"),
+    (["--output=gs://"], "--output 'gs://': name a bucket"),
+    (["--output=gs:///x"], "name a bucket"),
+    (["--output=gs:/b/x"], "--output 'gs:/b/x': use a local directory or gs://bucket/path"),
+    (["--output=GS://b/x"], "use a local directory or gs://bucket/path"),
+    (["--output=s3://b/x"], "use a local directory or gs://bucket/path"),
+    (["--output=file:///tmp/x"], "use a local directory or gs://bucket/path"),
+    (["--output="], "--output: name a directory"),
+])
+def test_the_command_line_refuses_in_one_line_and_leaves_nothing(tmp_path, monkeypatch, capsys, args, message):
+    """In this process (no subprocess per case): exit code 2, one line, and no output claimed, nor a
+    directory named after a misspelt scheme (./gs:)."""
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus/a.jsonl").write_text('{"text": "hello"}\n')
+    monkeypatch.chdir(tmp_path)
+    args = [arg() if callable(arg) else arg.replace("{tmp}", str(tmp_path)) for arg in args]
+    line = refused_by_main([f"--output={tmp_path}/out", "--layers=0", *args], capsys)
+    assert message in line
+    assert not list(tmp_path.rglob("_run")) and not (tmp_path / "out").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus"]
+
+
+def test_a_glob_beside_the_output_is_not_refused(tmp_path):
+    from beam_extract.job import check_input_outside_output
+
+    check_input_outside_output(f"{tmp_path}/corpus/*.jsonl", f"{tmp_path}/corpus/acts")  # * stays in one directory
+    check_input_outside_output(f"{tmp_path}/corpus/**", f"{tmp_path}/acts")
+    with pytest.raises(UsageError, match="matches the job's own output"):
+        check_input_outside_output(f"{tmp_path}/corpus/acts/**", f"{tmp_path}/corpus/acts")
+
+
+def test_an_output_under_home_is_expanded(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    made = make_job(PipelineOptions(["--output=~/acts", "--layers=0"]))
+    assert made.output == f"{tmp_path}/home/acts"
+
+
+def test_beams_own_options_pass_the_argument_check():
+    from beam_extract.options import check_arguments
+
+    check_arguments(["--runner=FlinkRunner", "--flink_master=host:8081", "--project=p", "--region=r",
+                     "--temp_location=gs://b/t", "--direct_num_workers=2", "--environment_type=LOOPBACK",
+                     "--model_path=m", "--streaming", "--batch_size=4"])
+    # With an uber jar, Beam hands the arguments it does not know to the Java side.
+    check_arguments(["--runner=FlinkRunner", "--flink_submit_uber_jar", "--flink_only_option=1"])
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"rms_norm_eps": "abc"}, "config field 'rms_norm_eps' = 'abc': TypeError: Field 'rms_norm_eps' expected float"),
+    ({"hidden_act": ["silu"]}, "config field 'hidden_act' = ['silu']: TypeError"),
+])
+def test_a_config_field_of_the_wrong_type_is_named(tmp_path, tiny_model, capsys, changes, message):
+    model = copy_model(tiny_model, tmp_path / "model", changes)
+    assert message in refused_by_main([f"--output={tmp_path}/out", model], capsys)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_truncated_tokenizer_is_named(tmp_path, tiny_model, capsys):
+    model = copy_model(tiny_model, tmp_path / "model")
+    data = (tmp_path / "model/tokenizer.json").read_bytes()
+    (tmp_path / "model/tokenizer.json").write_bytes(data[: len(data) // 2])
+    line = refused_by_main([f"--output={tmp_path}/out", model], capsys)
+    assert "its tokenizer cannot be loaded (JSONDecodeError" in line and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("option", ["--output=gs://bucket/acts", "--model=gs://bucket/model",
+                                    "--compilation_cache_dir=gs://bucket/cache", "--input=gs://bucket/*.jsonl"])
+def test_gcs_without_credentials_is_one_line(tmp_path, monkeypatch, capsys, option):
+    monkeypatch.delenv("STORAGE_EMULATOR_HOST", raising=False)
+    monkeypatch.setenv("NO_GCE_CHECK", "true")  # no metadata server to ask
+    monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(tmp_path / "no-such-key.json"))
+    line = refused_by_main([f"--output={tmp_path}/out", option], capsys)
+    assert f"{option.split('=')[0]} on gs:// need Google Cloud credentials" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_gcs_that_never_answers_is_one_line_in_bounded_time(tmp_path, monkeypatch, capsys):
+    """A server that accepts connections and never answers: the client would retry for minutes."""
+    import socket
+    import time
+
+    import beam_extract.job
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)
+    try:
+        monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{silent.getsockname()[1]}")
+        monkeypatch.setattr(beam_extract.job, "ANSWER_SECONDS", 2)
+        start = time.monotonic()
+        line = refused_by_main([f"--output={tmp_path}/out", "--input=gs://bucket/*.jsonl"], capsys)
+        assert "--input gs://bucket/*.jsonl: Cloud Storage gave no answer in 2 s" in line
+        assert time.monotonic() - start < 30 and not (tmp_path / "out").exists()
+    finally:
+        silent.close()

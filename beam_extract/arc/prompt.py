@@ -10,6 +10,7 @@ content so it ends at the answer, with no end-of-turn marker.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 from importlib import resources
 from pathlib import Path
 
@@ -139,19 +140,34 @@ def load_template(name_or_path: str) -> PromptTemplate:
     return PromptTemplate(name_or_path, source)
 
 
-def render_chat(tokenizer, messages: list[dict[str, str]]) -> str:
+def fixed_clock(date: datetime.datetime | None):
+    """transformers' `strftime_now` for chat templates (Llama 3's "Today Date"), reading `date`
+    instead of the clock, so that a prompt renders the same on every worker and day of a run; with
+    no date, a template that asks for one fails (a dead letter) rather than read the clock."""
+    def strftime_now(format: str) -> str:
+        if date is None:
+            raise ValueError("the chat template reads the date (strftime_now) and no run date was given")
+        return date.strftime(format)
+
+    return strftime_now
+
+
+def render_chat(tokenizer, messages: list[dict[str, str]], date: datetime.datetime | None = None) -> str:
     """The model's own chat template applied, the text ending at the assistant's content (its
     answer prefix, no end-of-turn marker: transformers' `continue_final_message`). A template that
     refuses a system turn (Gemma 2's raises) gets the system text at the head of the user's, as
-    Gemma 3's template does by itself."""
+    Gemma 3's template does by itself. The template's clock reads `date` (the run's creation)."""
+    clock = fixed_clock(date)  # a render variable shadows transformers' global of the same name
     try:
-        text = tokenizer.apply_chat_template(messages, tokenize=False, continue_final_message=True)
+        text = tokenizer.apply_chat_template(messages, tokenize=False, continue_final_message=True,
+                                             strftime_now=clock)
     except TemplateError:
         if messages[0]["role"] != "system":
             raise
         system, user, *rest = messages
         merged = [{"role": "user", "content": f"{system['content']}\n\n{user['content']}"}, *rest]
-        text = tokenizer.apply_chat_template(merged, tokenize=False, continue_final_message=True)
+        text = tokenizer.apply_chat_template(merged, tokenize=False, continue_final_message=True,
+                                             strftime_now=clock)
     if len(text) > 2 * MAX_PROMPT_CHARS:  # the model's own chat template, rendered by transformers
         raise ValueError(f"the model's chat template renders {len(text)} characters, over {2 * MAX_PROMPT_CHARS}")
     return text
@@ -187,7 +203,7 @@ def token_ids(tokenizer, text: str) -> np.ndarray:
 
 
 def build_prompts(task: ArcTask, tokenizer, template: PromptTemplate, encoder: Encoder, max_seq_len: int,
-                  include_answer: bool = False) -> list[Prompt | PromptTooLong]:
+                  include_answer: bool = False, date: datetime.datetime | None = None) -> list[Prompt | PromptTooLong]:
     """One prompt per test input. Over-long prompts drop train examples from the end until they fit;
     the test input and the answer prefix are never cut. A prompt grows with every train example it
     keeps, so the most that fit are found by bisection: log2(train examples) renders, not one per
@@ -202,7 +218,7 @@ def build_prompts(task: ArcTask, tokenizer, template: PromptTemplate, encoder: E
         def fitted(kept: int) -> tuple | None:
             """(kept, messages, text, ids) if the prompt with `kept` train examples fits."""
             messages = template.render(pairs[:kept], encoded_input, answer)
-            text = render_chat(tokenizer, messages)
+            text = render_chat(tokenizer, messages, date)
             ids = token_ids(tokenizer, text)
             lengths[kept] = len(ids)
             return (kept, messages, text, ids) if len(ids) <= max_seq_len else None

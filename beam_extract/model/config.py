@@ -219,4 +219,12 @@ def load_hf_config(model_dir: str | Path) -> transformers.PretrainedConfig:
     """config.json through AutoConfig, once its sizes are checked: no remote code, so only
     transformers' own classes load."""
     check_config_json(Path(model_dir) / "config.json")
-    return transformers.AutoConfig.from_pretrained(str(model_dir), trust_remote_code=False)
+    from huggingface_hub.errors import StrictDataclassFieldValidationError
+
+    try:
+        return transformers.AutoConfig.from_pretrained(str(model_dir), trust_remote_code=False)
+    except StrictDataclassFieldValidationError as error:  # transformers' typed fields: "abc" for a float
+        field, _, why = str(error).partition(":")
+        field = field.removeprefix("Validation error for field ").strip("'")
+        value = json.loads((Path(model_dir) / "config.json").read_text()).get(field)
+        raise UnsupportedConfigError(field, value, " ".join(why.split())) from None

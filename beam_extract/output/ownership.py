@@ -51,8 +51,15 @@ FINGERPRINT_OPTIONS = ("input_format", "text_field", "id_field", "tokens_field",
                        "exclude_special_tokens", "positions", "arc_tokens", "norm_exclude_first")
 
 
+# Fields of the fingerprint compared on --resume, but a difference may be accepted
+# (--accept_software_change): the software and the device the activations are computed with.
+SOFTWARE_FIELDS = ("software", "device")
+# When the run was created: what its chat templates read as the date. A resumption keeps it, never compared.
+CREATED = "created"
+
+
 def fingerprint(options: dict, *, weights_sha256: str, config: dict, tokenizer_sha256: str,
-                hooks: list[str], template_sha256: str) -> dict:
+                hooks: list[str], template_sha256: str, software: dict, device: dict | None, created: str) -> dict:
     """The run's identity, as JSON values (compared field by field on --resume with the one
     recorded, read back from JSON: so tuples are lists here too)."""
     return json.loads(json.dumps({
@@ -62,7 +69,15 @@ def fingerprint(options: dict, *, weights_sha256: str, config: dict, tokenizer_s
         "hooks": hooks,
         "prompt_template_sha256": template_sha256,
         **{name: options[name] for name in FINGERPRINT_OPTIONS},
+        "software": software,
+        "device": device,
+        CREATED: created,
     }))
+
+
+def software_differences(before: dict, now: dict) -> list[str]:
+    """The differences in software and device between a recorded fingerprint and this job's."""
+    return differences({k: before.get(k) for k in SOFTWARE_FIELDS}, {k: now.get(k) for k in SOFTWARE_FIELDS})
 
 
 def differences(before: dict, now: dict) -> list[str]:
@@ -235,7 +250,8 @@ OURS = (RUN_DIR, "_committed", "_windows", "dead_letter", "manifest.json")
 GLOB_CHARACTERS = "*?[]{}"
 
 
-def check_output(output: str, run: dict, resume: bool, site_names: set[str], overwrite: bool = False) -> dict | None:
+def check_output(output: str, run: dict, resume: bool, site_names: set[str], overwrite: bool = False,
+                 accept_software_change: bool = False) -> dict | None:
     """Refuses an output that this job must not write into; returns the fingerprint of the run it
     holds (None for an empty or new directory). Reads only: called before the lock is taken (so a
     refused directory is left as it was) and again once it is held."""
@@ -270,9 +286,15 @@ def check_output(output: str, run: dict, resume: bool, site_names: set[str], ove
     if not resume:
         raise OutputRefused(f"{output} holds results of an earlier run: pass --resume to continue it, --overwrite "
                             "to replace it, or choose another --output")
-    changed = differences(before, run)
+    kept = set(SOFTWARE_FIELDS) | {CREATED}
+    changed = differences({k: v for k, v in before.items() if k not in kept}, {k: v for k, v in run.items() if k not in kept})
     if changed:
         raise OutputRefused(f"--resume refused: {output} holds a run with other settings: " + "; ".join(changed))
+    software = software_differences(before, run)
+    if software and not accept_software_change:
+        raise OutputRefused(f"--resume refused: {output} holds a run computed with other software or on another "
+                            f"device ({'; '.join(software)}), whose activations may differ beyond rounding; pass "
+                            "--accept_software_change to continue it anyway (recorded in the manifest)")
     return before
 
 

@@ -1,0 +1,34 @@
+"""This host's devices as a local job's workers will see them, found without taking them: JAX starts
+in a child process, which lets the accelerator go when it exits (JAX in the driver would hold the
+memory, or on a TPU the device itself, that the workers need)."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import subprocess
+import sys
+
+PROBE = ("import json, jax; d = jax.local_devices(); "
+         "print(json.dumps({'platform': d[0].platform, 'kind': d[0].device_kind, 'count': len(d)}))")
+PROBE_SECONDS = 300  # a first CUDA or TPU start can take minutes
+
+
+class DevicesUnavailable(Exception):
+    """The host's devices could not be listed (e.g. a TPU held by another process)."""
+
+
+@functools.lru_cache(maxsize=1)
+def local_devices() -> dict:
+    """{'platform', 'kind', 'count'} of this host's JAX devices, listed once per process."""
+    environment = {**os.environ, "XLA_PYTHON_CLIENT_PREALLOCATE": "false"}  # a GPU's memory: only what listing needs
+    try:
+        result = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, env=environment,
+                                timeout=PROBE_SECONDS)
+    except subprocess.TimeoutExpired:
+        raise DevicesUnavailable(f"listing this host's devices took over {PROBE_SECONDS} s") from None
+    if result.returncode != 0:
+        last = (result.stderr.strip().splitlines() or ["no message"])[-1]
+        raise DevicesUnavailable(f"could not list this host's devices: {last[:300]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
