@@ -50,7 +50,8 @@ def test_every_committed_sample_is_read_exactly_once_or_the_overlap_is_reported(
     assert (f"{len(left_out)} commit groups are left out" in " ".join(selection.problems)) == bool(left_out)
 
 
-def test_the_issue_26_groups_read_uniq2_and_say_dup1_is_read_twice(tmp_path):
+@pytest.mark.parametrize("where", ["local", "gs"])
+def test_the_issue_26_groups_read_uniq2_and_say_dup1_is_read_twice(tmp_path, where, request):
     """A streaming job of 1721706 committed [dup1] and, a window later, [dup1, uniq2]: the reader
     read only the first, silently. Now it reads both and warns; a snapshot carries the warning."""
     (tmp_path / "_committed").mkdir()
@@ -61,8 +62,9 @@ def test_the_issue_26_groups_read_uniq2_and_say_dup1_is_read_twice(tmp_path):
         files = hook_files(str(tmp_path), HOOK)
     assert [f.rpartition("part-")[2] for f in files] == ["000000000001-000000000001.tfrecord",
                                                           "000000000002-000000000002.tfrecord"]
-    write_snapshot(str(tmp_path), str(tmp_path / "plan.json"))
-    plan = read_plan(str(tmp_path / "plan.json"))
+    snapshot = str(tmp_path / "plan.json") if where == "local" else f"{request.getfixturevalue('gcs_bucket')}/plan.json"
+    write_snapshot(str(tmp_path), snapshot)
+    plan = read_plan(snapshot)
     assert plan.source == "snapshot" and plan.fixed and plan.files(HOOK) == files
     assert any("000000000002-000000000002" in p for p in plan.problems)
 
