@@ -10,7 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from beam_extract.output.commits import select_groups
-from beam_extract.output.reader import IncompleteRunWarning, hook_files, read_plan, write_snapshot
+from beam_extract.output.reader import (IncompleteRunWarning, hook_files, read_activations, read_plan, token_batches,
+                                        write_snapshot)
 
 HOOK = "blocks.0.hook_resid_post"
 
@@ -80,6 +81,10 @@ def test_a_finished_ok_run_reads_without_a_warning_and_one_not_ok_warns(tmp_path
     (tmp_path / "manifest.json").write_text(json.dumps({**manifest, "ok": False, "problems": ["3 lines lost"]}))
     with pytest.warns(IncompleteRunWarning, match=r"ok: false \(3 lines lost\)"):
         hook_files(str(tmp_path), HOOK)
+    for reader in (read_activations, lambda path, hook: token_batches(path, hook, 64)):
+        with pytest.warns(IncompleteRunWarning, match="ok: false") as warned:
+            reader(str(tmp_path), HOOK)
+        assert warned[0].filename == __file__  # the warning points at the reader's caller
     with warnings.catch_warnings():
         warnings.simplefilter("error", IncompleteRunWarning)  # how a user refuses such a run
         with pytest.raises(IncompleteRunWarning):
