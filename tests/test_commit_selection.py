@@ -10,7 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from beam_extract.output.commits import select_groups
-from beam_extract.output.reader import IncompleteRunWarning, hook_files, read_plan, write_snapshot
+from beam_extract.output.reader import (IncompleteRunWarning, hook_files, read_activations, read_plan, token_batches,
+                                        write_snapshot)
 
 HOOK = "blocks.0.hook_resid_post"
 
@@ -50,7 +51,8 @@ def test_every_committed_sample_is_read_exactly_once_or_the_overlap_is_reported(
     assert (f"{len(left_out)} commit groups are left out" in " ".join(selection.problems)) == bool(left_out)
 
 
-def test_the_issue_26_groups_read_uniq2_and_say_dup1_is_read_twice(tmp_path):
+@pytest.mark.parametrize("where", ["local", "gs"])
+def test_the_issue_26_groups_read_uniq2_and_say_dup1_is_read_twice(tmp_path, where, request):
     """A streaming job of 1721706 committed [dup1] and, a window later, [dup1, uniq2]: the reader
     read only the first, silently. Now it reads both and warns; a snapshot carries the warning."""
     (tmp_path / "_committed").mkdir()
@@ -61,8 +63,9 @@ def test_the_issue_26_groups_read_uniq2_and_say_dup1_is_read_twice(tmp_path):
         files = hook_files(str(tmp_path), HOOK)
     assert [f.rpartition("part-")[2] for f in files] == ["000000000001-000000000001.tfrecord",
                                                           "000000000002-000000000002.tfrecord"]
-    write_snapshot(str(tmp_path), str(tmp_path / "plan.json"))
-    plan = read_plan(str(tmp_path / "plan.json"))
+    snapshot = str(tmp_path / "plan.json") if where == "local" else f"{request.getfixturevalue('gcs_bucket')}/plan.json"
+    write_snapshot(str(tmp_path), snapshot)
+    plan = read_plan(snapshot)
     assert plan.source == "snapshot" and plan.fixed and plan.files(HOOK) == files
     assert any("000000000002-000000000002" in p for p in plan.problems)
 
@@ -78,6 +81,10 @@ def test_a_finished_ok_run_reads_without_a_warning_and_one_not_ok_warns(tmp_path
     (tmp_path / "manifest.json").write_text(json.dumps({**manifest, "ok": False, "problems": ["3 lines lost"]}))
     with pytest.warns(IncompleteRunWarning, match=r"ok: false \(3 lines lost\)"):
         hook_files(str(tmp_path), HOOK)
+    for reader in (read_activations, lambda path, hook: token_batches(path, hook, 64)):
+        with pytest.warns(IncompleteRunWarning, match="ok: false") as warned:
+            reader(str(tmp_path), HOOK)
+        assert warned[0].filename == __file__  # the warning points at the reader's caller
     with warnings.catch_warnings():
         warnings.simplefilter("error", IncompleteRunWarning)  # how a user refuses such a run
         with pytest.raises(IncompleteRunWarning):

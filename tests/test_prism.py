@@ -149,5 +149,8 @@ def test_streaming_on_prism_picks_up_dropped_files_and_resumes_after_a_stop(tmp_
     assert all(hook["normalisation"]["saelens_scaling_factor"] > 0 for w in indexes
                if w["counts"]["samples_committed_now"] for hook in w["hooks"].values())
     assert sum(w["counts"]["samples_resumed"] for w in indexes) == len(first | second)
+    # a and b were read by both jobs: the resumed one counts them as skipped (one sample per line).
+    assert sum(w["counts"]["lines_skipped"] for w in indexes) == len(first | second)
+    assert sum(w["counts"]["lines_read"] for w in indexes) == len(ids)
     for hook in ("blocks.0.hook_resid_post",):
         assert sorted(r["sample_id"] for r in read_activations(str(tmp_path / "out"), hook)) == sorted(ids)

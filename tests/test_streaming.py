@@ -374,7 +374,6 @@ def test_a_task_id_reused_in_a_later_window_is_a_dead_letter(runner):
     """The attack of issue 26: a.jsonl's `dup1` arrives, and a window later b.jsonl with another
     `dup1` and `uniq2`. Only the first `dup1` goes on; the second is a duplicate_task_id dead letter
     naming the first's place, in the window it arrived in; each task stays in its own window."""
-    from beam_extract.records.dead_letter import DEAD_LETTER
     from beam_extract.stages import DropDuplicateTasks
 
     if runner == "PrismRunner" and not (Path(sys.executable).parent / "prism").is_file():

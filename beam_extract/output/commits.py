@@ -8,7 +8,8 @@ attempt, so two groups never share an identity or a file.
 A group on disk is not yet accepted output: a runner may retry a failed bundle, whose groups stay on
 disk beside the retry's. What counts is decided in one place, `select_groups`: the groups the
 pipeline passed on (only successful attempts' outputs travel downstream), and, for a run that was
-killed, a set of groups on disk in which no sample appears twice.
+killed, a set of groups on disk in which no sample appears twice (what `--resume` keeps; readers
+also read any other group that holds a sample none of those holds, and report the repeats).
 """
 
 from __future__ import annotations

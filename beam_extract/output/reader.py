@@ -78,7 +78,7 @@ class Plan:
 def read_plan(path: str) -> Plan:
     """The plan of the output directory `path`, or the one a snapshot file at `path` holds."""
     path = path.rstrip("/")
-    if exists(path):  # a file: a snapshot (an output is a directory)
+    if path.endswith(".json"):  # a snapshot (an output is a directory)
         snapshot = read_json(path)
         if snapshot.get("snapshot_format") != SNAPSHOT_FORMAT:
             raise ValueError(f"{path} is a file but not a snapshot of an output (see write_snapshot)")
@@ -103,9 +103,12 @@ def read_plan(path: str) -> Plan:
 
 
 def write_snapshot(path: str, snapshot: str) -> Plan:
-    """Lists the files of the output `path` once, into the file `snapshot` (local or gs://): readers
+    """Lists the files of the output `path` once, into the file `snapshot` (local or gs://, a name
+    ending in .json): readers
     given `snapshot` as their path read those files, whatever the run commits afterwards (they must
     not be removed meanwhile: no --overwrite, and no --resume of a killed run, until reading ends)."""
+    if not snapshot.endswith(".json"):
+        raise ValueError(f"a snapshot's name ends in .json (readers know it by that): {snapshot}")
     plan = read_plan(path)
     write_bytes(snapshot, json.dumps({"snapshot_format": SNAPSHOT_FORMAT, "output": plan.output,
                                       "of": plan.source, "complete": plan.complete, "problems": plan.problems,
