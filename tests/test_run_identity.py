@@ -68,6 +68,7 @@ def finished_run(clock_model, tmp_path_factory):
     return output, args
 
 
+@pytest.mark.slow
 def test_a_resumption_another_second_keeps_the_prompts_and_refuses_other_software(finished_run, tmp_path):
     """The issue's case: a resume at another time found every sample changed_since_commit. And a
     resume with other software is refused by name, unless --accept_software_change (in the manifest)."""
@@ -92,6 +93,7 @@ def test_a_resumption_another_second_keeps_the_prompts_and_refuses_other_softwar
     assert json.loads((output / "_run/fingerprint.json").read_text())["created"] == recorded["created"]
 
 
+@pytest.mark.slow
 def test_inspect_writes_plots_where_asked_and_nothing_into_the_output(finished_run, tmp_path, monkeypatch, capsys):
     from beam_extract.inspect import main
 
