@@ -268,6 +268,6 @@ def check_arguments(argv: list[str]) -> None:
         name = unknown[0].split("=", 1)[0]
         if not name.startswith("-"):
             raise UsageError(f"unexpected argument {unknown[0]!r}: options are written --name=value")
-        known = [o for action in parser._actions for o in action.option_strings]  # as Beam's warning finds them
-        close = difflib.get_close_matches(name, known, n=1)
+        names = [o for action in parser._actions for o in action.option_strings]  # as Beam's warning finds them
+        close = difflib.get_close_matches(name, names, n=1)
         raise UsageError(f"{name}: no such option" + (f"; did you mean {close[0]}?" if close else " (see --help)"))

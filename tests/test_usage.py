@@ -369,9 +369,11 @@ def test_a_glob_beside_the_output_is_not_refused(tmp_path):
 
 
 def test_an_output_under_home_is_expanded(tmp_path, monkeypatch):
+    from beam_extract.job import location
+
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    made = make_job(PipelineOptions(["--output=~/acts", "--layers=0"]))
-    assert made.output == f"{tmp_path}/home/acts"
+    assert location("--output", "~/acts") == f"{tmp_path}/home/acts"
+    assert location("--output", "gs://bucket/acts/") == "gs://bucket/acts"
 
 
 def test_beams_own_options_pass_the_argument_check():

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import re
 from importlib import resources
 from pathlib import Path
 
@@ -140,16 +141,26 @@ def load_template(name_or_path: str) -> PromptTemplate:
     return PromptTemplate(name_or_path, source)
 
 
-def fixed_clock(date: datetime.datetime | None):
-    """transformers' `strftime_now` for chat templates (Llama 3's "Today Date"), reading `date`
-    instead of the clock, so that a prompt renders the same on every worker and day of a run; with
-    no date, a template that asks for one fails (a dead letter) rather than read the clock."""
-    def strftime_now(format: str) -> str:
-        if date is None:
-            raise ValueError("the chat template reads the date (strftime_now) and no run date was given")
-        return date.strftime(format)
+_DATE_FORMAT = re.compile(r"""strftime_now\(\s*(?:'([^'\\]*)'|"([^"\\]*)")\s*\)""")
+_DATES = "beam_extract_dates"  # the render variable of the formats' values
+# Shadows transformers' global `strftime_now` (which reads the clock) in the template itself: render
+# variables are plain data (transformers rebuilds them as JSON types), so the date comes formatted.
+_FIXED_CLOCK = ("{% macro strftime_now(format) %}{% if format is string and format in " + _DATES + " %}{{ "
+                + _DATES + "[format] }}{% else %}{{ raise_exception('the chat template reads the date (strftime_now) "
+                "with a format not written as a literal, or no run date was given') }}{% endif %}{% endmacro %}")
 
-    return strftime_now
+
+def with_fixed_clock(tokenizer, date: datetime.datetime | None) -> dict:
+    """apply_chat_template's arguments that make the chat template's `strftime_now` (Llama 3's "Today
+    Date") read `date` (the run's creation), never the clock: a prompt renders the same on every
+    worker and day of a run. Its formats are the literal ones the template names; with no date, or
+    another format, the render fails (a dead letter) rather than read the clock."""
+    source = tokenizer.get_chat_template()
+    if "strftime_now" not in source:
+        return {}
+    formats = {a or b for a, b in _DATE_FORMAT.findall(source)}
+    return {"chat_template": _FIXED_CLOCK + source,
+            _DATES: {} if date is None else {f: date.strftime(f) for f in formats}}
 
 
 def render_chat(tokenizer, messages: list[dict[str, str]], date: datetime.datetime | None = None) -> str:
@@ -157,17 +168,15 @@ def render_chat(tokenizer, messages: list[dict[str, str]], date: datetime.dateti
     answer prefix, no end-of-turn marker: transformers' `continue_final_message`). A template that
     refuses a system turn (Gemma 2's raises) gets the system text at the head of the user's, as
     Gemma 3's template does by itself. The template's clock reads `date` (the run's creation)."""
-    clock = fixed_clock(date)  # a render variable shadows transformers' global of the same name
+    clock = with_fixed_clock(tokenizer, date)
     try:
-        text = tokenizer.apply_chat_template(messages, tokenize=False, continue_final_message=True,
-                                             strftime_now=clock)
+        text = tokenizer.apply_chat_template(messages, tokenize=False, continue_final_message=True, **clock)
     except TemplateError:
         if messages[0]["role"] != "system":
             raise
         system, user, *rest = messages
         merged = [{"role": "user", "content": f"{system['content']}\n\n{user['content']}"}, *rest]
-        text = tokenizer.apply_chat_template(merged, tokenize=False, continue_final_message=True,
-                                             strftime_now=clock)
+        text = tokenizer.apply_chat_template(merged, tokenize=False, continue_final_message=True, **clock)
     if len(text) > 2 * MAX_PROMPT_CHARS:  # the model's own chat template, rendered by transformers
         raise ValueError(f"the model's chat template renders {len(text)} characters, over {2 * MAX_PROMPT_CHARS}")
     return text

@@ -2,8 +2,10 @@
 and the job that writes it now (its lock).
 
 - OUT/_run/fingerprint.json: everything that decides which samples exist and what their activations
-  are. Written by the first job on an output; a `--resume` with another fingerprint is refused,
-  with each difference named. OUT/_run/inputs.json: the input files (io.inventory); a resumed run
+  are, the software and device included, and the run's creation date (what chat templates read,
+  kept by every resumption, never compared). Written by the first job on an output; a `--resume`
+  with another fingerprint is refused, with each difference named (one in software or device only
+  with --accept_software_change). OUT/_run/inputs.json: the input files (io.inventory); a resumed run
   must read the same ones.
 - OUT/_run/lock.json: taken by a job before it writes anything and released when it ends. Locally
   it is linked into place with its content (never seen empty) under an flock on a side file, so
@@ -286,8 +288,9 @@ def check_output(output: str, run: dict, resume: bool, site_names: set[str], ove
     if not resume:
         raise OutputRefused(f"{output} holds results of an earlier run: pass --resume to continue it, --overwrite "
                             "to replace it, or choose another --output")
-    kept = set(SOFTWARE_FIELDS) | {CREATED}
-    changed = differences({k: v for k, v in before.items() if k not in kept}, {k: v for k, v in run.items() if k not in kept})
+    apart = set(SOFTWARE_FIELDS) | {CREATED}  # compared below, or kept from the run resumed
+    changed = differences({k: v for k, v in before.items() if k not in apart},
+                          {k: v for k, v in run.items() if k not in apart})
     if changed:
         raise OutputRefused(f"--resume refused: {output} holds a run with other settings: " + "; ".join(changed))
     software = software_differences(before, run)
