@@ -229,7 +229,7 @@ def test_help_shows_defaults_and_ranges():
     from beam_extract.__main__ import argument_parser
 
     text = " ".join(argument_parser().format_help().split())  # as one line, whatever the terminal width
-    assert "[default: 8; 1 to 65536]" in text and "[default: auto; one of auto, arc, text]" in text
+    assert "[default: 8; 1 to 65536]" in text and "[default: auto; one of auto, arc, text, tokens]" in text
     assert "[default: false; true or false]" in text
 
 
