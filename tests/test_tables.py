@@ -400,3 +400,52 @@ def test_parquet_on_gcs_runs_and_resumes(tmp_path, gcs_bucket):
     assert again.returncode == 0, again.stderr[-3000:]
     resumed = manifest(tmp_path / "out")["counts"]
     assert resumed["samples_resumed"] == counts["samples"] and resumed["samples_extracted_now"] == 0
+
+
+# -- preview and the driver's checks on every format -----------------------------------------------
+
+def test_preview_stats_read_parquet_arrow_and_token_rows(tmp_path, capsys, tokenizer):
+    import datasets
+    from beam_extract import preview
+    from beam_extract.tokenize import text_token_ids
+
+    rows = typed(documents())
+    write_jsonl(tmp_path / "j" / "docs.jsonl", rows)
+    write_parquet(tmp_path / "p" / "docs.parquet", rows)
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "ds"))
+    write_parquet(tmp_path / "t" / "rows.parquet", [{"tokens": text_token_ids(tokenizer, r["text"]).tolist()}
+                                                    for r in rows if r["text"]] + [{"tokens": [151936]}])
+    common = ["--max_seq_len=64", "--layers=0", "--num=1", "--stats"]
+    summaries = {}
+    for name, args in {"jsonl": ["--input", f"{tmp_path}/j/*.jsonl", "--text_field=meta.text"],
+                       "parquet": ["--input", f"{tmp_path}/p/*.parquet", "--text_field=meta.text"],
+                       "arrow": ["--input", str(tmp_path / "ds"), "--text_field=meta.text"],
+                       "tokens": ["--input", f"{tmp_path}/t/*.parquet", "--input_format=tokens"]}.items():
+        preview.main([*common, *args])
+        out = capsys.readouterr().out
+        # Bytes differ with the file names in the records: the samples, lengths and tokens do not.
+        summaries[name] = [line.partition(" in float32")[0] for line in out.splitlines()
+                           if " samples: tokens min" in line or line.startswith("output: ")]
+        assert "=== docs" in out or "=== data-" in out or "=== rows.parquet:1#w0" in out
+    assert summaries["parquet"] == summaries["arrow"] == summaries["jsonl"]
+    assert "dead letters: {'wrong_type': 1}" in summaries["jsonl"][0]
+    # The same windows and tokens; the text's null row is missing from the token rows, the bad id is there.
+    assert summaries["tokens"][0].replace("{'token_out_of_range': 1}", "X") == \
+        summaries["jsonl"][0].replace("{'wrong_type': 1}", "X")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--prepend_bos"], "--prepend_bos: the tokenizer of --model tiny-random-qwen2 puts nothing before a text"),
+    (["--positions=5:2"], "turn a row of token ids into a dead letter (no_tokens_selected"),
+])
+def test_the_dry_render_checks_token_rows(tmp_path, args, message):
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    from beam_extract.job import make_job
+    from beam_extract.options import UsageError
+
+    write_parquet(tmp_path / "rows.parquet", [{"input_ids": [1, 2, 3]}])
+    with pytest.raises(UsageError, match=message.replace("(", r"\(")):
+        make_job(PipelineOptions([f"--input={tmp_path}/rows.parquet", "--input_format=tokens",
+                                  f"--output={tmp_path}/out", *args]))
+    assert not (tmp_path / "out").exists()
