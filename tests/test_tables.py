@@ -105,6 +105,13 @@ def test_table_rows_parse_as_the_same_json_lines(tmp_path):
     assert parse_line(SourceRow("f", 1, {"meta": None}), "text", "meta.text").reason == "missing_field"
 
 
+def test_a_file_without_the_wanted_columns_gives_each_row_as_missing_field(tmp_path):
+    write_parquet(tmp_path / "other.parquet", [{"body": "a text under another name"}] * 3, row_group_size=2)
+    read = list(read_records(str(tmp_path / "other.parquet"), TEXT))
+    assert [r.line_number for r in read] == [1, 2, 3]
+    assert {parse_line(r, "text").reason for r in read} == {"missing_field"}
+
+
 def test_a_text_over_the_byte_limit_is_line_too_long_with_its_start(tmp_path):
     long_text = "é" * 3000  # 6000 bytes in UTF-8, 3000 characters
     write_parquet(tmp_path / "a.parquet", [{"text": "short", "id": 1}, {"text": long_text, "id": 2}])

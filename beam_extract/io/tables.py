@@ -132,10 +132,15 @@ def _open(path: str) -> _Storage:
         raise _Unopened(error) from error
 
 
-def _tail(handle: _Storage, size: int) -> bytes:
-    end = handle.seek(0, 2)
-    handle.seek(max(0, end - size))
-    return handle.read(size)
+def _tail(handle: _Storage, size: int) -> bytes | None:
+    """The file's last `size` bytes (None: the storage failed to give them)."""
+    try:
+        end = handle.seek(0, 2)
+        handle.seek(max(0, end - size))
+        return handle.read(size)
+    except Exception as error:
+        handle.error = handle.error or error
+        return None
 
 
 def _dead_letter(path: str, reason: str, why: str, rows: int, part: Part | None = None) -> DeadLetter:
@@ -169,7 +174,7 @@ def parquet_parts(path: str) -> Iterator[Part | DeadLetter]:
             try:
                 metadata = pq.ParquetFile(handle).metadata
             except Exception as error:
-                cut = handle.error is None and _tail(handle, len(_PARQUET_MAGIC)) != _PARQUET_MAGIC
+                cut = handle.error is None and _tail(handle, len(_PARQUET_MAGIC)) not in (None, _PARQUET_MAGIC)
                 yield _failure(path, handle, error, 0, None,
                                "the file does not end with Parquet's footer: it was cut" if cut else None)
                 return
@@ -185,6 +190,10 @@ def parquet_parts(path: str) -> Iterator[Part | DeadLetter]:
 
 
 def _values(batch: pa.RecordBatch, names: list[str]) -> list[dict]:
+    """Each row as {column: value}; a file without any wanted column still has its rows (each a
+    missing_field dead letter for the parser), never none."""
+    if not names:
+        return [{} for _ in range(batch.num_rows)]
     return [dict(zip(names, values)) for values in zip(*(batch.column(name).to_pylist() for name in names))]
 
 
@@ -236,14 +245,14 @@ def read_part(part: Part, columns: Columns, limit: int = MAX_LINE_BYTES) -> Iter
                     batches = table.iter_batches(ROWS_PER_BATCH, row_groups=[part.row_group], columns=names)
                 else:
                     stream = handle.read(len(_ARROW_FILE_MAGIC)) != _ARROW_FILE_MAGIC
-                    if stream and _tail(handle, len(_ARROW_END_OF_STREAM)) != _ARROW_END_OF_STREAM:
+                    if stream and _tail(handle, len(_ARROW_END_OF_STREAM)) not in (None, _ARROW_END_OF_STREAM):
                         truncated = "the Arrow stream has no end-of-stream marker: it was cut"
                     handle.seek(0)
                     batches = _arrow_batches(handle, stream)
                 for row in _rows(batches, part, columns, limit):
                     read += 1
                     yield row
-                if truncated:
+                if truncated or handle.error is not None:
                     yield _failure(path, handle, EOFError(), read, part, truncated)
             except Exception as error:
                 yield _failure(path, handle, error, read, part, truncated)
