@@ -112,6 +112,18 @@ def test_a_file_without_the_wanted_columns_gives_each_row_as_missing_field(tmp_p
     assert {parse_line(r, "text").reason for r in read} == {"missing_field"}
 
 
+def test_arc_tasks_in_parquet_parse_as_their_json_lines(tmp_path):
+    grid = [[1, 0], [0, 2]]
+    tasks = [{"task_id": "t1", "train": [{"input": grid, "output": grid}], "test": [{"input": grid}]},
+             {"task_id": "t2", "train": [{"input": grid, "output": grid}], "test": [{"input": grid, "output": grid}]}]
+    write_parquet(tmp_path / "arc.parquet", tasks)
+    write_jsonl(tmp_path / "arc.jsonl", tasks)
+    columns = columns_for({"input_format": "auto", "text_field": "text", "id_field": "id"})
+    from_rows = [parse_line(r, "auto") for r in read_records(str(tmp_path / "arc.parquet"), columns)]
+    from_lines = [parse_line(r, "auto") for r in read_records(str(tmp_path / "arc.jsonl"), columns)]
+    assert [(t.task_id, t.train, t.test) for t in from_rows] == [(t.task_id, t.train, t.test) for t in from_lines]
+
+
 def test_a_text_over_the_byte_limit_is_line_too_long_with_its_start(tmp_path):
     long_text = "é" * 3000  # 6000 bytes in UTF-8, 3000 characters
     write_parquet(tmp_path / "a.parquet", [{"text": "short", "id": 1}, {"text": long_text, "id": 2}])
