@@ -222,7 +222,12 @@ def test_a_saved_dataset_directory_is_its_arrow_files(tmp_path):
                                                                  "data-00001-of-00002.arrow"]
 
 
-def test_parquet_on_gcs_is_read_by_row_groups(gcs_bucket, tmp_path):
+GCS_SERVERS = ["gcs_bucket", "gcs_with_preconditions"]  # gcp-storage-emulator, fake-gcs-server
+
+
+@pytest.mark.parametrize("server", GCS_SERVERS)
+def test_parquet_on_gcs_is_read_by_row_groups(server, request, tmp_path):
+    gcs_bucket = request.getfixturevalue(server)
     rows = typed(documents())
     write_parquet(tmp_path / "a.parquet", rows, row_group_size=10)
     url = f"{gcs_bucket}/tables/a.parquet"
@@ -404,7 +409,8 @@ def test_bad_parquet_files_are_dead_letters_and_a_changed_one_refuses_resume(tmp
 
 
 @pytest.mark.slow
-def test_parquet_on_gcs_runs_and_resumes(tmp_path, gcs_bucket):
+def test_parquet_on_gcs_runs_and_resumes(tmp_path, gcs_with_preconditions):
+    gcs_bucket = gcs_with_preconditions  # fake-gcs-server
     rows = typed(documents())
     write_parquet(tmp_path / "a.parquet", rows, row_group_size=8)
     with FileSystems.create(f"{gcs_bucket}/fineweb/a.parquet", compression_type=CompressionTypes.UNCOMPRESSED) as out:
