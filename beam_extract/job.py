@@ -44,8 +44,8 @@ from beam_extract.output.writer import remove_unlisted
 from beam_extract.records.arc import ArcTask
 from beam_extract.records.dead_letter import DeadLetter
 from beam_extract.records.text import TextDoc
-from beam_extract.stages import prompt_and_selection
 from beam_extract.records.tokens import TokenDoc
+from beam_extract.stages import prompt_and_selection
 from beam_extract.tokenize import load_tokenizer, parse_positions, special_affixes, text_token_ids, to_samples
 
 

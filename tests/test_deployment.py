@@ -43,7 +43,7 @@ def test_metadata_is_generated_from_the_options():
     names = [p["name"] for p in template_metadata()["parameters"]]
     assert names == list(extract_options(PipelineOptions([]))) and "model" in names and "resume" in names
     examples = {"output": "gs://bucket/out", "input": "gs://bucket/in/*.jsonl", "include_answer": "true",
-                "resume": "true", "compilation_cache_dir": "gs://bucket/cache"}
+                "resume": "true", "compilation_cache_dir": "gs://bucket/cache", "tokens_field": "input_ids"}
     for parameter in template_metadata()["parameters"]:
         name = parameter["name"]
         value = parameter.get("defaultValue") or examples[name]

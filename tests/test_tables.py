@@ -105,6 +105,25 @@ def test_table_rows_parse_as_the_same_json_lines(tmp_path):
     assert parse_line(SourceRow("f", 1, {"meta": None}), "text", "meta.text").reason == "missing_field"
 
 
+def test_a_file_without_the_wanted_columns_gives_each_row_as_missing_field(tmp_path):
+    write_parquet(tmp_path / "other.parquet", [{"body": "a text under another name"}] * 3, row_group_size=2)
+    read = list(read_records(str(tmp_path / "other.parquet"), TEXT))
+    assert [r.line_number for r in read] == [1, 2, 3]
+    assert {parse_line(r, "text").reason for r in read} == {"missing_field"}
+
+
+def test_arc_tasks_in_parquet_parse_as_their_json_lines(tmp_path):
+    grid = [[1, 0], [0, 2]]
+    tasks = [{"task_id": "t1", "train": [{"input": grid, "output": grid}], "test": [{"input": grid}]},
+             {"task_id": "t2", "train": [{"input": grid, "output": grid}], "test": [{"input": grid, "output": grid}]}]
+    write_parquet(tmp_path / "arc.parquet", tasks)
+    write_jsonl(tmp_path / "arc.jsonl", tasks)
+    columns = columns_for({"input_format": "auto", "text_field": "text", "id_field": "id"})
+    from_rows = [parse_line(r, "auto") for r in read_records(str(tmp_path / "arc.parquet"), columns)]
+    from_lines = [parse_line(r, "auto") for r in read_records(str(tmp_path / "arc.jsonl"), columns)]
+    assert [(t.task_id, t.train, t.test) for t in from_rows] == [(t.task_id, t.train, t.test) for t in from_lines]
+
+
 def test_a_text_over_the_byte_limit_is_line_too_long_with_its_start(tmp_path):
     long_text = "é" * 3000  # 6000 bytes in UTF-8, 3000 characters
     write_parquet(tmp_path / "a.parquet", [{"text": "short", "id": 1}, {"text": long_text, "id": 2}])
@@ -203,7 +222,12 @@ def test_a_saved_dataset_directory_is_its_arrow_files(tmp_path):
                                                                  "data-00001-of-00002.arrow"]
 
 
-def test_parquet_on_gcs_is_read_by_row_groups(gcs_bucket, tmp_path):
+GCS_SERVERS = ["gcs_bucket", "gcs_with_preconditions"]  # gcp-storage-emulator, fake-gcs-server
+
+
+@pytest.mark.parametrize("server", GCS_SERVERS)
+def test_parquet_on_gcs_is_read_by_row_groups(server, request, tmp_path):
+    gcs_bucket = request.getfixturevalue(server)
     rows = typed(documents())
     write_parquet(tmp_path / "a.parquet", rows, row_group_size=10)
     url = f"{gcs_bucket}/tables/a.parquet"
@@ -385,7 +409,8 @@ def test_bad_parquet_files_are_dead_letters_and_a_changed_one_refuses_resume(tmp
 
 
 @pytest.mark.slow
-def test_parquet_on_gcs_runs_and_resumes(tmp_path, gcs_bucket):
+def test_parquet_on_gcs_runs_and_resumes(tmp_path, gcs_with_preconditions):
+    gcs_bucket = gcs_with_preconditions  # fake-gcs-server
     rows = typed(documents())
     write_parquet(tmp_path / "a.parquet", rows, row_group_size=8)
     with FileSystems.create(f"{gcs_bucket}/fineweb/a.parquet", compression_type=CompressionTypes.UNCOMPRESSED) as out:
@@ -400,3 +425,52 @@ def test_parquet_on_gcs_runs_and_resumes(tmp_path, gcs_bucket):
     assert again.returncode == 0, again.stderr[-3000:]
     resumed = manifest(tmp_path / "out")["counts"]
     assert resumed["samples_resumed"] == counts["samples"] and resumed["samples_extracted_now"] == 0
+
+
+# -- preview and the driver's checks on every format -----------------------------------------------
+
+def test_preview_stats_read_parquet_arrow_and_token_rows(tmp_path, capsys, tokenizer):
+    import datasets
+    from beam_extract import preview
+    from beam_extract.tokenize import text_token_ids
+
+    rows = typed(documents())
+    write_jsonl(tmp_path / "j" / "docs.jsonl", rows)
+    write_parquet(tmp_path / "p" / "docs.parquet", rows)
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "ds"))
+    write_parquet(tmp_path / "t" / "rows.parquet", [{"tokens": text_token_ids(tokenizer, r["text"]).tolist()}
+                                                    for r in rows if r["text"]] + [{"tokens": [151936]}])
+    common = ["--max_seq_len=64", "--layers=0", "--num=1", "--stats"]
+    summaries = {}
+    for name, args in {"jsonl": ["--input", f"{tmp_path}/j/*.jsonl", "--text_field=meta.text"],
+                       "parquet": ["--input", f"{tmp_path}/p/*.parquet", "--text_field=meta.text"],
+                       "arrow": ["--input", str(tmp_path / "ds"), "--text_field=meta.text"],
+                       "tokens": ["--input", f"{tmp_path}/t/*.parquet", "--input_format=tokens"]}.items():
+        preview.main([*common, *args])
+        out = capsys.readouterr().out
+        # Bytes differ with the file names in the records: the samples, lengths and tokens do not.
+        summaries[name] = [line.partition(" in float32")[0] for line in out.splitlines()
+                           if " samples: tokens min" in line or line.startswith("output: ")]
+        assert "=== docs" in out or "=== data-" in out or "=== rows.parquet:1#w0" in out
+    assert summaries["parquet"] == summaries["arrow"] == summaries["jsonl"]
+    assert "dead letters: {'wrong_type': 1}" in summaries["jsonl"][0]
+    # The same windows and tokens; the text's null row is missing from the token rows, the bad id is there.
+    assert summaries["tokens"][0].replace("{'token_out_of_range': 1}", "X") == \
+        summaries["jsonl"][0].replace("{'wrong_type': 1}", "X")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--prepend_bos"], "--prepend_bos: the tokenizer of --model tiny-random-qwen2 puts nothing before a text"),
+    (["--positions=5:2"], "turn a row of token ids into a dead letter (no_tokens_selected"),
+])
+def test_the_dry_render_checks_token_rows(tmp_path, args, message):
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    from beam_extract.job import make_job
+    from beam_extract.options import UsageError
+
+    write_parquet(tmp_path / "rows.parquet", [{"input_ids": [1, 2, 3]}])
+    with pytest.raises(UsageError, match=message.replace("(", r"\(")):
+        make_job(PipelineOptions([f"--input={tmp_path}/rows.parquet", "--input_format=tokens",
+                                  f"--output={tmp_path}/out", *args]))
+    assert not (tmp_path / "out").exists()

@@ -25,6 +25,7 @@ from typing import Any, BinaryIO
 
 import apache_beam as beam
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
@@ -131,10 +132,15 @@ def _open(path: str) -> _Storage:
         raise _Unopened(error) from error
 
 
-def _tail(handle: _Storage, size: int) -> bytes:
-    end = handle.seek(0, 2)
-    handle.seek(max(0, end - size))
-    return handle.read(size)
+def _tail(handle: _Storage, size: int) -> bytes | None:
+    """The file's last `size` bytes (None: the storage failed to give them)."""
+    try:
+        end = handle.seek(0, 2)
+        handle.seek(max(0, end - size))
+        return handle.read(size)
+    except Exception as error:
+        handle.error = handle.error or error
+        return None
 
 
 def _dead_letter(path: str, reason: str, why: str, rows: int, part: Part | None = None) -> DeadLetter:
@@ -168,7 +174,7 @@ def parquet_parts(path: str) -> Iterator[Part | DeadLetter]:
             try:
                 metadata = pq.ParquetFile(handle).metadata
             except Exception as error:
-                cut = handle.error is None and _tail(handle, len(_PARQUET_MAGIC)) != _PARQUET_MAGIC
+                cut = handle.error is None and _tail(handle, len(_PARQUET_MAGIC)) not in (None, _PARQUET_MAGIC)
                 yield _failure(path, handle, error, 0, None,
                                "the file does not end with Parquet's footer: it was cut" if cut else None)
                 return
@@ -184,33 +190,41 @@ def parquet_parts(path: str) -> Iterator[Part | DeadLetter]:
 
 
 def _values(batch: pa.RecordBatch, names: list[str]) -> list[dict]:
-    columns = {name: batch.column(name).to_pylist() for name in names}
-    return [{name: columns[name][i] for name in names} for i in range(batch.num_rows)]
+    """Each row as {column: value}; a file without any wanted column still has its rows (each a
+    missing_field dead letter for the parser), never none."""
+    if not names:
+        return [{} for _ in range(batch.num_rows)]
+    return [dict(zip(names, values)) for values in zip(*(batch.column(name).to_pylist() for name in names))]
+
+
+def _text_bytes(batch: pa.RecordBatch, sized: str) -> list[int]:
+    """Per row, the UTF-8 bytes of the text at `sized` (0 where it is null, missing or no string),
+    computed by Arrow on the column, not row by row in Python."""
+    names = batch.schema.names
+    head, *rest = [sized] if sized in names or not sized else sized.split(".")
+    array = batch.column(head) if head in names else None
+    for part in rest:
+        if array is None or not pa.types.is_struct(array.type) or array.type.get_field_index(part) < 0:
+            array = None
+            break
+        array = pc.struct_field(array, part)
+    if array is None or not (pa.types.is_string(array.type) or pa.types.is_large_string(array.type)):
+        return [0] * batch.num_rows
+    return pc.binary_length(array).fill_null(0).to_pylist()
 
 
 def _rows(batches: Iterator[pa.RecordBatch], part: Part, columns: Columns, limit: int) -> Iterator[SourceRow]:
+    """Each row of each batch; a text over `limit` UTF-8 bytes comes as its start only, with its
+    size (a line_too_long dead letter for the parser)."""
     number = part.first_row
     for batch in batches:
-        names = columns.top_level(batch.schema.names)
-        for row in _values(batch, names):
-            yield _checked(part.path, number, row, columns.sized, limit)
+        rows = _values(batch, columns.top_level(batch.schema.names))
+        for row, size in zip(rows, _text_bytes(batch, columns.sized)):
+            if size > limit:
+                yield SourceRow(part.path, number, {columns.sized: field(row, columns.sized)[:4096]}, size, size)
+            else:
+                yield SourceRow(part.path, number, row, size=size)
             number += 1
-
-
-def _checked(path: str, number: int, row: dict, sized: str, limit: int) -> SourceRow:
-    """The row, or for a text over `limit` UTF-8 bytes the row with the text's start (a
-    line_too_long dead letter for the parser)."""
-    text = None
-    if sized:
-        try:
-            text = field(row, sized)
-        except ValueError:
-            pass
-    if isinstance(text, str) and len(text) * 4 > limit:
-        size = len(text.encode("utf-8", "surrogatepass"))
-        if size > limit:
-            return SourceRow(path, number, {sized: text[:4096]}, too_long=size, size=size)
-    return SourceRow(path, number, row, size=len(text) if isinstance(text, str) else 0)
 
 
 def read_part(part: Part, columns: Columns, limit: int = MAX_LINE_BYTES) -> Iterator[SourceRow | DeadLetter]:
@@ -231,14 +245,14 @@ def read_part(part: Part, columns: Columns, limit: int = MAX_LINE_BYTES) -> Iter
                     batches = table.iter_batches(ROWS_PER_BATCH, row_groups=[part.row_group], columns=names)
                 else:
                     stream = handle.read(len(_ARROW_FILE_MAGIC)) != _ARROW_FILE_MAGIC
-                    if stream and _tail(handle, len(_ARROW_END_OF_STREAM)) != _ARROW_END_OF_STREAM:
+                    if stream and _tail(handle, len(_ARROW_END_OF_STREAM)) not in (None, _ARROW_END_OF_STREAM):
                         truncated = "the Arrow stream has no end-of-stream marker: it was cut"
                     handle.seek(0)
                     batches = _arrow_batches(handle, stream)
                 for row in _rows(batches, part, columns, limit):
                     read += 1
                     yield row
-                if truncated:
+                if truncated or handle.error is not None:
                     yield _failure(path, handle, EOFError(), read, part, truncated)
             except Exception as error:
                 yield _failure(path, handle, error, read, part, truncated)

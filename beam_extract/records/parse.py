@@ -35,19 +35,32 @@ def decode_json_object(data: bytes) -> dict:
     return value
 
 
-def row_excerpt(row: dict) -> str:
-    """A table row as JSON, each string and list cut to MAX_RAW_BYTES: what a dead letter keeps
-    of it, as of a line its start."""
-    def cut(value):
-        if isinstance(value, (str, bytes)):
-            return value[:MAX_RAW_BYTES] if isinstance(value, str) else raw_excerpt(value)
-        if isinstance(value, dict):
-            return {key: cut(item) for key, item in value.items()}
-        if isinstance(value, (list, tuple)):
-            return [cut(item) for item in value[:MAX_RAW_BYTES // 8]]
-        return value if value is None or isinstance(value, (bool, int, float)) else str(value)
+# Of a row, the start of each string: the file and row number find it, and encoding the whole of
+# every text as JSON would cost more than reading it.
+_ROW_STRING_CHARS = 256
+_ROW_ENCODER = json.JSONEncoder(ensure_ascii=False)
+_quote = json.encoder.encode_basestring  # C, where the interpreter has it
 
-    return raw_excerpt(json.dumps(cut(row), ensure_ascii=False).encode("utf-8", "backslashreplace"))
+
+def _cut(value):
+    if isinstance(value, str):
+        return value[:_ROW_STRING_CHARS]
+    if isinstance(value, dict):
+        return {key: _cut(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_cut(item) for item in value[:_ROW_STRING_CHARS // 8]]
+    if isinstance(value, bytes):
+        return raw_excerpt(value[:_ROW_STRING_CHARS])
+    return value if value is None or isinstance(value, (bool, int, float)) else str(value)
+
+
+def row_excerpt(row: dict) -> str:
+    """A table row as JSON, each string and list cut short, at most MAX_RAW_BYTES: what a dead
+    letter keeps of it, as of a line its start. Strings, the common column, are quoted directly
+    (this runs for every row)."""
+    fields = (f"{_quote(str(key))}: {_quote(value[:_ROW_STRING_CHARS]) if isinstance(value, str) else _ROW_ENCODER.encode(_cut(value))}"
+              for key, value in row.items())
+    return raw_excerpt(("{" + ", ".join(fields) + "}").encode("utf-8", "backslashreplace"))
 
 
 def parse_line(line: SourceLine | SourceRow, input_format: str, text_field: str = "text", root: str = "",
