@@ -1,5 +1,6 @@
-"""Every family against transformers' PyTorch model on the same safetensors (issue 21): every site of
-every layer, padded and packed rows, sliding windows past their length and across packed documents,
+"""Every family against transformers' PyTorch model on the same safetensors (issues 21, 29): every site
+of every layer (the MLP's normalised input, the heads' outputs before o_proj and the MLP's hidden
+activations included, as module inputs and outputs there), padded and packed rows, sliding windows past their length and across packed documents,
 Llama 3 RoPE past its original context, Gemma's soft-capping, bfloat16 cosine, refusals by name."""
 
 import dataclasses
@@ -8,6 +9,7 @@ import json
 import numpy as np
 import pytest
 
+from beam_extract.hooks import hook_name
 from beam_extract.model.config import UnsupportedConfigError, check_context, rope_frequencies
 from beam_extract.model.loaded import load_model
 from hf_reference import FAMILIES, SITES, hf_activations, random_hf_checkpoint
@@ -43,7 +45,7 @@ def test_float32_parity_every_site_and_layer_padded_and_packed(tmp_path, family)
     packed = packed_forward(model, [ids[0, :6], ids[1, :7]], 13)
     worst = 0.0
     for layer, site in HOOKS:
-        hook = f"blocks.{layer}.hook_{site}"
+        hook = hook_name(layer, site)
         for row, length in enumerate(lengths):
             worst = max(worst, relative_error(ours[hook][row, :length], ref[hook][row, :length]))
         worst = max(worst, relative_error(packed[layer, site][0, :6], ref[hook][0, :6]),
@@ -65,7 +67,7 @@ def test_sliding_window_over_tiles_and_packed_documents(tmp_path, family):
     alone = model.forward(first[None], np.arange(300)[None], np.ones((1, 300)), hooks)[0]
     packed = packed_forward(model, [first[:140], second], 300, hooks)
     for layer, site in hooks:
-        hook = f"blocks.{layer}.hook_{site}"
+        hook = hook_name(layer, site)
         assert relative_error(alone[layer, site][0], ref_first[hook][0]) <= 1e-4, hook
         assert relative_error(packed[layer, site][0, :140], ref_first[hook][0, :140]) <= 1e-4, hook
         assert relative_error(packed[layer, site][0, 140:290], ref_second[hook][0]) <= 1e-4, hook
