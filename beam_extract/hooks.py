@@ -2,7 +2,9 @@
 
 Residual and sublayer-output sites are `blocks.{layer}.hook_{site}`; the sites inside a sublayer
 carry TransformerLens's module path (`blocks.{layer}.ln2.hook_normalized`, `.attn.hook_z`,
-`.mlp.hook_post`), so a name means what it means in TransformerLens.
+`.mlp.hook_post`). `z` and `mlp_post` are TransformerLens's values; `mlp_in` is what the MLP reads,
+the norm's output with its weight (and bias) applied, where TransformerLens's hook_normalized is
+before them (README, hook table).
 
 Light on purpose: readers and consumers import it without JAX, transformers or Beam."""
 

@@ -105,6 +105,32 @@ def test_gemma_soft_capping_is_active(tmp_path):
                           ref) > 1e-2
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma2", "gpt2"])
+def test_mlp_in_is_transformer_lens_hook_normalized_with_the_norm_weight_applied(tmp_path, family):
+    """What the README says of `ln2.hook_normalized`: TransformerLens hooks its norm before the
+    weight (x / sqrt(mean x^2 + eps), centred first for LayerNorm); our mlp_in, the MLP's input, is
+    that times w (Gemma 1 + w; GPT-2 w, plus b), so the two differ by the weight and nothing else."""
+    hf = random_hf_checkpoint(tmp_path, seed=7, family=family)
+    model = load_model(str(tmp_path), dtype="float32")
+    ids = np.random.default_rng(4).integers(0, hf.config.vocab_size, size=(2, 9))
+    ref = hf_activations(hf, ids)
+    ours = model.run_with_cache(ids, [hook_name(1, "mlp_in")])[hook_name(1, "mlp_in")]
+    block = (hf.base_model.layers if family != "gpt2" else hf.base_model.h)[1]
+    norm = {"llama": "post_attention_layernorm", "gemma2": "pre_feedforward_layernorm", "gpt2": "ln_2"}[family]
+    module = getattr(block, norm)
+    x = ref[hook_name(1, "resid_mid")].astype(np.float64)
+    if family == "gpt2":
+        x = x - x.mean(-1, keepdims=True)
+    eps = getattr(module, "eps", getattr(module, "variance_epsilon", None))
+    transformer_lens = x / np.sqrt((x * x).mean(-1, keepdims=True) + eps)
+    weight = module.weight.detach().double().numpy()
+    if family == "gemma2":
+        weight = 1 + weight
+    applied = transformer_lens * weight + (module.bias.detach().double().numpy() if family == "gpt2" else 0)
+    assert relative_error(ours, applied) <= 1e-4
+    assert relative_error(ours, transformer_lens) > 1e-2  # the weight is not folded away
+
+
 def min_cosine(a: np.ndarray, b: np.ndarray) -> float:
     a, b = a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1])
     return float(((a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))).min())
