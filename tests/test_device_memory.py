@@ -56,6 +56,7 @@ def test_layer_scan_temporaries_do_not_grow_with_hook_depth():
     assert max(temps[1], temps[6], temps[11]) <= 1.02 * min(temps[1], temps[6], temps[11]), temps
 
 
+@pytest.mark.slow  # seven compilations, ~40 s on 2 cores
 def test_inner_site_temporaries_at_8192_tokens_stay_bounded():
     """At S=8192 the sites inside a sublayer cost at layer 11 of 12 what they cost at layer 1 (the
     scan carries their buffers, not every layer's), z and mlp_in within 1.2x of a shallow residual
