@@ -73,8 +73,8 @@ def batches_in_order(arrays: Iterable[np.ndarray], batch_tokens: int, drop_last:
         yield np.concatenate(held).astype(np.float32, copy=False)
 
 
-def shard_batches(files: list[str] | list[tuple[str, ...]], shard: int, n_shards: int, *, batch_tokens: int, shuffle: bool,
-                  shuffle_buffer: int, seed: int, epoch: int, drop_last: bool) -> Iterator[np.ndarray]:
+def shard_batches(files: list[str] | list[tuple[str, ...]], shard: int, n_shards: int, *, batch_tokens: int,
+                  shuffle: bool, shuffle_buffer: int, seed: int, epoch: int, drop_last: bool) -> Iterator[np.ndarray]:
     """One epoch of `shard`'s token batches. Shuffled, the files are visited in an order drawn from
     (seed, epoch), the same in every shard (so the shards' files stay disjoint), and each shard mixes
     its tokens with its own generator (seed, epoch, shard)."""

@@ -163,12 +163,6 @@ def joined_tokens(records: Iterable[tuple[bytes, ...]]) -> Iterator[np.ndarray]:
         yield arrays[0] if len(arrays) == 1 else np.concatenate(arrays, axis=1)
 
 
-def stored_tokens(records: Iterable[bytes]) -> Iterator[np.ndarray]:
-    """Each serialized record's activations [n_tokens, d_model], as stored (a view, in the run's
-    output dtype): the dtype and width come from the first record, as a run's records share them."""
-    return joined_tokens((data,) for data in records)
-
-
 def paired_files(path: str, hooks: Sequence[str]) -> list[tuple[str, ...]]:
     """Per commit, the file of each of `hooks`: a commit writes one file per hook, with the same
     samples in the same order and the same name. Hooks whose files are not of the same commits
@@ -222,7 +216,7 @@ def token_batches(path: str, hook: str | None = None, batch_tokens: int = 4096, 
                 yield from aligned_records(files[index])
 
     batches = mixed_batches(joined_tokens(records()), batch_tokens, shuffle_buffer, rng)
-    return batches if hooks is None else per_hook(batches, hook_widths(files[0]) if files else [0], stack)
+    return batches if hooks is None else per_hook(batches, hook_widths(files[0]) if files else [0] * len(hooks), stack)
 
 
 def tf_dataset(path: str, hook: str):
