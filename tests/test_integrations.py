@@ -299,6 +299,7 @@ def test_paired_hooks_through_the_dataset_and_the_saelens_provider(tmp_path):
     ranks = [drawn(ActivationDataset(str(tmp_path / "a"), hooks=paired, batch_tokens=4, seed=1, rank=rank,
                                      world_size=2)) for rank in range(2)]
     batches = ranks[0] + ranks[1]
+    assert ActivationDataset(str(tmp_path / "a"), hooks=paired).widths == [3, 5]
     assert all(len(b) == 2 and b[0].shape[1] == 3 and b[1].shape[1] == 5 for b in batches)
     first, second = (torch.cat([b[i] for b in batches]).numpy() for i in range(2))
     np.testing.assert_array_equal(first[:, :2], second[:, :2])

@@ -77,7 +77,9 @@ class ActivationDataset(IterableDataset):
 
     @cached_property
     def d_model(self) -> int:
-        """The activation width (read from the first record)."""
+        """The activation width (read from the first record); a paired dataset has `widths`, one per hook."""
+        if self.hooks is not None:
+            raise AttributeError(f"a dataset of several hooks has widths {self.widths}, not one d_model")
         return d_model(self.path, self.hook)
 
     def set_epoch(self, epoch: int) -> None:
