@@ -190,7 +190,8 @@ def test_positions_past_the_model_are_refused(tmp_path):
 @pytest.mark.parametrize("family", sorted(set(FAMILIES) - {"qwen2"}))
 def test_pipeline_end_to_end_per_family(tmp_path, family):
     """A text job on the DirectRunner's FnApiRunner with a checkpoint of each family (Qwen2.5's
-    tokenizer files, so its vocabulary): every record equals a direct forward of its sequence."""
+    tokenizer files, so its vocabulary): every record, of the residual and inner sites each at its
+    width, equals a direct forward of its sequence."""
     from pathlib import Path
 
     from beam_extract.model.embedded import write_random_checkpoint
@@ -204,20 +205,24 @@ def test_pipeline_end_to_end_per_family(tmp_path, family):
     lines = (Path(sample_input()).parent / "sample_text.jsonl").read_text().splitlines()[:3]
     (tmp_path / "docs.jsonl").write_text("\n".join(lines) + "\n")
     run([f"--input={tmp_path / 'docs.jsonl'}", f"--output={tmp_path / 'out'}", f"--model={tmp_path / 'model'}",
-         "--max_seq_len=128", "--buckets=128", "--layers=0,2", "--sites=attn_out,resid_post",
+         "--max_seq_len=128", "--buckets=128", "--layers=0,2", "--sites=attn_out,resid_post,z,mlp_post",
          "--exclude_special_tokens=false"])
     model = load_model(str(tmp_path / "model"))
     manifest = json.loads((tmp_path / "out/manifest.json").read_text())
     assert manifest["model"]["config"]["family"] == family and manifest["counts"]["samples"] > 0
-    for hook in manifest["hooks"]:
-        records = [r for f in manifest["hooks"][hook]["files"] for r in read_records(str(tmp_path / "out" / f))]
-        assert len(records) == manifest["counts"]["samples"]
-        # One direct forward of every record's sequence, right-padded: causal, so padding changes nothing
-        # before it, and one shape compiles once.
-        rows = np.zeros((len(records), 128), np.int32)
-        for row, record in zip(rows, records):
-            row[:len(record["sequence_token_ids"])] = record["sequence_token_ids"]
-        direct = model.run_with_cache(rows, [hook])[hook]
-        for row, record in zip(direct, records):
-            want = row[record["positions"]]
+    records = {hook: [r for f in summary["files"] for r in read_records(str(tmp_path / "out" / f))]
+               for hook, summary in manifest["hooks"].items()}
+    # One direct forward of every sequence at every hook, right-padded: causal, so padding changes
+    # nothing before it, and one shape compiles once.
+    sequences = {r["sample_id"]: r["sequence_token_ids"] for r in next(iter(records.values()))}
+    row_of = {sample_id: row for row, sample_id in enumerate(sequences)}
+    rows = np.zeros((len(sequences), 128), np.int32)
+    for row, ids in zip(rows, sequences.values()):
+        row[:len(ids)] = ids
+    direct = model.run_with_cache(rows, list(records))
+    for hook, written in records.items():
+        assert len(written) == manifest["counts"]["samples"] == len(sequences)
+        for record in written:
+            assert record["d_model"] == model.config.width(manifest["hooks"][hook]["site"])
+            want = direct[hook][row_of[record["sample_id"]]][record["positions"]]
             np.testing.assert_allclose(record["activations"], want, rtol=0, atol=1e-5 * max(1, np.abs(want).max()))
