@@ -173,7 +173,7 @@ def build(paths: beam.PCollection, job: Job) -> None:
         (
             {name: pcoll | f"Key[{name}]" >> beam.Map(lambda value: (None, value)) for name, pcoll in totals.items()}
             | "PerWindow" >> beam.CoGroupByKey()
-            | "WindowIndex" >> beam.ParDo(WriteWindowIndex(job.output, job.hooks, job.config.hidden_size,
+            | "WindowIndex" >> beam.ParDo(WriteWindowIndex(job.output, job.hooks, job.config,
                                                            o["norm_exclude_first"]))
         )
     else:

@@ -24,7 +24,7 @@ from beam_extract.io.tables import columns_for, read_records
 from beam_extract.model.config import config_from_hf, load_hf_config
 from beam_extract.model.weights import resolve_model_dir
 from beam_extract.options import UsageError, add_arguments, parse_layers, parse_sites, sample_input
-from beam_extract.output.schema import OUTPUT_DTYPES, hook_fields, record_size, sample_fields
+from beam_extract.output.schema import OUTPUT_DTYPES, HookFields, hook_fields, record_size, sample_fields
 from beam_extract.output.tfrecord import FRAMING_BYTES
 from beam_extract.records import DeadLetter, parse_line
 from beam_extract.records.arc import ArcTask
@@ -64,8 +64,7 @@ def preview_samples(options: dict, tokenizer, views: range, vocab_size: int) -> 
 class OutputEstimate:
     """The bytes the job would write per hook (TFRecord framing included), summed sample by sample."""
 
-    hooks: dict[str, tuple[int, bytes]]  # hook name -> (layer, its encoded fields)
-    d_model: int
+    hooks: dict[str, tuple[int, HookFields]]  # hook name -> (its width, its encoded fields)
     itemsize: int
     output_dtype: str
     bytes_per_hook: dict[str, int] = dataclasses.field(default_factory=dict)
@@ -75,14 +74,13 @@ class OutputEstimate:
         positions = np.arange(len(sample.token_ids)) if sample.stored is None else np.asarray(sample.stored)
         if not len(positions):
             return  # nothing stored, no record
-        fields = sample_fields(sequence_token_ids=sample.token_ids, positions=positions, d_model=self.d_model,
+        fields = sample_fields(sequence_token_ids=sample.token_ids, positions=positions,
                                output_dtype=self.output_dtype, sample_id=sample.sample_id,
                                source=f"{sample.source}:{sample.line_number}", task_id=sample.task_id,
                                doc_id=sample.doc_id, augmentation=sample.augmentation)
-        activations = len(positions) * self.d_model * self.itemsize
         self.stored_tokens += len(positions)
-        for name, (_, hook) in self.hooks.items():
-            size = record_size(activations, fields, hook) + FRAMING_BYTES
+        for name, (width, hook) in self.hooks.items():
+            size = record_size(len(positions) * width * self.itemsize, fields, hook) + FRAMING_BYTES
             self.bytes_per_hook[name] = self.bytes_per_hook.get(name, 0) + size
 
     def report(self) -> str:
@@ -90,8 +88,10 @@ class OutputEstimate:
         sizes = sorted(self.bytes_per_hook.values()) or [0]
         per_hook = (f"{_size(sizes[0])} per hook" if sizes[0] == sizes[-1]
                     else f"{_size(sizes[0])} to {_size(sizes[-1])} per hook")
-        return (f"output: {self.stored_tokens:,} stored tokens x {len(self.hooks)} hooks of d_model {self.d_model} "
-                f"in {self.output_dtype}: {per_hook}, {_size(total)} in all ({total:,} bytes)")
+        widths = sorted({width for width, _ in self.hooks.values()})
+        return (f"output: {self.stored_tokens:,} stored tokens x {len(self.hooks)} hooks of width "
+                f"{', '.join(map(str, widths))} in {self.output_dtype}: {per_hook}, {_size(total)} in all "
+                f"({total:,} bytes)")
 
 
 def _size(n: int) -> str:
@@ -114,13 +114,13 @@ def main(argv: list[str] | None = None) -> None:
     options["input"] = absolute_input(options["input"] or sample_input())
     try:
         config = config_from_hf(load_hf_config(resolve_model_dir(options["model"], weights=False)))
-        hooks = {hook_name(layer, site): (layer, hook_fields(hook_name(layer, site), layer))
+        hooks = {hook_name(layer, site): (config.width(site), hook_fields(hook_name(layer, site), layer,
+                                                                          config.width(site)))
                  for site in parse_sites(options["sites"]) for layer in parse_layers(options["layers"], config.num_layers)}
     except UsageError as error:
         sys.exit(f"beam_extract.preview: {error}")
     tokenizer = load_tokenizer(resolve_model_dir(options["model"], weights=False))
-    estimate = OutputEstimate(hooks, config.hidden_size, OUTPUT_DTYPES[options["output_dtype"]].itemsize,
-                              options["output_dtype"])
+    estimate = OutputEstimate(hooks, OUTPUT_DTYPES[options["output_dtype"]].itemsize, options["output_dtype"])
     views = range(options["views_per_task"]) if args.stats else range(args.view, args.view + 1)
     lengths, dropped, fitted, dead, shown = [], 0, 0, {}, 0
     for view, result in preview_samples(options, tokenizer, views, config.vocab_size):

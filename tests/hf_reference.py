@@ -8,7 +8,9 @@ import numpy as np
 import torch
 import transformers
 
-SITES = ("resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post")
+from beam_extract.hooks import hook_name
+
+SITES = ("resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post", "mlp_in", "z", "mlp_post")
 
 COMMON = dict(vocab_size=512, hidden_size=64, intermediate_size=160, num_hidden_layers=3, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=4096, rms_norm_eps=1e-6, tie_word_embeddings=True)
@@ -58,15 +60,20 @@ def random_hf_checkpoint(directory: Path, seed: int = 0, family: str = "qwen2",
 def site_modules(layer: torch.nn.Module) -> dict[str, tuple[torch.nn.Module, str]]:
     """Where each inner site is in a block: (module, "out" for its output or "in" for its input).
     Gemma's attn_out and mlp_out are what is added to the residual: the outputs of the norms after
-    each sublayer."""
+    each sublayer; its mlp_in is the output of the norm before the MLP (pre_feedforward_layernorm).
+    z is the output projection's input, mlp_post the down projection's."""
     if hasattr(layer, "pre_feedforward_layernorm"):  # Gemma 2 and 3
         return {"attn_out": (layer.post_attention_layernorm, "out"),
                 "resid_mid": (layer.pre_feedforward_layernorm, "in"),
-                "mlp_out": (layer.post_feedforward_layernorm, "out")}
+                "mlp_out": (layer.post_feedforward_layernorm, "out"),
+                "mlp_in": (layer.pre_feedforward_layernorm, "out"),
+                "z": (layer.self_attn.o_proj, "in"), "mlp_post": (layer.mlp.down_proj, "in")}
     if hasattr(layer, "ln_2"):  # GPT-2
-        return {"attn_out": (layer.attn, "out"), "resid_mid": (layer.ln_2, "in"), "mlp_out": (layer.mlp, "out")}
+        return {"attn_out": (layer.attn, "out"), "resid_mid": (layer.ln_2, "in"), "mlp_out": (layer.mlp, "out"),
+                "mlp_in": (layer.ln_2, "out"), "z": (layer.attn.c_proj, "in"), "mlp_post": (layer.mlp.c_proj, "in")}
     return {"attn_out": (layer.self_attn, "out"), "resid_mid": (layer.post_attention_layernorm, "in"),
-            "mlp_out": (layer.mlp, "out")}
+            "mlp_out": (layer.mlp, "out"), "mlp_in": (layer.post_attention_layernorm, "out"),
+            "z": (layer.self_attn.o_proj, "in"), "mlp_post": (layer.mlp.down_proj, "in")}
 
 
 def hf_activations(model: transformers.PreTrainedModel, input_ids: np.ndarray,
@@ -80,18 +87,19 @@ def hf_activations(model: transformers.PreTrainedModel, input_ids: np.ndarray,
 
     base = model.base_model
     for index, layer in enumerate(base.layers if hasattr(base, "layers") else base.h):
-        prefix = f"blocks.{index}.hook_"
         handles += [
             layer.register_forward_pre_hook(
-                lambda m, args, kwargs, p=prefix: keep(p + "resid_pre", args[0] if args else kwargs["hidden_states"]),
-                with_kwargs=True),
-            layer.register_forward_hook(lambda m, a, out, p=prefix: keep(p + "resid_post", out)),
+                lambda m, args, kwargs, n=hook_name(index, "resid_pre"): keep(
+                    n, args[0] if args else kwargs["hidden_states"]), with_kwargs=True),
+            layer.register_forward_hook(lambda m, a, out, n=hook_name(index, "resid_post"): keep(n, out)),
         ]
         for site, (module, where) in site_modules(layer).items():
             if where == "in":
-                handles.append(module.register_forward_pre_hook(lambda m, args, n=prefix + site: keep(n, args[0])))
+                handles.append(module.register_forward_pre_hook(
+                    lambda m, args, n=hook_name(index, site): keep(n, args[0])))
             else:
-                handles.append(module.register_forward_hook(lambda m, a, out, n=prefix + site: keep(n, out)))
+                handles.append(module.register_forward_hook(
+                    lambda m, a, out, n=hook_name(index, site): keep(n, out)))
     ids = torch.as_tensor(np.asarray(input_ids), dtype=torch.long)
     mask = None
     if lengths is not None:

@@ -40,7 +40,7 @@ def test_preview_prints_prompts_and_statistics(capsys):
     assert out.count("<|im_start|>assistant\n### Output\n\n```grid\n") == 2
     # --stats reads every view: 4 tasks with 5 tests at 8 views, and 6 documents.
     assert "46 samples: tokens min" in out and "dead letters: none" in out
-    assert "x 4 hooks of d_model 64 in float32" in out
+    assert "x 4 hooks of width 64 in float32" in out
 
 
 def test_preview_counts_dropped_train_examples_not_prompts(capsys, tmp_path):
@@ -52,7 +52,7 @@ def test_preview_counts_dropped_train_examples_not_prompts(capsys, tmp_path):
     out = capsys.readouterr().out
     found = re.search(r"2 samples: .*; (\d+) train examples dropped from 2 ARC prompts", out)
     assert found and int(found.group(1)) >= 4 and int(found.group(1)) % 2 == 0, out  # as many from each view
-    assert "x 2 hooks of d_model 64 in bfloat16" in out
+    assert "x 2 hooks of width 64 in bfloat16" in out
 
 
 @pytest.mark.slow

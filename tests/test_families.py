@@ -1,5 +1,6 @@
-"""Every family against transformers' PyTorch model on the same safetensors (issue 21): every site of
-every layer, padded and packed rows, sliding windows past their length and across packed documents,
+"""Every family against transformers' PyTorch model on the same safetensors (issues 21, 29): every site
+of every layer (the MLP's normalised input, the heads' outputs before o_proj and the MLP's hidden
+activations included, as module inputs and outputs there), padded and packed rows, sliding windows past their length and across packed documents,
 Llama 3 RoPE past its original context, Gemma's soft-capping, bfloat16 cosine, refusals by name."""
 
 import dataclasses
@@ -8,6 +9,7 @@ import json
 import numpy as np
 import pytest
 
+from beam_extract.hooks import hook_name
 from beam_extract.model.config import UnsupportedConfigError, check_context, rope_frequencies
 from beam_extract.model.loaded import load_model
 from hf_reference import FAMILIES, SITES, hf_activations, random_hf_checkpoint
@@ -43,7 +45,7 @@ def test_float32_parity_every_site_and_layer_padded_and_packed(tmp_path, family)
     packed = packed_forward(model, [ids[0, :6], ids[1, :7]], 13)
     worst = 0.0
     for layer, site in HOOKS:
-        hook = f"blocks.{layer}.hook_{site}"
+        hook = hook_name(layer, site)
         for row, length in enumerate(lengths):
             worst = max(worst, relative_error(ours[hook][row, :length], ref[hook][row, :length]))
         worst = max(worst, relative_error(packed[layer, site][0, :6], ref[hook][0, :6]),
@@ -65,7 +67,7 @@ def test_sliding_window_over_tiles_and_packed_documents(tmp_path, family):
     alone = model.forward(first[None], np.arange(300)[None], np.ones((1, 300)), hooks)[0]
     packed = packed_forward(model, [first[:140], second], 300, hooks)
     for layer, site in hooks:
-        hook = f"blocks.{layer}.hook_{site}"
+        hook = hook_name(layer, site)
         assert relative_error(alone[layer, site][0], ref_first[hook][0]) <= 1e-4, hook
         assert relative_error(packed[layer, site][0, :140], ref_first[hook][0, :140]) <= 1e-4, hook
         assert relative_error(packed[layer, site][0, 140:290], ref_second[hook][0]) <= 1e-4, hook
@@ -101,6 +103,32 @@ def test_gemma_soft_capping_is_active(tmp_path):
     assert relative_error(model.run_with_cache(ids, ["blocks.0.hook_attn_out"])["blocks.0.hook_attn_out"], ref) <= 1e-4
     assert relative_error(uncapped.run_with_cache(ids, ["blocks.0.hook_attn_out"])["blocks.0.hook_attn_out"],
                           ref) > 1e-2
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2", "gpt2"])
+def test_mlp_in_is_transformer_lens_hook_normalized_with_the_norm_weight_applied(tmp_path, family):
+    """What the README says of `ln2.hook_normalized`: TransformerLens hooks its norm before the
+    weight (x / sqrt(mean x^2 + eps), centred first for LayerNorm); our mlp_in, the MLP's input, is
+    that times w (Gemma 1 + w; GPT-2 w, plus b), so the two differ by the weight and nothing else."""
+    hf = random_hf_checkpoint(tmp_path, seed=7, family=family)
+    model = load_model(str(tmp_path), dtype="float32")
+    ids = np.random.default_rng(4).integers(0, hf.config.vocab_size, size=(2, 9))
+    ref = hf_activations(hf, ids)
+    ours = model.run_with_cache(ids, [hook_name(1, "mlp_in")])[hook_name(1, "mlp_in")]
+    block = (hf.base_model.layers if family != "gpt2" else hf.base_model.h)[1]
+    norm = {"llama": "post_attention_layernorm", "gemma2": "pre_feedforward_layernorm", "gpt2": "ln_2"}[family]
+    module = getattr(block, norm)
+    x = ref[hook_name(1, "resid_mid")].astype(np.float64)
+    if family == "gpt2":
+        x = x - x.mean(-1, keepdims=True)
+    eps = getattr(module, "eps", getattr(module, "variance_epsilon", None))
+    transformer_lens = x / np.sqrt((x * x).mean(-1, keepdims=True) + eps)
+    weight = module.weight.detach().double().numpy()
+    if family == "gemma2":
+        weight = 1 + weight
+    applied = transformer_lens * weight + (module.bias.detach().double().numpy() if family == "gpt2" else 0)
+    assert relative_error(ours, applied) <= 1e-4
+    assert relative_error(ours, transformer_lens) > 1e-2  # the weight is not folded away
 
 
 def min_cosine(a: np.ndarray, b: np.ndarray) -> float:
@@ -162,7 +190,8 @@ def test_positions_past_the_model_are_refused(tmp_path):
 @pytest.mark.parametrize("family", sorted(set(FAMILIES) - {"qwen2"}))
 def test_pipeline_end_to_end_per_family(tmp_path, family):
     """A text job on the DirectRunner's FnApiRunner with a checkpoint of each family (Qwen2.5's
-    tokenizer files, so its vocabulary): every record equals a direct forward of its sequence."""
+    tokenizer files, so its vocabulary): every record, of the residual and inner sites each at its
+    width, equals a direct forward of its sequence."""
     from pathlib import Path
 
     from beam_extract.model.embedded import write_random_checkpoint
@@ -176,20 +205,24 @@ def test_pipeline_end_to_end_per_family(tmp_path, family):
     lines = (Path(sample_input()).parent / "sample_text.jsonl").read_text().splitlines()[:3]
     (tmp_path / "docs.jsonl").write_text("\n".join(lines) + "\n")
     run([f"--input={tmp_path / 'docs.jsonl'}", f"--output={tmp_path / 'out'}", f"--model={tmp_path / 'model'}",
-         "--max_seq_len=128", "--buckets=128", "--layers=0,2", "--sites=attn_out,resid_post",
+         "--max_seq_len=128", "--buckets=128", "--layers=0,2", "--sites=attn_out,resid_post,z,mlp_post",
          "--exclude_special_tokens=false"])
     model = load_model(str(tmp_path / "model"))
     manifest = json.loads((tmp_path / "out/manifest.json").read_text())
     assert manifest["model"]["config"]["family"] == family and manifest["counts"]["samples"] > 0
-    for hook in manifest["hooks"]:
-        records = [r for f in manifest["hooks"][hook]["files"] for r in read_records(str(tmp_path / "out" / f))]
-        assert len(records) == manifest["counts"]["samples"]
-        # One direct forward of every record's sequence, right-padded: causal, so padding changes nothing
-        # before it, and one shape compiles once.
-        rows = np.zeros((len(records), 128), np.int32)
-        for row, record in zip(rows, records):
-            row[:len(record["sequence_token_ids"])] = record["sequence_token_ids"]
-        direct = model.run_with_cache(rows, [hook])[hook]
-        for row, record in zip(direct, records):
-            want = row[record["positions"]]
+    records = {hook: [r for f in summary["files"] for r in read_records(str(tmp_path / "out" / f))]
+               for hook, summary in manifest["hooks"].items()}
+    # One direct forward of every sequence at every hook, right-padded: causal, so padding changes
+    # nothing before it, and one shape compiles once.
+    sequences = {r["sample_id"]: r["sequence_token_ids"] for r in next(iter(records.values()))}
+    row_of = {sample_id: row for row, sample_id in enumerate(sequences)}
+    rows = np.zeros((len(sequences), 128), np.int32)
+    for row, ids in zip(rows, sequences.values()):
+        row[:len(ids)] = ids
+    direct = model.run_with_cache(rows, list(records))
+    for hook, written in records.items():
+        assert len(written) == manifest["counts"]["samples"] == len(sequences)
+        for record in written:
+            assert record["d_model"] == model.config.width(manifest["hooks"][hook]["site"])
+            want = direct[hook][row_of[record["sample_id"]]][record["positions"]]
             np.testing.assert_allclose(record["activations"], want, rtol=0, atol=1e-5 * max(1, np.abs(want).max()))

@@ -4,6 +4,7 @@ README's "Train an SAE from the output" snippets as written, against the output 
 
 import copy
 import importlib.util
+import itertools
 import re
 import shutil
 from collections import Counter
@@ -363,3 +364,38 @@ def test_the_readme_saelens_snippets_train_and_convert_from_gcs(output_on_gcs, t
     from datasets import load_from_disk
 
     assert len(load_from_disk(str(tmp_path / "cached/fineweb-q05b"))) == len(tokens) // 128
+
+
+def test_paired_hooks_through_the_dataset_and_the_saelens_provider(tmp_path):
+    """Two ranks of a dataset over (mlp_in, mlp_out) read every token once between them, each token's
+    rows at both hooks in the same batch row; stacked where the widths agree; a file whose records
+    are in another order fails the alignment check."""
+    from test_output_schema import write_paired_output
+
+    from beam_extract.integrations.saelens import data_provider
+    from beam_extract.output.reader import MisalignedHooks
+
+    (tmp_path / "a").mkdir()
+    paired, tokens = write_paired_output(tmp_path / "a")
+    ranks = [drawn(ActivationDataset(str(tmp_path / "a"), hooks=paired, batch_tokens=4, seed=1, rank=rank,
+                                     world_size=2)) for rank in range(2)]
+    batches = ranks[0] + ranks[1]
+    assert ActivationDataset(str(tmp_path / "a"), hooks=paired).widths == [3, 5]
+    assert all(len(b) == 2 and b[0].shape[1] == 3 and b[1].shape[1] == 5 for b in batches)
+    first, second = (torch.cat([b[i] for b in batches]).numpy() for i in range(2))
+    np.testing.assert_array_equal(first[:, :2], second[:, :2])
+    assert sorted(tuple(map(int, row)) for row in first[:, :2]) == sorted(tokens)
+    provided = list(itertools.islice(data_provider(str(tmp_path / "a"), None, 4, hooks=paired, epochs=1), 100))
+    assert len(provided) == len(tokens) // 4 and all(len(b) == 2 and b[0].shape == (4, 3) for b in provided)
+
+    (tmp_path / "b").mkdir()
+    hooks, _ = write_paired_output(tmp_path / "b", widths=(4, 4))
+    stacked = drawn(ActivationDataset(str(tmp_path / "b"), hooks=hooks, batch_tokens=4, stack=True))
+    assert all(b.shape[1:] == (2, 4) for b in stacked)
+    with pytest.raises(ValueError, match="cannot be stacked"):
+        ActivationDataset(str(tmp_path / "a"), hooks=paired, stack=True)
+
+    (tmp_path / "c").mkdir()
+    hooks, _ = write_paired_output(tmp_path / "c", shuffle_hook="blocks.0.hook_mlp_out")
+    with pytest.raises(MisalignedHooks):
+        drawn(ActivationDataset(str(tmp_path / "c"), hooks=hooks, batch_tokens=4))

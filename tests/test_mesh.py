@@ -23,7 +23,10 @@ from hf_reference import random_hf_checkpoint
 assert len(jax.devices()) == 8
 directory = Path(sys.argv[1])
 random_hf_checkpoint(directory, seed=4, intermediate_size=164, tie_word_embeddings=False)
-hooks = [f"blocks.{l}.hook_{s}" for l in range(3) for s in ("resid_pre", "attn_out", "mlp_out", "resid_post")]
+from beam_extract.hooks import hook_name
+# The inner sites too: z (heads split over "model") and mlp_post (164 wide: its columns do not divide 8).
+hooks = [hook_name(l, s) for l in range(3) for s in ("resid_pre", "attn_out", "mlp_out", "resid_post", "mlp_in", "z",
+                                                     "mlp_post")]
 ids = np.random.default_rng(0).integers(0, 512, size=(8, 37))
 lengths = np.array([37, 20, 5, 37, 1, 30, 36, 2])
 single = load_model(str(directory), mesh=parse_mesh("data:1", jax.devices()[:1])).run_with_cache(ids, hooks, lengths)

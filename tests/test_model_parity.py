@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from beam_extract.hooks import hook_name
 from beam_extract.model.loaded import load_model
 from hf_reference import SITES, hf_activations, random_hf_checkpoint
 
@@ -16,7 +17,7 @@ CONFIGS = {
 
 
 def all_hooks(num_layers):
-    return [f"blocks.{layer}.hook_{site}" for layer in range(num_layers) for site in SITES]
+    return [hook_name(layer, site) for layer in range(num_layers) for site in SITES]
 
 
 def assert_close(ours, ref, name):

@@ -160,3 +160,77 @@ def test_a_record_holds_its_whole_sequence():
     record = decode_record(encode_record(**record_args()))
     np.testing.assert_array_equal(record["sequence_token_ids"], np.arange(97, 105))
     np.testing.assert_array_equal(record["sequence_token_ids"][record["positions"]], record["token_ids"])
+
+
+def write_paired_output(tmp_path, widths=(3, 5), groups=3, samples=4, shuffle_hook=None):
+    """An output of two hooks over the same samples (commit groups named alike in each hook's
+    directory); a token's row at every hook holds (sample, position) in its first two columns.
+    `shuffle_hook`: that hook's first file gets its records in another order."""
+    rng, hooks = np.random.default_rng(4), {"blocks.0.ln2.hook_normalized": [], "blocks.0.hook_mlp_out": []}
+    tokens = []
+    for group in range(groups):
+        per_hook = {hook: [] for hook in hooks}
+        for i in range(samples):
+            sample = group * samples + i
+            n = int(rng.integers(1, 9))
+            positions = np.sort(rng.choice(40, n, replace=False))
+            tokens += [(sample, p) for p in positions]
+            for (hook, payloads), width in zip(per_hook.items(), widths):
+                rows = np.zeros((n, width), np.float32)
+                rows[:, 0], rows[:, 1], rows[:, 2:] = sample, positions, rng.standard_normal((n, width - 2))
+                payloads.append(encode_record(**{**record_args(sample_id=f"s{sample}"), "activations": rows,
+                                                 "hook_name": hook, "positions": positions,
+                                                 "sequence_token_ids": np.arange(40)}))
+        for index, (hook, payloads) in enumerate(per_hook.items()):
+            if hook == shuffle_hook and group == 0:
+                payloads = payloads[1:] + payloads[:1]
+            (tmp_path / f"h{index}").mkdir(exist_ok=True)
+            write_tfrecord(tmp_path / f"h{index}/part-g{group}.tfrecord", payloads)
+            hooks[hook].append(f"h{index}/part-g{group}.tfrecord")
+    manifest = {"output_dtype": "float32", "hooks": {hook: {"files": files} for hook, files in hooks.items()}}
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    return list(hooks), tokens
+
+
+def test_paired_reading_yields_each_token_at_every_hook_once_per_epoch_aligned(tmp_path):
+    import collections
+
+    hooks, tokens = write_paired_output(tmp_path)
+    got = list(token_batches(str(tmp_path), hooks=hooks, batch_tokens=3, shuffle_buffer=5, seed=2, epochs=2))
+    assert len(got) == 2 * len(tokens) // 3  # a final partial batch is dropped
+    assert all(isinstance(b, tuple) and b[0].shape == (3, 3) and b[1].shape == (3, 5) for b in got)
+    first, second = (np.concatenate([b[i] for b in got]) for i in range(2))
+    np.testing.assert_array_equal(first[:, :2], second[:, :2])  # the same token in both arrays of every row
+    drawn = [tuple(map(int, row)) for row in first[:, :2]]
+    assert drawn != sorted(drawn) and max(collections.Counter(drawn).values()) == 2  # shuffled; twice in 2 epochs
+    one = list(token_batches(str(tmp_path), hooks=hooks, batch_tokens=1, shuffle_buffer=5, seed=3))
+    assert sorted(tuple(map(int, b[1][0, :2])) for b in one) == sorted(tokens)  # every token exactly once
+    alone = np.concatenate(list(token_batches(str(tmp_path), hooks[1], batch_tokens=1, shuffle_buffer=5)))
+    assert {tuple(r) for r in alone} == {tuple(r) for b in one for r in b[1]}  # the rows the hook alone gives
+
+
+def test_paired_reading_stacks_hooks_of_one_width(tmp_path):
+    hooks, _ = write_paired_output(tmp_path, widths=(4, 4))
+    got = list(token_batches(str(tmp_path), hooks=hooks, batch_tokens=4, shuffle_buffer=8, stack=True))
+    assert got and all(b.shape == (4, 2, 4) and b.dtype == np.float32 for b in got)
+    np.testing.assert_array_equal(np.concatenate(got)[:, 0, :2], np.concatenate(got)[:, 1, :2])
+    (tmp_path / "other").mkdir()
+    hooks, _ = write_paired_output(tmp_path / "other")
+    with pytest.raises(ValueError, match="widths \\[3, 5\\] cannot be stacked"):
+        token_batches(str(tmp_path / "other"), hooks=hooks, batch_tokens=4, stack=True)
+    with pytest.raises(ValueError, match="give either hook or hooks"):
+        token_batches(str(tmp_path), hooks[0], hooks=hooks)
+
+
+def test_paired_reading_checks_alignment_and_refuses_files_of_other_commits(tmp_path):
+    from beam_extract.output.reader import MisalignedHooks
+
+    hooks, _ = write_paired_output(tmp_path, shuffle_hook="blocks.0.hook_mlp_out")
+    with pytest.raises(MisalignedHooks, match="record 0 of .*h1/part-g0.tfrecord is not the tokens of record 0"):
+        list(token_batches(str(tmp_path), hooks=hooks, batch_tokens=2, seed=0))
+    list(token_batches(str(tmp_path), hooks[0], batch_tokens=2))  # each hook alone reads
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    manifest["hooks"][hooks[1]]["files"][0] = "h1/part-gOTHER.tfrecord"  # another run's commit
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(MisalignedHooks, match="not written by the same commits of one run"):
+        token_batches(str(tmp_path), hooks=hooks, batch_tokens=2)

@@ -229,13 +229,30 @@ def test_inspect_prints_a_table_and_writes_plots(default_run, capsys):
         assert (workdir / "activations" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.mark.slow
-def test_sae_example_trains_on_the_default_output(default_run):
+def sae_example():
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("train_sae", TESTS.parent / "examples/train_sae.py")
     train_sae = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(train_sae)
+    return train_sae
+
+
+@pytest.mark.slow
+def test_sae_example_trains_on_the_default_output(default_run):
     workdir, _, _ = default_run
-    losses = train_sae.train(str(workdir / "activations"), "blocks.2.hook_resid_post", steps=300)
+    losses = sae_example().train(str(workdir / "activations"), "blocks.2.hook_resid_post", steps=300)
+    assert len(losses) == 300 and np.mean(losses[-20:]) < 0.5 * losses[0]
+
+
+@pytest.mark.slow
+def test_transcoder_example_trains_on_the_default_job_of_mlp_sites(tmp_path):
+    """The default job with --sites mlp_in,mlp_out: a transcoder from layer 2's normalised MLP input
+    to its MLP output, read paired, learns (its loss falls below half the first step's)."""
+    from beam_extract.pipeline import run
+
+    run(["--runner=DirectRunner", "--sites=mlp_in,mlp_out", "--layers=2", f"--output={tmp_path / 'out'}"])
+    losses = sae_example().train(str(tmp_path / "out"), "blocks.2.ln2.hook_normalized", steps=300,
+                                 target="blocks.2.hook_mlp_out")
+    print(f"transcoder mse: first {losses[0]:.3f}, last 20 {np.mean(losses[-20:]):.3f}")
     assert len(losses) == 300 and np.mean(losses[-20:]) < 0.5 * losses[0]

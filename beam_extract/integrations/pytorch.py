@@ -12,11 +12,16 @@
 
 It yields whole batches of single tokens, float32 [batch_tokens, d_model], because that is what an
 SAE step takes and a DataLoader collating single tokens would spend more time than the step.
+
+With `hooks=[...]` instead of a hook it yields the same tokens at each of several hooks, shuffled
+together (a transcoder's (mlp_in, mlp_out), a crosscoder's layers): a tuple of [batch_tokens, width]
+tensors, or with `stack=True` one [batch_tokens, n_hooks, width] tensor; every record's sample id and
+positions are checked equal across the hooks (reader.MisalignedHooks otherwise).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from functools import cached_property
 
 import torch
@@ -59,10 +64,11 @@ class ActivationDataset(IterableDataset):
     `persistent_workers=True` the workers keep the epoch they started with, as they keep their copy
     of the dataset. The last batch of each shard is short unless `drop_last`."""
 
-    def __init__(self, path: str, hook: str, batch_tokens: int = 4096, *, shuffle: bool = True,
+    def __init__(self, path: str, hook: str | None = None, batch_tokens: int = 4096, *, shuffle: bool = True,
                  shuffle_buffer: int = 65536, seed: int = 0, drop_last: bool = False,
-                 rank: int | None = None, world_size: int | None = None) -> None:
-        from beam_extract.output.reader import read_plan
+                 rank: int | None = None, world_size: int | None = None, hooks: Sequence[str] | None = None,
+                 stack: bool = False) -> None:
+        from beam_extract.output.reader import hook_widths, paired_files, per_hook, read_plan
 
         if batch_tokens < 1 or shuffle_buffer < 0:
             raise ValueError(f"batch_tokens must be >= 1 and shuffle_buffer >= 0 (got {batch_tokens}, {shuffle_buffer})")
@@ -72,11 +78,16 @@ class ActivationDataset(IterableDataset):
             torch.distributed.get_world_size() if distributed else 1)
         if not 0 <= self.rank < self.world_size:
             raise ValueError(f"rank {self.rank} is not in 0..{self.world_size - 1}")
+        if (hook is None) == (hooks is None):
+            raise ValueError("give either hook or hooks")
         # Listed once here, not in each worker: a gs:// listing per worker per epoch is slow and could
         # disagree between workers on a run still being written. Ranks list it each for itself, so
         # they must plan over files that do not change: a finished run's, or a snapshot's.
         plan = read_plan(path)
-        self.path, self.hook, self.files, self.plan_digest = path, hook, plan.files(hook), plan.digest(hook)
+        wanted = [hook] if hooks is None else list(hooks)
+        self.path, self.hook, self.hooks, self.stack, self.widths = path, hook, hooks, stack, None
+        self.files = plan.files(hook) if hooks is None else paired_files(plan, wanted)
+        self.plan_digest = plan.digest(wanted)
         if distributed and rank is None and world_size is None and self.world_size > 1:
             digests: list = [None] * self.world_size
             torch.distributed.all_gather_object(digests, self.plan_digest)
@@ -87,12 +98,17 @@ class ActivationDataset(IterableDataset):
                              f"beam_extract.output.reader.write_snapshot({path!r}, SNAPSHOT) and give every rank "
                              "SNAPSHOT as its path")
         plan.warn()
+        if hooks is not None:
+            self.widths = hook_widths(self.files[0]) if self.files else [0] * len(hooks)
+            per_hook([], self.widths, stack)  # refuses stacking hooks of other widths here, not in a worker
         self.batch_tokens, self.shuffle, self.shuffle_buffer = batch_tokens, shuffle, shuffle_buffer
         self.seed, self.drop_last, self.epoch = seed, drop_last, 0
 
     @cached_property
     def d_model(self) -> int:
-        """The activation width (read from the first record)."""
+        """The activation width (read from the first record); a paired dataset has `widths`, one per hook."""
+        if self.hooks is not None:
+            raise AttributeError(f"a dataset of several hooks has widths {self.widths}, not one d_model")
         return d_model(self.path, self.hook)
 
     def set_epoch(self, epoch: int) -> None:
@@ -106,5 +122,10 @@ class ActivationDataset(IterableDataset):
                                 batch_tokens=self.batch_tokens, shuffle=self.shuffle,
                                 shuffle_buffer=self.shuffle_buffer, seed=self.seed, epoch=self.epoch,
                                 drop_last=self.drop_last)
-        for batch in batches:
-            yield torch.from_numpy(batch)
+        if self.hooks is None:
+            yield from map(torch.from_numpy, batches)
+            return
+        from beam_extract.output.reader import per_hook
+
+        for batch in per_hook(batches, self.widths, self.stack):
+            yield torch.from_numpy(batch) if self.stack else tuple(map(torch.from_numpy, batch))

@@ -20,7 +20,7 @@ from __future__ import annotations
 import itertools
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -31,15 +31,20 @@ from beam_extract.integrations.pytorch import ActivationDataset
 from beam_extract.integrations.shards import d_model
 
 
-def data_provider(path: str, hook: str, batch_size: int, *, seed: int = 0, shuffle_buffer: int = 65536,
-                  num_workers: int = 0, epochs: int | None = None) -> Iterator[torch.Tensor]:
+def data_provider(path: str, hook: str | None, batch_size: int, *, seed: int = 0, shuffle_buffer: int = 65536,
+                  num_workers: int = 0, epochs: int | None = None, hooks: Sequence[str] | None = None,
+                  stack: bool = False) -> Iterator[torch.Tensor]:
     """Float32 [batch_size, d_model] CPU tensors of `hook`'s tokens under `path` (local or gs://),
     shuffled as `ActivationDataset`'s, epoch after epoch (each reshuffled) until `epochs` are done,
     or without end when None: SAETrainer draws until `total_training_samples` and never signals
     the end of an epoch. Every batch is whole (SAETrainer counts samples by batch), so each shard
     leaves out fewer than `batch_size` tokens per epoch, different ones each epoch.
-    `num_workers` > 0 decodes in DataLoader worker processes."""
-    dataset = ActivationDataset(path, hook, batch_size, seed=seed, shuffle_buffer=shuffle_buffer, drop_last=True)
+    `num_workers` > 0 decodes in DataLoader worker processes. With `hooks` (and hook None) each batch
+    is the same tokens at several hooks, as `ActivationDataset(hooks=...)` yields them (a tuple of
+    tensors, or one [batch_size, n_hooks, width] with `stack`), for trainers of transcoders and
+    crosscoders."""
+    dataset = ActivationDataset(path, hook, batch_size, seed=seed, shuffle_buffer=shuffle_buffer, drop_last=True,
+                                hooks=hooks, stack=stack)
     loader = DataLoader(dataset, batch_size=None, num_workers=num_workers)
     for epoch in itertools.count() if epochs is None else range(epochs):
         dataset.set_epoch(epoch)
@@ -49,7 +54,7 @@ def data_provider(path: str, hook: str, batch_size: int, *, seed: int = 0, shuff
             yield batch
         if not yielded:
             # Without this an endless provider over too few tokens would spin for ever.
-            raise ValueError(f"{path} has fewer than batch_size={batch_size} tokens of {hook} per shard")
+            raise ValueError(f"{path} has fewer than batch_size={batch_size} tokens of {hook or hooks} per shard")
 
 
 def _rows(path: str, hook: str, context_size: int) -> Iterator[dict[str, np.ndarray]]:

@@ -38,20 +38,22 @@ def shard_plan(n_files: int, shard: int, n_shards: int) -> list[tuple[int, int, 
     return [(f, shard // n_files, len(range(f, n_shards, n_files)))]
 
 
-def shard_tokens(files: list[str], shard: int, n_shards: int) -> Iterator[np.ndarray]:
-    """The activations [n_tokens, d_model] (as stored) of each record `shard` reads, in file order."""
+def shard_tokens(files: list[str] | list[tuple[str, ...]], shard: int, n_shards: int) -> Iterator[np.ndarray]:
+    """The activations [n_tokens, d_model] (as stored) of each record `shard` reads, in file order.
+    Where `files` are tuples (a commit's file of each of several hooks, `reader.paired_files`), each
+    record's tokens at every hook side by side, [n_tokens, sum of widths], their alignment checked."""
     # Imported on use: the reader's modules are the ones that reach gs://, and this package stays
     # importable without them being loaded.
-    from beam_extract.output.reader import stored_tokens
-    from beam_extract.output.tfrecord import iter_tfrecord
+    from beam_extract.output.reader import aligned_records, joined_tokens
 
-    def records() -> Iterator[bytes]:
+    def records() -> Iterator[tuple[bytes, ...]]:
         for index, first, stride in shard_plan(len(files), shard, n_shards):
-            for i, data in enumerate(iter_tfrecord(files[index])):
+            paired = files[index] if isinstance(files[index], tuple) else (files[index],)
+            for i, data in enumerate(aligned_records(paired)):
                 if i % stride == first:
                     yield data
 
-    return stored_tokens(records())
+    return joined_tokens(records())
 
 
 def batches_in_order(arrays: Iterable[np.ndarray], batch_tokens: int, drop_last: bool = False) -> Iterator[np.ndarray]:
@@ -71,8 +73,8 @@ def batches_in_order(arrays: Iterable[np.ndarray], batch_tokens: int, drop_last:
         yield np.concatenate(held).astype(np.float32, copy=False)
 
 
-def shard_batches(files: list[str], shard: int, n_shards: int, *, batch_tokens: int, shuffle: bool,
-                  shuffle_buffer: int, seed: int, epoch: int, drop_last: bool) -> Iterator[np.ndarray]:
+def shard_batches(files: list[str] | list[tuple[str, ...]], shard: int, n_shards: int, *, batch_tokens: int,
+                  shuffle: bool, shuffle_buffer: int, seed: int, epoch: int, drop_last: bool) -> Iterator[np.ndarray]:
     """One epoch of `shard`'s token batches. Shuffled, the files are visited in an order drawn from
     (seed, epoch), the same in every shard (so the shards' files stay disjoint), and each shard mixes
     its tokens with its own generator (seed, epoch, shard)."""

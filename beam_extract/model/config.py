@@ -60,6 +60,16 @@ class ModelConfig:
     def sliding(self) -> bool:
         return any(self.layer_windows)
 
+    def width(self, site: str) -> int:
+        """The activation width of a site: the heads' outputs side by side for `z`, the MLP's
+        hidden size for `mlp_post`, the residual's for the others."""
+        return {"z": self.num_heads * self.head_dim, "mlp_post": self.intermediate_size}.get(site, self.hidden_size)
+
+    def head_layout(self) -> dict:
+        """How `z`'s columns hold the heads (TransformerLens's hook_z [n_heads, d_head], flattened)."""
+        return {"n_heads": self.num_heads, "d_head": self.head_dim, "column": "head * d_head + i",
+                "shape": [self.num_heads, self.head_dim]}
+
 
 SCALED_ROPE = {"linear": ("factor",),
                "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}

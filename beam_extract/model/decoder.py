@@ -65,12 +65,12 @@ def linear(x: jax.Array, layer: dict, name: str) -> jax.Array:
     return y + layer[f"{name}_b"] if f"{name}_b" in layer else y
 
 
-def mlp(x: jax.Array, layer: dict, config: ModelConfig) -> jax.Array:
-    """Gated (act(gate) * up) where the layer has a gate, else act(up); then down."""
+def mlp(x: jax.Array, layer: dict, config: ModelConfig) -> tuple[jax.Array, jax.Array]:
+    """(hidden, out): gated act(gate) * up where the layer has a gate, else act(up); then down."""
     act = ACTIVATIONS[config.activation]
     up = linear(x, layer, "up")
     hidden = act(linear(x, layer, "gate")) * up if "gate_w" in layer else act(up)
-    return linear(hidden, layer, "down")
+    return hidden, linear(hidden, layer, "down")
 
 
 def dense(x: jax.Array, w: jax.Array) -> jax.Array:
@@ -173,7 +173,8 @@ def decoder_block(
     x: jax.Array, layer: dict, positions: jax.Array, segment_ids: jax.Array, config: ModelConfig,
     attend: Attention = attention, inv_freq: jax.Array | None = None, window: jax.Array | None = None,
 ) -> dict[str, jax.Array]:
-    """One pre-norm decoder layer; returns every site's activation ([B, S, d] each). `inv_freq` is the
+    """One pre-norm decoder layer; returns every site's activation ([B, S, config.width(site)] each;
+    unused ones cost nothing under jit). `inv_freq` is the
     layer's RoPE (None: positions are learned, added to the embeddings); `window` its sliding window
     (None: the model has none)."""
     batch, seq, _ = x.shape
@@ -191,13 +192,14 @@ def decoder_block(
     options = {"window": window} if window is not None else {}
     if config.attn_softcap is not None:
         options["softcap"] = config.attn_softcap
-    attn = attend(q.reshape(batch, seq, kv, groups, dim), k, v, segment_ids, scale=config.attention_scale,
-                  **options).reshape(batch, seq, kv * groups * dim)
-    attn_out = linear(attn, layer, "o")
+    z = attend(q.reshape(batch, seq, kv, groups, dim), k, v, segment_ids, scale=config.attention_scale,
+               **options).reshape(batch, seq, kv * groups * dim)  # head h = kv * groups + g: transformers' order
+    attn_out = linear(z, layer, "o")
     if "attn_post_norm" in layer:  # Gemma normalises what each sublayer adds to the residual
         attn_out = norm(attn_out, layer, "attn_post_norm", config)
     resid_mid = x + attn_out
-    mlp_out = mlp(norm(resid_mid, layer, "mlp_norm", config), layer, config)
+    mlp_in = norm(resid_mid, layer, "mlp_norm", config)
+    mlp_post, mlp_out = mlp(mlp_in, layer, config)
     if "mlp_post_norm" in layer:
         mlp_out = norm(mlp_out, layer, "mlp_post_norm", config)
     return {
@@ -206,6 +208,9 @@ def decoder_block(
         "resid_mid": resid_mid,
         "mlp_out": mlp_out,
         "resid_post": resid_mid + mlp_out,
+        "mlp_in": mlp_in,
+        "z": z,
+        "mlp_post": mlp_post,
     }
 
 
@@ -230,7 +235,8 @@ def forward(
     hooks: tuple[Hook, ...],
     attend: Attention = attention,
 ) -> dict[Hook, jax.Array]:
-    """Activations at `hooks` for tokens [B, S]; each value is [B, S, d] in the compute dtype.
+    """Activations at `hooks` for tokens [B, S]; each value is [B, S, config.width(site)] in the
+    compute dtype.
     `attend` may replace the portable attention with a kernel for the platform.
 
     The layer scan carries one buffer per requested site with a slot per requested layer and one
@@ -244,7 +250,8 @@ def forward(
     slot_of = {site: jnp.asarray([kept.index(layer) if layer in kept else len(kept) for layer in range(depth)],
                                  jnp.int32) for site, kept in requested.items()}
     x = embed(params, tokens, positions, config)
-    buffers = {site: jnp.zeros((len(kept) + 1, *x.shape), x.dtype) for site, kept in requested.items()}
+    buffers = {site: jnp.zeros((len(kept) + 1, *x.shape[:2], config.width(site)), x.dtype)
+               for site, kept in requested.items()}
 
     # Per-layer options ride along the scan: each layer's RoPE frequencies and sliding window.
     per_layer = {}

@@ -152,7 +152,8 @@ class Model:
     def run_with_cache(
         self, input_ids: np.ndarray, names: Sequence[str], lengths: Sequence[int] | None = None
     ) -> dict[str, np.ndarray]:
-        """Activations for right-padded rows: hook name -> float32 [B, S, d_model].
+        """Activations for right-padded rows: hook name -> float32 [B, S, width] (d_model; n_heads * d_head
+        for attn.hook_z, d_mlp for mlp.hook_post).
 
         Positions past a row's length are padding: they never influence real tokens, and their
         values are meaningless.

@@ -1,8 +1,9 @@
 """What one forward batch hands to the writer, and its records encoded per (batch, hook).
 
-The activations stay as the device returned them ([rows, S, d] per hook, in the output dtype); a
+The activations stay as the device returned them ([rows, S, width] per hook, in the output dtype); a
 record takes a view of its sample's stored tokens, so encoding copies each activation byte once.
-What a sample's records share (token ids, positions, ids) is encoded once for all hooks.
+What a sample's records share (token ids, positions, ids) is encoded once for all hooks; a hook's
+width (which differs between sites) with the hook's name.
 """
 
 from __future__ import annotations
@@ -49,7 +50,8 @@ class ExtractedBatch:
 
     def records(self, hook: int, name: str, layer: int) -> Iterator[bytes]:
         """The serialized tf.train.Example of each sample at the hook'th hook, in sample order."""
-        values, tail = self.activations[hook], hook_fields(name, layer)
+        values = self.activations[hook]
+        tail = hook_fields(name, layer, values.shape[-1])
         for stored, fields in zip(self.samples, self.fields):
             data = activation_bytes(values[stored.row, stored.columns], self.output_dtype)
             yield b"".join(record_parts(data, fields, tail))
@@ -72,9 +74,8 @@ class ExtractedBatch:
 def extracted_batch(samples: list[StoredSample], positions: np.ndarray, activations: tuple[np.ndarray, ...],
                     norms: tuple[np.ndarray, ...], output_dtype: str) -> ExtractedBatch:
     """positions: the batch's [rows, S] positions."""
-    d_model = activations[0].shape[-1]
     fields = tuple(
-        sample_fields(sequence_token_ids=s.sample.token_ids, positions=positions[s.row, s.columns], d_model=d_model,
+        sample_fields(sequence_token_ids=s.sample.token_ids, positions=positions[s.row, s.columns],
                       output_dtype=output_dtype,
                       sample_id=s.sample.sample_id, source=f"{s.sample.source}:{s.sample.line_number}",
                       task_id=s.sample.task_id, doc_id=s.sample.doc_id, augmentation=s.sample.augmentation)

@@ -119,6 +119,7 @@ def build_manifest(*, options: dict, config: ModelConfig, weights_sha256: str, h
         "sites": sorted({site for _, site in hooks}),
         "layers": sorted({layer for layer, _ in hooks}),
         "d_model": config.hidden_size,
+        **({"z_head_layout": config.head_layout()} if any(site == "z" for _, site in hooks) else {}),
         "feature_spec": {name: {"kind": kind, "shape": shape, "meaning": meaning}
                          for name, (kind, shape, meaning) in FEATURES.items()},
         "options": options,
@@ -128,8 +129,7 @@ def build_manifest(*, options: dict, config: ModelConfig, weights_sha256: str, h
             "samples_committed_now": committed_now,
             "samples_committed_twice": committed_ids.get("total", 0) - committed_ids.get("distinct", 0),
         },
-        "hooks": with_normalisation_factors(summarize_hooks(hooks, groups), config.hidden_size,
-                                            options["norm_exclude_first"]),
+        "hooks": with_normalisation_factors(summarize_hooks(hooks, groups), config, options["norm_exclude_first"]),
         "batching": batching,
         "commits": len(groups),
         "commit_groups": sorted(g["group"] for g in groups),
@@ -189,14 +189,16 @@ def summarize_hooks(hooks: tuple[Hook, ...], commits: list[dict]) -> dict:
     return per_hook
 
 
-def with_normalisation_factors(hooks: dict, d_model: int, exclude_first: int) -> dict:
-    """Each hook's normalisation with the factors SAE trainers scale activations by, from its
-    tokens at positions >= exclude_first: SAELens's `sqrt(d_model) / mean L2 norm`, and the
-    factor giving unit mean squared norm (Gemma Scope's)."""
+def with_normalisation_factors(hooks: dict, config: ModelConfig, exclude_first: int) -> dict:
+    """Each hook's width and its normalisation with the factors SAE trainers scale activations by,
+    from its tokens at positions >= exclude_first: SAELens's `sqrt(width) / mean L2 norm` (the
+    hook's width: d_model, n_heads * d_head or d_mlp), and the factor giving unit mean squared norm
+    (Gemma Scope's)."""
     for summary in hooks.values():
+        width = summary["width"] = config.width(summary["site"])
         norm = summary["normalisation"]
         norm["excluded_first_positions"] = exclude_first
-        norm["saelens_scaling_factor"] = d_model ** 0.5 / norm["mean_l2_norm"] if norm["mean_l2_norm"] else None
+        norm["saelens_scaling_factor"] = width ** 0.5 / norm["mean_l2_norm"] if norm["mean_l2_norm"] else None
         norm["unit_mean_squared_norm_factor"] = (norm["mean_squared_norm"] ** -0.5 if norm["mean_squared_norm"]
                                                  else None)
     return hooks

@@ -6,7 +6,8 @@ them (installing the package still installs them: they are its dependencies).
 - `read_activations(path, hook)`: records as dicts with numpy arrays.
 - `tf_dataset(path, hook)`: a tf.data.Dataset of parsed records (imports TensorFlow when called).
 - `token_batches(path, hook, batch_tokens, shuffle_buffer, seed)`: shuffled float32
-  [batch_tokens, d_model] arrays of single tokens, for SAE training.
+  [batch_tokens, d_model] arrays of single tokens, for SAE training; with `hooks=[...]` the same
+  tokens at several hooks, shuffled together (transcoders, crosscoders).
 - `read_windows(path)`: a streaming job's progress, one index per closed time window.
 - `write_snapshot(path, snapshot)`: the files of a run still going, listed once into a file whose
   path every reader above (and every rank of `ActivationDataset`) then takes in place of `path`, so
@@ -21,9 +22,10 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -66,9 +68,9 @@ class Plan:
             raise KeyError(f"{self.output} has no hook {hook!r}; it has {', '.join(self.hooks) or 'none yet'}")
         return [f"{self.output}/{f}" for f in self.hooks[hook]]
 
-    def digest(self, hook: str) -> str:
-        """Equal for two plans exactly when they read the same files of `hook` in the same order."""
-        return hashlib.sha256(json.dumps([self.output, self.files(hook)]).encode()).hexdigest()[:16]
+    def digest(self, hooks: Sequence[str]) -> str:
+        """Equal for two plans exactly when they read the same files of `hooks` in the same order."""
+        return hashlib.sha256(json.dumps([self.output, [self.files(h) for h in hooks]]).encode()).hexdigest()[:16]
 
     def warn(self, stacklevel: int = 3) -> None:
         if self.problems:
@@ -177,46 +179,131 @@ def _spans(data: memoryview, start: int, end: int, number: int) -> list[tuple[in
     return found
 
 
+def _features(view: memoryview, names: tuple[bytes, ...]) -> dict[bytes, tuple[int, int]]:
+    """Where the Feature message of each of `names` is in a serialized tf.train.Example."""
+    found = {}
+    for features in _spans(view, 0, len(view), 1):  # Example.features
+        for entry in _spans(view, *features, 1):  # Features.feature: map entries (key 1, value 2)
+            keys = _spans(view, *entry, 1)
+            if keys and (key := bytes(view[slice(*keys[-1])])) in names:
+                found[key] = _spans(view, *entry, 2)[-1]
+    return found
+
+
 def _activation_bytes(data: bytes) -> memoryview:
     """The `activations` value of a serialized tf.train.Example, without copying it or parsing the
     other features: protobuf's parser copies the whole record and decodes every token id list, which
     took 400 ns a token (d_model 896, bfloat16), more than the shuffling itself."""
     view = memoryview(data)
-    for features in _spans(view, 0, len(view), 1):  # Example.features
-        for entry in _spans(view, *features, 1):  # Features.feature: map entries (key 1, value 2)
-            keys = _spans(view, *entry, 1)
-            if keys and view[slice(*keys[-1])] == b"activations":
-                feature = _spans(view, *entry, 2)[-1]
-                value = _spans(view, *_spans(view, *feature, 1)[-1], 1)[-1]  # Feature.bytes_list.value
-                return view[slice(*value)]
-    raise ValueError("a record has no activations")
+    feature = _features(view, (b"activations",)).get(b"activations")
+    if feature is None:
+        raise ValueError("a record has no activations")
+    value = _spans(view, *_spans(view, *feature, 1)[-1], 1)[-1]  # Feature.bytes_list.value
+    return view[slice(*value)]
 
 
-def stored_tokens(records: Iterable[bytes]) -> Iterator[np.ndarray]:
-    """Each serialized record's activations [n_tokens, d_model], as stored (a view, in the run's
-    output dtype): the dtype and width come from the first record, as a run's records share them."""
-    layout = None
-    for data in records:
-        if layout is None:
-            first = decode_record(data)
-            layout = OUTPUT_DTYPES[first["dtype"]], first["d_model"]
-        yield np.frombuffer(_activation_bytes(data), layout[0]).reshape(-1, layout[1])
+class MisalignedHooks(ValueError):
+    """Records read side by side from several hooks' files are not of the same tokens."""
 
 
-def token_batches(path: str, hook: str, batch_tokens: int, shuffle_buffer: int = 65536, seed: int = 0,
-                  epochs: int = 1) -> Iterator[np.ndarray]:
-    """Float32 [batch_tokens, d_model] batches of single tokens, from files visited in a seeded
-    random order through a mixing buffer of `shuffle_buffer` tokens (`mixing.mixed_batches`: O(batch)
-    per batch). Every token is drawn once per epoch; a final partial batch is dropped."""
+_IDENTITY = (b"sample_id", b"positions")
+
+
+def _identity(data: bytes) -> tuple[bytes, ...]:
+    """The encoded sample id and positions of a record: equal at every hook of the same tokens."""
+    view = memoryview(data)
+    found = _features(view, _IDENTITY)
+    return tuple(bytes(view[slice(*found[name])]) if name in found else b"" for name in _IDENTITY)
+
+
+def aligned_records(files: Sequence[str]) -> Iterator[tuple[bytes, ...]]:
+    """The records of one commit's files, one file per hook, side by side: each tuple holds the
+    same sample's records (sample id and positions checked equal, not assumed), else
+    MisalignedHooks."""
+    if len(files) == 1:
+        yield from ((data,) for data in iter_tfrecord(files[0]))
+        return
+    sentinel = object()
+    for number, records in enumerate(itertools.zip_longest(*map(iter_tfrecord, files), fillvalue=sentinel)):
+        if any(data is sentinel for data in records):
+            raise MisalignedHooks(f"{', '.join(files)}: the files hold different numbers of records")
+        first = _identity(records[0])
+        for file, data in zip(files[1:], records[1:]):
+            if _identity(data) != first:
+                raise MisalignedHooks(f"record {number} of {file} is not the tokens of record {number} of {files[0]} "
+                                      "(another sample id or other positions)")
+        yield records
+
+
+def joined_tokens(records: Iterable[tuple[bytes, ...]]) -> Iterator[np.ndarray]:
+    """Each tuple of records' activations side by side, [n_tokens, sum of the widths], as stored (a
+    view where there is one record, in the run's output dtype): dtype and widths come from the first
+    tuple, as a run's records of a hook share them."""
+    layouts = None
+    for group in records:
+        if layouts is None:
+            layouts = [(OUTPUT_DTYPES[first["dtype"]], first["d_model"]) for first in map(decode_record, group)]
+        arrays = [np.frombuffer(_activation_bytes(data), dtype).reshape(-1, width)
+                  for data, (dtype, width) in zip(group, layouts)]
+        yield arrays[0] if len(arrays) == 1 else np.concatenate(arrays, axis=1)
+
+
+def paired_files(plan: Plan, hooks: Sequence[str]) -> list[tuple[str, ...]]:
+    """Per commit, the file of each of `hooks`: a commit writes one file per hook, with the same
+    samples in the same order and the same name. Hooks whose files are not of the same commits
+    (written by different runs, or an output put together from several) are refused."""
+    if not hooks or len(set(hooks)) != len(hooks):
+        raise ValueError(f"hooks must name distinct hooks, got {list(hooks)}")
+    path, lists = plan.output, [plan.files(hook) for hook in hooks]
+    names = [[file.rsplit("/", 1)[-1] for file in files] for files in lists]
+    for hook, others in zip(hooks[1:], names[1:]):
+        if others != names[0]:
+            raise MisalignedHooks(f"{path}: {hook} and {hooks[0]} were not written by the same commits of one run "
+                                  f"({len(set(others) ^ set(names[0]))} files differ); they cannot be read paired")
+    return list(zip(*lists))
+
+
+def hook_widths(files: tuple[str, ...]) -> list[int]:
+    """The width of each file's records (from its first)."""
+    return [decode_record(next(iter_tfrecord(file)))["d_model"] for file in files]
+
+
+def per_hook(batches: Iterable[np.ndarray], widths: Sequence[int], stack: bool) -> Iterator:
+    """Batches of hooks side by side [batch, sum of widths] -> a tuple of [batch, width] arrays, one per
+    hook, or with `stack` one [batch, n_hooks, width] array (the widths must agree)."""
+    if stack and len(set(widths)) > 1:
+        raise ValueError(f"hooks of widths {list(widths)} cannot be stacked; read them as a tuple (stack=False)")
+    ends = np.cumsum(widths)[:-1]
+    return (batch.reshape(len(batch), len(widths), widths[0]) if stack else tuple(np.split(batch, ends, axis=1))
+            for batch in batches)
+
+
+def token_batches(path: str, hook: str | None = None, batch_tokens: int = 4096, shuffle_buffer: int = 65536,
+                  seed: int = 0, epochs: int = 1, *, hooks: Sequence[str] | None = None,
+                  stack: bool = False) -> Iterator:
+    """Float32 [batch_tokens, d_model] batches of single tokens of `hook`, from files visited in a
+    seeded random order through a mixing buffer of `shuffle_buffer` tokens (`mixing.mixed_batches`:
+    O(batch) per batch). Every token is drawn once per epoch; a final partial batch is dropped.
+
+    With `hooks` (instead of `hook`) each batch holds the same tokens at every hook, shuffled
+    together: a tuple of [batch_tokens, width] arrays in the order of `hooks` (the widths may differ,
+    e.g. mlp_in and mlp_post), or with `stack` one [batch_tokens, n_hooks, width] array. The hooks'
+    files are read side by side and each record's sample id and positions checked equal
+    (MisalignedHooks otherwise)."""
+    if (hook is None) == (hooks is None):
+        raise ValueError("give either hook or hooks")
     rng = np.random.default_rng(seed)
-    files = hook_files(path, hook)
+    plan = read_plan(path)
+    plan.warn()
+    files = paired_files(plan, [hook] if hooks is None else hooks)
 
-    def records() -> Iterator[bytes]:
+    def records() -> Iterator[tuple[bytes, ...]]:
         for _ in range(epochs):
             for index in rng.permutation(len(files)):
-                yield from iter_tfrecord(files[index])
+                yield from aligned_records(files[index])
 
-    return mixed_batches(stored_tokens(records()), batch_tokens, shuffle_buffer, rng)
+    batches = mixed_batches(joined_tokens(records()), batch_tokens, shuffle_buffer, rng)
+    return batches if hooks is None else per_hook(batches, hook_widths(files[0]) if files else [0] * len(hooks), stack)
 
 
 def tf_dataset(path: str, hook: str):

@@ -12,6 +12,7 @@ import datetime
 import apache_beam as beam
 
 from beam_extract.hooks import Hook
+from beam_extract.model.config import ModelConfig
 from beam_extract.output.manifest import (line_and_sample_counts, problems, relative_paths, summarize_hooks,
                                           with_normalisation_factors)
 from beam_extract.output.commits import write_json
@@ -19,7 +20,7 @@ from beam_extract.output.layout import WINDOWS
 from beam_extract.output.writer import window_span
 
 
-def window_index(span: tuple[str, str], output: str, hooks: tuple[Hook, ...], totals: dict, d_model: int,
+def window_index(span: tuple[str, str], output: str, hooks: tuple[Hook, ...], totals: dict, config: ModelConfig,
                  norm_exclude_first: int) -> dict:
     """`totals`: the window's combined results by name; a name is missing when nothing of that kind
     happened in the window (e.g. no dead letters). Each hook's normalisation factors are the
@@ -43,7 +44,7 @@ def window_index(span: tuple[str, str], output: str, hooks: tuple[Hook, ...], to
         "ok": not found,
         "problems": found,
         "counts": counts,
-        "hooks": with_normalisation_factors(committed["hooks"], d_model, norm_exclude_first),
+        "hooks": with_normalisation_factors(committed["hooks"], config, norm_exclude_first),
         "commits": committed["commits"],
         "batching": totals.get("batching"),
         "dead_letter_files": relative_paths(output, totals.get("dead_letter_files", [])),
@@ -53,9 +54,9 @@ def window_index(span: tuple[str, str], output: str, hooks: tuple[Hook, ...], to
 class WriteWindowIndex(beam.DoFn):
     """(None, {name: [the window's total]}) from a CoGroupByKey -> the window's index; yields its path."""
 
-    def __init__(self, output: str, hooks: tuple[Hook, ...], d_model: int, norm_exclude_first: int):
+    def __init__(self, output: str, hooks: tuple[Hook, ...], config: ModelConfig, norm_exclude_first: int):
         self._output, self._hooks = output, hooks
-        self._norms = d_model, norm_exclude_first
+        self._norms = config, norm_exclude_first
 
     def process(self, grouped, window=beam.DoFn.WindowParam):
         _, parts = grouped
