@@ -5,8 +5,8 @@ row is the parser's dead letter, a bad file one read dead letter after the rows 
 Reading is streamed in record batches, only of the columns the job needs (the text or token
 column, the id column; ARC's task_id, train and test): a Parquet file ROWS_PER_BATCH rows at a
 time (memory bounded by a row group's column chunks, never the file), an Arrow stream batch by
-batch as written. A Parquet file is
-split by row groups, each read by any worker, so one big file spreads over many.
+batch as written. A Parquet file is split by row groups, each read by any worker, so one big file
+spreads over many.
 
 Beam's ReadFromParquet is not used: it reads no row numbers, and a damaged file fails the bundle
 (and after the retries the job) instead of becoming a dead letter. The bytes come through Beam's
