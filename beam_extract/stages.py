@@ -39,7 +39,8 @@ def route(results: Iterable, stage: str):
 
 class ParseDoFn(beam.DoFn):
     def __init__(self, options: dict, root: str, driver: Driver | None = None):
-        self._fields = options["input_format"], options["text_field"], root, options["id_field"], options["tokens_field"]
+        self._fields = (options["input_format"], options["text_field"], root, options["id_field"],
+                        options["tokens_field"])
         self._driver = driver  # a local job's driver: this worker process dies with it
 
     def setup(self):

@@ -97,6 +97,8 @@ def test_table_rows_parse_as_the_same_json_lines(tmp_path):
         else:
             assert (from_row.reason, from_row.detail, from_row.record_id) == (from_line.reason, from_line.detail,
                                                                               from_line.record_id)
+            # The row as JSON, its strings' starts: here all of it, as the line's raw holds the line.
+            assert json.loads(from_row.raw) == {k: v for k, v in json.loads(from_line.raw).items() if k != "text"}
     reasons = sorted(parse_line(r, "text", "meta.text").reason for r in table.values()
                      if isinstance(parse_line(r, "text", "meta.text"), DeadLetter))
     assert reasons == ["wrong_type", "wrong_type"]  # the null and the integer

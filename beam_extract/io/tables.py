@@ -2,10 +2,11 @@
 guarantees of JSONL lines: each row keeps (file, row number from 1) for ids and dead letters, a bad
 row is the parser's dead letter, a bad file one read dead letter after the rows it gave.
 
-Reading is streamed in record batches of ROWS_PER_BATCH rows, only of the columns the job needs
-(the text or token column, the id column; ARC's task_id, train and test): memory is bounded by a
-Parquet row group (pyarrow decodes a column chunk at a time), never by the file. A Parquet file is
-split by row groups, each read by any worker, so one big file spreads over many.
+Reading is streamed in record batches, only of the columns the job needs (the text or token
+column, the id column; ARC's task_id, train and test): a Parquet file ROWS_PER_BATCH rows at a
+time (memory bounded by a row group's column chunks, never the file), an Arrow stream batch by
+batch as written. A Parquet file is split by row groups, each read by any worker, so one big file
+spreads over many.
 
 Beam's ReadFromParquet is not used: it reads no row numbers, and a damaged file fails the bundle
 (and after the retries the job) instead of becoming a dead letter. The bytes come through Beam's

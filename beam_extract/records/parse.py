@@ -58,7 +58,8 @@ def row_excerpt(row: dict) -> str:
     """A table row as JSON, each string and list cut short, at most MAX_RAW_BYTES: what a dead
     letter keeps of it, as of a line its start. Strings, the common column, are quoted directly
     (this runs for every row)."""
-    fields = (f"{_quote(str(key))}: {_quote(value[:_ROW_STRING_CHARS]) if isinstance(value, str) else _ROW_ENCODER.encode(_cut(value))}"
+    fields = (f"{_quote(str(key))}: " + (_quote(value[:_ROW_STRING_CHARS]) if isinstance(value, str)
+                                         else _ROW_ENCODER.encode(_cut(value)))
               for key, value in row.items())
     return raw_excerpt(("{" + ", ".join(fields) + "}").encode("utf-8", "backslashreplace"))
 
