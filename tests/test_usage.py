@@ -340,6 +340,7 @@ def one_device_more() -> str:
     (["--input={tmp}/corpus/**/*.jsonl", "--output={tmp}/corpus/acts"], "dead_letter/read-00000-of-00001.jsonl"),
     (["--output=gs://"], "--output 'gs://': name a bucket"),
     (["--output=gs:///x"], "name a bucket"),
+    (["--compilation_cache_dir=gs://"], "--compilation_cache_dir 'gs://': name a bucket"),
     (["--output=gs:/b/x"], "--output 'gs:/b/x': use a local directory or gs://bucket/path"),
     (["--output=GS://b/x"], "use a local directory or gs://bucket/path"),
     (["--output=s3://b/x"], "use a local directory or gs://bucket/path"),
