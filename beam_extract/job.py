@@ -165,7 +165,8 @@ def _bounded(call: Callable, seconds: float):
 def _check_gcs(paths: dict[str, str]) -> None:
     """gs:// paths need credentials and an answer from Cloud Storage: checked once in the driver,
     in bounded time, instead of a traceback or a listing retried for minutes."""
-    gcs = {option: path for option, path in paths.items() if path.startswith("gs://")}
+    gcs = {option: path for option, path in paths.items()  # one without a bucket is refused by `location`
+           if path.startswith("gs://") and path.removeprefix("gs://").partition("/")[0]}
     if not gcs:
         return
     if not os.environ.get("STORAGE_EMULATOR_HOST"):  # an emulator takes anonymous requests

@@ -340,6 +340,7 @@ def one_device_more() -> str:
     (["--input={tmp}/corpus/**/*.jsonl", "--output={tmp}/corpus/acts"], "dead_letter/read-00000-of-00001.jsonl"),
     (["--output=gs://"], "--output 'gs://': name a bucket"),
     (["--output=gs:///x"], "name a bucket"),
+    (["--compilation_cache_dir=gs://"], "--compilation_cache_dir 'gs://': name a bucket"),
     (["--output=gs:/b/x"], "--output 'gs:/b/x': use a local directory or gs://bucket/path"),
     (["--output=GS://b/x"], "use a local directory or gs://bucket/path"),
     (["--output=s3://b/x"], "use a local directory or gs://bucket/path"),
@@ -434,3 +435,17 @@ def test_gcs_that_never_answers_is_one_line_in_bounded_time(tmp_path, monkeypatc
         assert time.monotonic() - start < 30 and not (tmp_path / "out").exists()
     finally:
         silent.close()
+
+
+@pytest.mark.parametrize("layout", ["interrupted", "missing"])
+def test_inspect_of_an_unfinished_or_wrong_output_is_one_line(tmp_path, capsys, layout):
+    from beam_extract.inspect import main
+
+    if layout == "interrupted":  # a killed run: its fingerprint and commits, no manifest yet
+        (tmp_path / "out/_run").mkdir(parents=True)
+        (tmp_path / "out/_run/fingerprint.json").write_text("{}")
+    with pytest.raises(SystemExit) as exited:
+        main([str(tmp_path / "out"), f"--plots={tmp_path}"])
+    said = capsys.readouterr().err.strip().splitlines()
+    assert exited.value.code == 2 and len(said) == 1 and "holds no manifest.json" in said[0], said
+    assert not list(tmp_path.glob("*.png"))
