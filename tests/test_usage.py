@@ -91,6 +91,7 @@ def test_a_mistake_is_a_usage_error_naming_it(tmp_path, args, message):
      "items' work in one render"),
     ("{% set a = [0]*4000000 %}{% for i in range(100000) %}{{ a|length }}{% endfor %}", "items' work in one render"),
     ("{{ ('a' * 4000).replace('a', 'b' * 4000) }}", "str.replace is not available"),
+    ("{{ lipsum(1000000000) }}", "'lipsum' is undefined"),
 ])
 def test_templates_that_fail_or_blow_up_are_refused_before_the_job(tmp_path, body, message):
     with pytest.raises(UsageError) as refused:

@@ -187,6 +187,7 @@ _ENVIRONMENT.filters = {name: _charged(_ENVIRONMENT.filters[name]) for name in (
     "abs", "round", "first", "last", "list", "reverse", "sort", "unique", "min", "max", "sum", "e", "escape",
     "safe", "tojson", "wordcount")}
 _ENVIRONMENT.tests = {name: _charged(test) for name, test in _ENVIRONMENT.tests.items()}
+del _ENVIRONMENT.globals["lipsum"]  # lipsum(n) writes n paragraphs, however many n says
 
 
 def _refuse_unbounded(source: str, name: str) -> None:
