@@ -19,6 +19,7 @@ from beam_extract.batching import Batch, Placement
 from beam_extract.lifetime import Driver, exit_with_driver
 from beam_extract.faults import maybe_fail
 from beam_extract.hooks import Hook, hook_name
+from beam_extract.model import compile_cache
 from beam_extract.model.compile_cache import enable_compilation_cache
 from beam_extract.model.loaded import Dispatched, Model, load_model
 from beam_extract.output.extracted import ExtractedBatch, StoredSample, extracted_batch
@@ -175,7 +176,7 @@ class ExtractDoFn(beam.DoFn):
     def __init__(self, model: str, dtype: str, mesh: str, hooks: tuple[Hook, ...], output_dtype: str,
                  driver: Driver | None = None, compilation_cache_dir: str = ""):
         self._load = (model, dtype, mesh)
-        self._compilation_cache = compilation_cache_dir  # "" for none
+        self._compilation_cache = compilation_cache_dir  # "": this machine's default; "none": off
         self._driver = driver  # a local job's driver: this worker process dies with it
         self._hooks, self._output_dtype = hooks, output_dtype
         # One model per worker process, shared by all DoFn instances and threads in it.
@@ -190,8 +191,8 @@ class ExtractDoFn(beam.DoFn):
 
     def setup(self):
         exit_with_driver(self._driver)
-        if self._compilation_cache:  # before anything compiles in this process
-            enable_compilation_cache(self._compilation_cache)
+        if self._compilation_cache != compile_cache.OFF:  # before anything compiles in this process
+            enable_compilation_cache(self._compilation_cache or compile_cache.default_directory())
         self._model = self._shared.acquire(lambda: load_model(*self._load), tag="|".join(self._load))
         _LOG.info("model %s on mesh %s (%s)", self._load[0], dict(self._model.mesh.shape),
                   self._model.mesh.devices.flat[0].platform)

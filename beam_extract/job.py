@@ -263,9 +263,12 @@ MAX_RECORD_BYTES = 2**31 - 2**24
 
 
 def compilation_cache_dir(given: str, options: PipelineOptions, remote: bool) -> str:
-    """Where workers keep compiled forwards: as given, or on Dataflow, where every worker would
-    otherwise compile every shape anew, under the job's temp location. A prefix per JAX version:
-    workers copy the entries at start-up, and another version's are of no use."""
+    """Where workers keep compiled forwards: as given ("none": nowhere), on Dataflow, where every
+    worker would otherwise compile every shape anew, under the job's temp location (a prefix per
+    JAX version: workers copy the entries at start-up, and another version's are of no use), and
+    elsewhere "": each worker's local default (compile_cache.default_directory)."""
+    if given == "none":
+        return given
     if not given:
         temp = options.view_as(GoogleCloudOptions).temp_location
         if options.view_as(StandardOptions).runner != "DataflowRunner" or not temp:

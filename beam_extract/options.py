@@ -130,9 +130,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("mesh", "auto", "Device mesh over each worker's local devices: auto (all on 'data' while the weights "
            "fit one device, else split on 'model'), or axes like data:4,model:2", "model"),
     Option("compilation_cache_dir", "", "Persistent compilation cache, local or gs://: a worker loads the forwards "
-           "compiled by earlier workers and jobs instead of compiling them again (default: none locally; on "
-           "Dataflow {temp_location}/beam-extract-compile-cache/jax-{version}). Only the job's own principals "
-           "may write there", "model"),
+           "compiled by earlier workers and jobs instead of compiling them again (default: on Dataflow "
+           "{temp_location}/beam-extract-compile-cache/jax-{version}; elsewhere each worker's machine's "
+           "$BEAM_EXTRACT_CACHE/compile-cache/jax-{version}, ~/.cache/beam_extract by default; none: off). Only "
+           "the job's own principals may write there", "model"),
     Option("batch_size", 8, "Rows per forward batch (fixed, so each row length compiles once)", "batching", int,
            minimum=1, maximum=65536),
     Option("tokens_per_batch", 0, "If set, rows per batch = tokens_per_batch // row length instead of batch_size",

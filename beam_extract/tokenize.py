@@ -118,6 +118,15 @@ def load_tokenizer(model_dir: str | Path) -> transformers.PreTrainedTokenizerBas
 # time: a fast tokenizer holds ~150 bytes per character of its input while it works.
 CHUNK_CHARS = 1 << 16
 PIECES_AT_ONCE = 8
+# Longest stretch of text with no safe cut (a run of letters of a script written without spaces,
+# of spaces or of punctuation; with a tokenizer that cuts nowhere, the whole document) tokenized:
+# such a stretch is one pre-token, which Qwen2's BPE holds at ~300 bytes a character (8M CJK
+# characters took 3.3 GB and 44 s). A longer one is a `run_too_long` dead letter.
+MAX_UNCUT_CHARS = 1 << 20
+
+
+class RunTooLong(ValueError):
+    """A stretch of text longer than MAX_UNCUT_CHARS that the tokenizer cannot be cut inside."""
 
 
 def cut_after_word(text: str, at: int) -> bool:
@@ -143,18 +152,48 @@ _PROBE = ("Tokens 12345 and x9876y 1 2 3.\nNext line's 42nd item\n\nAnother  par
           "  Indented 007\nÉté 2024: café, e\u0301clair, 日本語 テキスト\n--- list:\n- item1\nend")
 
 
-def pieces(text: str, size: int = CHUNK_CHARS, cut=cut_after_word) -> list[str]:
-    """`text` cut where `cut` allows, about every `size` characters. A stretch with no such place
-    (a run of letters in a script written without spaces) stays whole."""
+def pieces(text: str, size: int = CHUNK_CHARS, cut=cut_after_word, longest: int = MAX_UNCUT_CHARS) -> list[str]:
+    """`text` cut where `cut` allows (None: nowhere), about every `size` characters. A stretch with
+    no such place (a run of letters in a script written without spaces) stays whole, up to
+    `longest` characters: past that, RunTooLong, found without reading further."""
+    if cut is None:
+        if len(text) > longest:
+            raise RunTooLong(f"{len(text)} characters: this tokenizer is never cut inside a document, over {longest}")
+        return [text]
     cuts, at = [0], size
     while at < len(text):
+        scanned_from = at
         while at < len(text) and not cut(text, at):
             at += 1
+            if at - cuts[-1] > longest:  # the run may begin after a place the jump by `size` passed
+                cuts.append(_last_cut(text, cut, cuts[-1], scanned_from, longest))
         if at >= len(text):
             break
         cuts.append(at)
         at += size
     return [text[a:b] for a, b in zip(cuts, cuts[1:] + [len(text)])]
+
+
+def _last_cut(text: str, cut, after: int, before: int, longest: int) -> int:
+    """The last place `cut` allows strictly between `after` and `before`; RunTooLong if none."""
+    found = next((at for at in range(before - 1, after, -1) if cut(text, at)), None)
+    if found is None:
+        raise RunTooLong(f"over {longest} characters from character {after} have no place where this tokenizer "
+                         "can be cut")
+    return found
+
+
+def _batches(parts: list[str], chars: int = PIECES_AT_ONCE * CHUNK_CHARS) -> list[list[str]]:
+    """Consecutive pieces, grouped so that a group holds at most `chars` characters (or one piece)."""
+    groups: list[list[str]] = []
+    size = 0
+    for part in parts:
+        if not groups or size + len(part) > chars:
+            groups.append([])
+            size = 0
+        groups[-1].append(part)
+        size += len(part)
+    return groups
 
 
 _PLAIN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -193,14 +232,14 @@ def safe_cut(tokenizer, markers_as_text: bool = True):
 
 def text_token_ids(tokenizer, text: str, markers_as_text: bool = True) -> np.ndarray:
     """A document's tokens, tokenized piece by piece where the tokenizer allows it (`safe_cut`:
-    memory bounded by CHUNK_CHARS, not by the document). Markers written in it are characters like
-    any others unless `markers_as_text` is off (the first release's behaviour): only the chat
-    template inserts control tokens."""
-    rule = safe_cut(tokenizer, markers_as_text)
-    cut = pieces(text, cut=rule) if rule else [text]
-    parts = [ids for at in range(0, len(cut), PIECES_AT_ONCE)
-             for ids in _encode(tokenizer, cut[at: at + PIECES_AT_ONCE], markers_as_text)]
-    return np.asarray([token for part in parts for token in part], dtype=np.int32)
+    the tokenizer's memory bounded by PIECES_AT_ONCE * CHUNK_CHARS and MAX_UNCUT_CHARS, not by the
+    document; RunTooLong past the latter). Markers written in it are characters like any others
+    unless `markers_as_text` is off (the first release's behaviour): only the chat template
+    inserts control tokens."""
+    groups = _batches(pieces(text, cut=safe_cut(tokenizer, markers_as_text)))
+    # Each group's ids become int32 at once: a Python list holds ~40 bytes a token, this 4.
+    return np.concatenate([np.zeros(0, np.int32)] + [np.asarray(ids, np.int32) for group in groups
+                                                     for ids in _encode(tokenizer, group, markers_as_text)])
 
 
 _AFFIXES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -224,7 +263,10 @@ def text_samples(doc: TextDoc, tokenizer, max_seq_len: int, selection: TokenSele
     """One sample per window of at most `max_seq_len` tokens (non-overlapping), each framed as the
     tokenizer frames a text: with its BOS (every window, so that none starts without one) and its
     EOS (the last window)."""
-    ids = text_token_ids(tokenizer, doc.text, markers_as_text)
+    try:
+        ids = text_token_ids(tokenizer, doc.text, markers_as_text)
+    except RunTooLong as error:
+        return [DeadLetter(doc.source, doc.line_number, "tokenize", "run_too_long", str(error))]
     prefix, suffix = special_affixes(tokenizer)
     room = max_seq_len - len(prefix) - len(suffix)
     starts = range(0, len(ids), room)

@@ -14,6 +14,7 @@ import time
 
 import numpy as np
 import pytest
+from pathlib import Path
 
 from beam_extract.records.identity import input_root, relative_name
 from test_pipeline_default_run import GUARDED_MAIN, TESTS, run_guarded
@@ -526,19 +527,30 @@ def test_overwrite_and_cleanup_touch_only_files_named_as_ours(tmp_path):
     assert (tmp_path / "victim/part-0123456789ab-0123456789ab.tfrecord").read_text() == "elsewhere"
 
 
-def test_a_second_job_loads_its_forwards_from_the_compilation_cache(tmp_path):
+@pytest.mark.parametrize("given", [pytest.param("a directory", marks=pytest.mark.slow), "default",
+                                   pytest.param("none", marks=pytest.mark.slow)])
+def test_a_second_job_loads_its_forwards_from_the_compilation_cache(tmp_path, monkeypatch, given):
+    """On by default (issue 26, item 17): a repeated worker start on this machine loads its forwards
+    from $BEAM_EXTRACT_CACHE/compile-cache instead of compiling them; `none` turns it off."""
+    from beam_extract.model.compile_cache import default_directory
+
+    monkeypatch.setenv("BEAM_EXTRACT_CACHE", str(tmp_path / "home-cache"))
     write_lines(tmp_path / "in.jsonl", [task("t1"), task("t2", train=[{"input": GRID, "output": GRID}] * 3)])
-    cache = tmp_path / "cache"
+    cache = {"a directory": tmp_path / "cache", "default": Path(default_directory()), "none": None}[given]
+    assert given != "default" or cache.is_relative_to(tmp_path / "home-cache/compile-cache")
+    flag = {"a directory": [f"--compilation_cache_dir={cache}"], "default": [],
+            "none": ["--compilation_cache_dir=none"]}[given]
     runs = []
     for name in ("first", "second"):
-        result = cli(tmp_path, f"--input={tmp_path / 'in.jsonl'}", f"--output={tmp_path / name}",
-                     f"--compilation_cache_dir={cache}")
+        result = cli(tmp_path, f"--input={tmp_path / 'in.jsonl'}", f"--output={tmp_path / name}", *flag)
         assert result.returncode == 0, result.stderr[-2000:]
         runs.append(manifest(tmp_path / name)["batching"])
     first, second = runs
     assert first["compilations"] == second["compilations"] == len(first["batch_shapes"]) > 0
-    assert first["compile_cache_hits"] == 0 and second["compile_cache_hits"] == second["compilations"]
-    assert any(cache.iterdir())
+    assert first["compile_cache_hits"] == 0
+    assert second["compile_cache_hits"] == (0 if cache is None else second["compilations"])
+    assert cache is None or any(cache.iterdir())
+    assert not (tmp_path / "home-cache/compile-cache").exists() or given == "default"
     records_first, records_second = records(tmp_path / "first"), records(tmp_path / "second")
     assert records_first.keys() == records_second.keys()
     for key, record in records_first.items():

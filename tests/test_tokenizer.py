@@ -87,3 +87,41 @@ def test_tokenizing_a_10_mb_document_takes_bounded_memory():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert int(result.stdout.split()[-1]) < 400  # MiB; tokenized whole, it took about 1,900
+
+
+def test_an_uncut_run_past_the_limit_is_a_dead_letter_in_bounded_memory():
+    """8M CJK characters without a space took 44 s and 3.3 GB, tokenized as one pre-token: a run
+    over MAX_UNCUT_CHARS is now a run_too_long dead letter, found before any tokenizing."""
+    import subprocess
+    import sys
+
+    code = ("import resource, time\nfrom beam_extract.model.weights import resolve_model_dir\n"
+            "from beam_extract.records.text import TextDoc\nfrom beam_extract.tokenize import TokenSelection, "
+            "load_tokenizer, text_samples, text_token_ids\n"
+            "t = load_tokenizer(resolve_model_dir('tiny-random-qwen2', weights=False))\n"
+            "text_token_ids(t, 'warm up')\n"
+            "run = ''.join(chr(0x4e00 + i * 7919 % 20000) for i in range(8_000_000))\n"
+            "before, began = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, time.time()\n"
+            "(letter,) = text_samples(TextDoc('a.jsonl:1', 'x ' + run, 'a.jsonl', 1), t, 512, TokenSelection())\n"
+            "assert letter.reason == 'run_too_long' and 'over 1048576 characters' in letter.detail, letter\n"
+            "print(time.time() - began, (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    seconds, mib = result.stdout.split()[-2:]
+    assert float(seconds) < 15 and int(mib) < 100
+
+
+def test_runs_up_to_the_limit_are_tokenized_as_a_whole():
+    from beam_extract.tokenize import MAX_UNCUT_CHARS, RunTooLong, pieces, text_token_ids
+
+    tokenizer = load_tokenizer(resolve_model_dir("tiny-random-qwen2", weights=False))
+    run = "".join(chr(0x4e00 + i * 7919 % 20000) for i in range(3000))
+    text = " ".join([run] * 50)
+    assert text_token_ids(tokenizer, text).tolist() == tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert "".join(pieces(text, 100, longest=3001)) == text  # a piece: a space and a run
+    with pytest.raises(RunTooLong):
+        pieces(text, 100, longest=3000)
+    with pytest.raises(RunTooLong):
+        pieces("a" * 101, 10, cut=None, longest=100)
+    assert pieces("a" * 100, 10, cut=None, longest=100) == ["a" * 100]
+    assert pieces("x " + "a" * (MAX_UNCUT_CHARS - 1)) == ["x", " " + "a" * (MAX_UNCUT_CHARS - 1)]  # a run found behind

@@ -80,6 +80,18 @@ def test_a_mistake_is_a_usage_error_naming_it(tmp_path, args, message):
     ("{% set ns = namespace(s='x') %}{% for i in range(40) %}{% set ns.s = ns.s + ns.s %}{% endfor %}", "NSRef"),
     ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}", "a loop inside a loop"),
     ("{% for i in range(100000) %}{{ 'x' * 1000 }}{% endfor %}", "renders over 4194304 characters"),
+    # Nested sizes and total work (issue 26, item 9): each hung or grew without bound.
+    ("{{ [[0]*4000000]*4000000 }}", "would make 16000004000000 items, over 4194304"),
+    ("{% set a = [0]*4000000 %}{{ [a, a, a, a, a] }}", "items' work in one render"),
+    ("{% set a = [0]*4000000 %}{% set b = [0]*4000000 %}{% for i in range(100000) %}{% if a == b %}{% endif %}"
+     "{% endfor %}", "items' work in one render"),
+    ("{% set a = [0]*4000000 %}{% for i in range(100000) %}{% if a[1:] %}{% endif %}{% endfor %}",
+     "items' work in one render"),
+    ("{% set a = [0]*4000000 %}{% for i in range(100000) %}{% if 7 in a %}{% endif %}{% endfor %}",
+     "items' work in one render"),
+    ("{% set a = [0]*4000000 %}{% for i in range(100000) %}{{ a|length }}{% endfor %}", "items' work in one render"),
+    ("{{ ('a' * 4000).replace('a', 'b' * 4000) }}", "str.replace is not available"),
+    ("{{ lipsum(1000000000) }}", "'lipsum' is undefined"),
 ])
 def test_templates_that_fail_or_blow_up_are_refused_before_the_job(tmp_path, body, message):
     with pytest.raises(UsageError) as refused:

@@ -11,12 +11,16 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
+import operator
 import re
+import threading
 from importlib import resources
 from pathlib import Path
 
 import numpy as np
 from jinja2 import StrictUndefined, TemplateError, nodes
+from jinja2.compiler import CodeGenerator
 from jinja2.exceptions import SecurityError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -33,8 +37,99 @@ BLOCKS = ("system", "user", "assistant")
 MAX_PROMPT_CHARS = 4 << 20
 MAX_EXPONENT = 64
 MAX_TEMPLATE_BYTES = 1 << 20
-# Methods of strings whose arguments set how much they allocate (a width, a count).
-_SIZED_METHODS = frozenset({"center", "ljust", "rjust", "zfill", "expandtabs", "format", "format_map"})
+# Work one render may do: characters and items (nested lists counted through) that its expressions
+# make, compare, slice, print or pass to a filter, test or method. Each operation is charged before
+# it runs, so `{{ [[0]*4000000]*4000000 }}` or a loop comparing two long lists stops at once.
+MAX_RENDER_WORK = 1 << 24
+# Methods of strings whose arguments set how much they allocate (a width, a count, a replacement).
+_SIZED_METHODS = frozenset({"center", "ljust", "rjust", "zfill", "expandtabs", "format", "format_map", "replace",
+                            "join", "translate"})
+_COMPARISONS = {"eq": operator.eq, "ne": operator.ne, "gt": operator.gt, "gteq": operator.ge, "lt": operator.lt,
+                "lteq": operator.le, "in": lambda a, b: a in b, "notin": lambda a, b: a not in b}
+_work = threading.local()  # .left: what the render in progress in this thread may still do
+_END = object()
+
+
+def _weight(value, budget: int) -> int:
+    """Characters of strings and items of lists, tuples and dicts in `value`, nested ones counted
+    through (a list holding one list a million times weighs a million of them), counted only up to
+    just past `budget`: the count costs at most that much (plus one step per number in it)."""
+    total, stack = 0, [iter((value,))]
+    while stack and total <= budget:
+        item = next(stack[-1], _END)
+        if item is _END:
+            stack.pop()
+        elif isinstance(item, str):
+            total += len(item)
+        elif isinstance(item, dict):
+            total += len(item)
+            stack.append(iter(item.items()))
+        elif isinstance(item, (list, tuple)):
+            total += len(item)
+            kinds = set(map(type, item))  # in C: a list of a million numbers costs milliseconds
+            if all(issubclass(kind, str) for kind in kinds):
+                total += sum(map(len, item))
+            elif any(issubclass(kind, (list, tuple, dict)) for kind in kinds):
+                stack.append(iter(item))
+    return total
+
+
+def _spend(items: int) -> None:
+    """Counts `items` of work against the render's MAX_RENDER_WORK (nothing outside a render:
+    constant folding at load only sees the template's own literals)."""
+    left = getattr(_work, "left", None)
+    if left is None:
+        return
+    if items > left:
+        raise SecurityError(f"the template does over {MAX_RENDER_WORK} items' work in one render")
+    _work.left = left - items
+
+
+def _charge(*values) -> None:
+    """Charges the weight of `values` (at least one item each), stopping as soon as it is too much."""
+    for value in values:
+        left = getattr(_work, "left", None)
+        if left is None:
+            return
+        _spend(max(1, _weight(value, left)))
+
+
+def _charged(function):
+    """A filter or test that first charges its arguments' weight."""
+    @functools.wraps(function)  # keeps Jinja's pass_context/pass_environment marks
+    def charged(*args, **kwargs):
+        _charge(*args, *kwargs.values())
+        return function(*args, **kwargs)
+    return charged
+
+
+class _ChargedCode(CodeGenerator):
+    """Comparisons (`==`, `<`, `in`, chained) and slices go through the environment, which charges
+    them (Jinja writes both as plain Python): two long lists compare in time proportional to their
+    length, and a slice copies its items."""
+
+    def visit_Getitem(self, node: nodes.Getitem, frame) -> None:
+        if not isinstance(node.arg, nodes.Slice):
+            super().visit_Getitem(node, frame)
+            return
+        self.write("environment.getitem(")
+        self.visit(node.node, frame)
+        self.write(", slice(")
+        for at, part in enumerate((node.arg.start, node.arg.stop, node.arg.step)):
+            self.write(", " if at else "")
+            if part is None:
+                self.write("None")
+            else:
+                self.visit(part, frame)
+        self.write("))")
+
+    def visit_Compare(self, node: nodes.Compare, frame) -> None:
+        self.write("environment.compare(")
+        self.visit(node.expr, frame)
+        for operand in node.ops:
+            self.write(f", {operand.op!r}, ")
+            self.visit(operand.expr, frame)
+        self.write(")")
 
 
 class _BoundedSandbox(ImmutableSandboxedEnvironment):
@@ -43,6 +138,7 @@ class _BoundedSandbox(ImmutableSandboxedEnvironment):
     is checked here when rendered instead of being built while the template loads."""
 
     intercepted_binops = frozenset({"*", "**", "+", "%"})
+    code_generator_class = _ChargedCode
 
     def call_binop(self, context, operator, left, right):
         if operator == "**" and isinstance(right, int) and abs(right) > MAX_EXPONENT:
@@ -50,7 +146,8 @@ class _BoundedSandbox(ImmutableSandboxedEnvironment):
         if operator == "%" and isinstance(left, str):
             raise SecurityError("printf-style formatting (a width can be any size) is not available")
         if operator in ("*", "+"):
-            sizes = [len(v) if isinstance(v, (str, list, tuple)) else None for v in (left, right)]
+            # Sizes count nested items: `[[0]*4000000]*4000000` is 16e12 items, not 4e6.
+            sizes = [_weight(v, MAX_PROMPT_CHARS) if isinstance(v, (str, list, tuple)) else None for v in (left, right)]
             if operator == "*" and None in sizes and sizes != [None, None]:
                 count = right if sizes[0] is not None else left
                 size = (sizes[0] or sizes[1]) * (count if isinstance(count, int) else 0)
@@ -58,23 +155,41 @@ class _BoundedSandbox(ImmutableSandboxedEnvironment):
                 size = sum(n or 0 for n in sizes)
             if size > MAX_PROMPT_CHARS:
                 raise SecurityError(f"an expression would make {size} items, over {MAX_PROMPT_CHARS}")
+            _spend(size)
         return super().call_binop(context, operator, left, right)
 
     def call(self, context, obj, *args, **kwargs):
         method = getattr(obj, "__wrapped__", obj)  # the sandbox wraps str.format
         if isinstance(getattr(method, "__self__", None), str) and getattr(method, "__name__", "") in _SIZED_METHODS:
             raise SecurityError(f"str.{method.__name__} is not available in prompt templates")
+        _charge(getattr(method, "__self__", None), *args, *kwargs.values())
         return super().call(context, obj, *args, **kwargs)
+
+    def getitem(self, obj, argument):
+        if isinstance(argument, slice) and hasattr(obj, "__len__"):
+            _spend(len(range(*argument.indices(len(obj)))))  # a slice copies its items
+        return super().getitem(obj, argument)
+
+    def compare(self, left, *operations):
+        """A (chained) comparison, charged the weight of its operands first."""
+        _charge(left, *operations[1::2])
+        for op, right in zip(operations[::2], operations[1::2]):
+            if not _COMPARISONS[op](left, right):
+                return False
+            left = right
+        return True
 
 
 _ENVIRONMENT = _BoundedSandbox(undefined=StrictUndefined, keep_trailing_newline=True, trim_blocks=True,
-                               autoescape=False)
+                               autoescape=False, finalize=lambda value: (_charge(value), value)[1])
 # Filters that cannot make their output much larger than their input (no join, replace, center,
-# indent, format: their size is set by an argument).
-_ENVIRONMENT.filters = {name: _ENVIRONMENT.filters[name] for name in (
+# indent, format: their size is set by an argument), charged their input.
+_ENVIRONMENT.filters = {name: _charged(_ENVIRONMENT.filters[name]) for name in (
     "length", "count", "upper", "lower", "title", "capitalize", "trim", "default", "d", "string", "int", "float",
     "abs", "round", "first", "last", "list", "reverse", "sort", "unique", "min", "max", "sum", "e", "escape",
     "safe", "tojson", "wordcount")}
+_ENVIRONMENT.tests = {name: _charged(test) for name, test in _ENVIRONMENT.tests.items()}
+del _ENVIRONMENT.globals["lipsum"]  # lipsum(n) writes n paragraphs, however many n says
 
 
 def _refuse_unbounded(source: str, name: str) -> None:
@@ -104,14 +219,18 @@ class PromptTemplate:
         template = _ENVIRONMENT.from_string(self.source)
         context = template.new_context({"train_pairs": train_pairs, "test_input": test_input, "answer": answer})
         messages, size = [], 0
-        for block in BLOCKS:
-            parts = []
-            for part in template.blocks[block](context):  # stops as soon as the prompt is too long
-                size += len(part)
-                if size > MAX_PROMPT_CHARS:
-                    raise ValueError(f"prompt template {self.name!r} renders over {MAX_PROMPT_CHARS} characters")
-                parts.append(part)
-            messages.append({"role": block, "content": "".join(parts)})
+        _work.left = MAX_RENDER_WORK
+        try:
+            for block in BLOCKS:
+                parts = []
+                for part in template.blocks[block](context):  # stops as soon as the prompt is too long
+                    size += len(part)
+                    if size > MAX_PROMPT_CHARS:
+                        raise ValueError(f"prompt template {self.name!r} renders over {MAX_PROMPT_CHARS} characters")
+                    parts.append(part)
+                messages.append({"role": block, "content": "".join(parts)})
+        finally:
+            _work.left = None
         return messages
 
 

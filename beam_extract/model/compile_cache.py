@@ -31,6 +31,8 @@ _ENTRY_SUFFIX = "-cache"  # JAX's file for one entry is "<key>-cache" (lru_cache
 _HIT_EVENT = "/jax/compilation_cache/cache_hits"  # recorded by JAX in the compiling thread
 
 MIN_COMPILE_SECONDS = 0.2
+# --compilation_cache_dir value that turns the cache off (the default is on, see default_directory).
+OFF = "none"
 _lock = threading.Lock()
 _directory: str | None = None  # what enable_compilation_cache was given
 _local: Path | None = None  # the directory JAX uses
@@ -82,6 +84,16 @@ def enable_compilation_cache(directory: str) -> None:
         _published.update(entries)
         _LOG.info("persistent compilation cache in %s%s", directory,
                   f" (local mirror {local}, {len(_published)} entries)" if remote else "")
+
+
+def default_directory() -> str:
+    """A worker's own cache when the job names none: local to its machine (under $BEAM_EXTRACT_CACHE,
+    default ~/.cache/beam_extract), one per JAX version, so that a worker started again on the same
+    machine (a pool dropping and starting workers between stages, the next local job) loads its
+    forwards instead of compiling them."""
+    from beam_extract.model.weights import cache_dir
+
+    return str(cache_dir() / "compile-cache" / f"jax-{jax.__version__}")
 
 
 def publish_new_entries() -> int:

@@ -19,7 +19,8 @@ REASONS: dict[str, tuple[str, ...]] = {
               "wrong_type", "empty_text", "blank_line", "ragged_grid", "value_out_of_range", "grid_too_large",
               "empty_train", "empty_test", "too_many_examples", "id_too_long"),
     "dedup": ("duplicate_task_id",),
-    "tokenize": ("too_long", "no_tokens_selected", "token_out_of_range", "no_chat_template", "tokenizer_error"),
+    "tokenize": ("too_long", "no_tokens_selected", "token_out_of_range", "no_chat_template", "tokenizer_error",
+                 "run_too_long"),
     "resume": ("changed_since_commit",),
     "extract": ("model_oom", "non_finite"),
 }
