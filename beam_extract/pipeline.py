@@ -135,7 +135,10 @@ def build(paths: beam.PCollection, job: Job) -> None:
             DEAD_LETTER, main="samples")
     )
     samples = tokenized.samples | "SkipCommitted" >> SkipCommitted(job.resumed.skip_path, job.streaming)
-    todo = samples.todo | "Shuffle" >> ShuffleSamples(o["seed"]) if o["shuffle"] else samples.todo
+    # A shuffle before batching ends the stage that reads, parses and tokenizes: Beam's in-process
+    # runner gives a stage with state (batching) to one worker whole, and would tokenize there too.
+    spread = "Shuffle" >> ShuffleSamples(o["seed"]) if o["shuffle"] else "SpreadSamples" >> beam.Reshuffle()
+    todo = samples.todo | spread
     extracted = (
         todo
         | "Batch" >> BatchSamples(job.plan)

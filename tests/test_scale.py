@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 
 import apache_beam as beam
+import pytest
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
