@@ -398,7 +398,7 @@ def claim_output(job: Job) -> Job:
         ownership.remove_dead_letters(output, DEAD_LETTER_STAGES)  # every line is read, and dead-lettered, again
         delete_quietly(list_paths(f"{output}/{ownership.RUN_DIR}/*{RUN_SKIP_SUFFIX}"))  # of killed resumptions
         skip_path = f"{output}/{ownership.RUN_DIR}/{job.run_id}{RUN_SKIP_SUFFIX}"
-        write_sample_ids(skip_path, {s: d for g in kept for s, d in zip(g["samples"], g["digests"])})
+        write_sample_ids(skip_path, (pair for g in kept for pair in zip(g["samples"], g["digests"])))
         resumed = Resumed(tuple(without_samples(g) for g in kept), skip_path)
         # The run's prompts keep the date they were first rendered with (an older run recorded none).
         run = {**job.fingerprint, ownership.CREATED: recorded.get(ownership.CREATED) or job.fingerprint[ownership.CREATED]}

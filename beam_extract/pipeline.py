@@ -33,7 +33,7 @@ from beam_extract.job import DEAD_LETTER_STAGES, LOCAL_RUNNERS, Job, claim_outpu
 from beam_extract.options import UsageError, check_arguments, template_switches
 from beam_extract.progress import Reporter
 from beam_extract.output import ownership
-from beam_extract.output.commits import read_sample_ids, without_samples
+from beam_extract.output.commits import parse_sample_id, without_samples
 from beam_extract.output.extracted import ExtractedBatch
 from beam_extract.output.manifest import (SumCounts, SummarizeBatches, SummarizeCommits, build_manifest, problems,
                                           write_manifest)
@@ -86,24 +86,29 @@ def read_input(pipeline: beam.Pipeline, job: Job) -> beam.PCollection:
     return pipeline | "MatchInput" >> MatchPaths(o["input"], o["poll_interval"] if job.streaming else 0)
 
 
-class CountCommitted(beam.CombineFn):
-    """Sample ids committed -> {"total", "distinct"}: a sample written twice shows as a difference."""
+class TotalAndDistinct(beam.CombineFn):
+    """How often each id was committed -> {"total", "distinct"}: two integers, whatever the count."""
 
     def create_accumulator(self):
-        return 0, set()
+        return 0, 0
 
-    def add_input(self, acc, sample_id):
-        acc[1].add(sample_id)
-        return acc[0] + 1, acc[1]
+    def add_input(self, acc, times):
+        return acc[0] + times, acc[1] + 1
 
     def merge_accumulators(self, accumulators):
-        n, ids = 0, set()
-        for count, more in accumulators:
-            n, ids = n + count, ids | more
-        return n, ids
+        accumulators = list(accumulators)
+        return sum(a[0] for a in accumulators), sum(a[1] for a in accumulators)
 
     def extract_output(self, acc):
-        return {"total": acc[0], "distinct": len(acc[1])}
+        return {"total": acc[0], "distinct": acc[1]}
+
+
+def count_committed(ids: beam.PCollection, streaming: bool) -> beam.PCollection:
+    """Sample ids committed -> {"total", "distinct"}: a sample written twice shows as a difference.
+    Counted per id first (each id on the worker its key goes to), then the counts are summed: no
+    worker holds all ids."""
+    per_id = ids | "CommitsPerId" >> beam.combiners.Count.PerElement() | "Times" >> beam.Values()
+    return total(per_id, "CountCommitted", TotalAndDistinct(), streaming)
 
 
 def committed_ids(groups: beam.PCollection, job: Job) -> beam.PCollection:
@@ -111,8 +116,8 @@ def committed_ids(groups: beam.PCollection, job: Job) -> beam.PCollection:
     ids = groups | "GroupSampleIds" >> beam.FlatMap(lambda group: group["samples"])
     if job.streaming or not job.resumed.skip_path:
         return ids
-    kept = (groups.pipeline | "ResumedIdsFile" >> beam.Create([job.resumed.skip_path])
-            | "ResumedIds" >> beam.FlatMap(lambda path: read_sample_ids(path).keys()))
+    kept = (groups.pipeline | "ResumedIdsFile" >> beam.io.ReadFromText(job.resumed.skip_path)
+            | "ResumedIds" >> beam.Map(lambda line: parse_sample_id(line)[0]))
     return (ids, kept) | "AllCommittedIds" >> beam.Flatten()
 
 
@@ -134,9 +139,11 @@ def build(paths: beam.PCollection, job: Job) -> None:
                                                 job.fingerprint["created"])).with_outputs(
             DEAD_LETTER, main="samples")
     )
-    samples = tokenized.samples | "SkipCommitted" >> beam.ParDo(SkipCommitted(job.resumed.skip_path)).with_outputs(
-        RESUMED, DEAD_LETTER, main="todo")
-    todo = samples.todo | "Shuffle" >> ShuffleSamples(o["seed"]) if o["shuffle"] else samples.todo
+    samples = tokenized.samples | "SkipCommitted" >> SkipCommitted(job.resumed.skip_path, job.streaming)
+    # A shuffle before batching ends the stage that reads, parses and tokenizes: Beam's in-process
+    # runner gives a stage with state (batching) to one worker whole, and would tokenize there too.
+    spread = "Shuffle" >> ShuffleSamples(o["seed"]) if o["shuffle"] else "SpreadSamples" >> beam.Reshuffle()
+    todo = samples.todo | spread
     extracted = (
         todo
         | "Batch" >> BatchSamples(job.plan)
@@ -162,7 +169,7 @@ def build(paths: beam.PCollection, job: Job) -> None:
         "resumed": total(samples[RESUMED], "CountResumed", count(), job.streaming),
         "dead_letters": total(reasons, "SumReasons", SumCounts(), job.streaming),
         "batching": total(extracted[BATCH_STATS], "SummarizeBatches", SummarizeBatches(), job.streaming),
-        "committed_ids": total(committed_ids(groups, job), "CountCommitted", CountCommitted(), job.streaming),
+        "committed_ids": count_committed(committed_ids(groups, job), job.streaming),
         "dead_letter_files": total(dead_letter_files, "DeadLetterFiles", beam.combiners.ToListCombineFn(),
                                    job.streaming),
     }

@@ -1,6 +1,6 @@
 """Every performance goal, measured side by side against baselines from the same run.
 
-    python -m benchmarks [--quick] [--only forward,pipeline,host,padding,output,memory,commits,runners,families,input] [--readme]
+    python -m benchmarks [--quick] [--only forward,pipeline,host,padding,output,memory,commits,runners,families,input,scale] [--readme]
     python -m benchmarks --recorded --readme   # after a new benchmarks/gpu.sh run: no measuring
 
 Prints a table, writes benchmarks/results.json and benchmarks/results.md, and with --readme puts
@@ -15,12 +15,13 @@ import json
 import time
 from pathlib import Path
 
-from benchmarks import commits, families, forward, host, input, memory, output, padding, pipeline, runners
+from benchmarks import commits, families, forward, host, input, memory, output, padding, pipeline, runners, scale
 from benchmarks.projection import project
 from benchmarks.report import Figure, machine, markdown, today, update_readme
 
 SECTIONS = {"forward": forward, "pipeline": pipeline, "host": host, "padding": padding, "output": output,
-            "memory": memory, "commits": commits, "runners": runners, "families": families, "input": input}
+            "memory": memory, "commits": commits, "runners": runners, "families": families, "input": input,
+            "scale": scale}
 HERE = Path(__file__).resolve().parent
 
 

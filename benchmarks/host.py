@@ -56,7 +56,8 @@ class SimulatedForward:
 class SimulatedModel:
     """Model.dispatch's contract; outputs are fixed random buffers (as pinned host buffers would be)."""
 
-    def __init__(self, rate: float = float("inf")):
+    def __init__(self, rate: float = float("inf"), width: int = D_MODEL):
+        self._width = width
         self.mesh = types.SimpleNamespace(shape={"data": 1}, devices=np.array([types.SimpleNamespace(platform="sim")]))
         self.rate, self._free, self._buffers = rate, 0.0, {}
 
@@ -66,7 +67,7 @@ class SimulatedModel:
         key = (tokens.shape, np.dtype(out_dtype).name)
         if key not in self._buffers:
             rng = np.random.default_rng(0)
-            values = rng.standard_normal((*tokens.shape, D_MODEL), np.float32).astype(out_dtype)
+            values = rng.standard_normal((*tokens.shape, self._width), np.float32).astype(out_dtype)
             self._buffers[key] = values, rng.uniform(100, 200, tokens.shape).astype(np.float32)
         values, norms = self._buffers[key]
         return SimulatedForward({h: values for h in hooks}, {h: norms for h in hooks}, rows, self._free)

@@ -471,9 +471,15 @@ def test_resume_over_changed_moved_or_missing_input_is_refused(tmp_path):
     assert counts["samples_resumed"] == 8 and counts["samples_extracted_now"] == 4 and counts["samples_committed"] == 12
 
 
-def test_a_committed_sample_whose_tokens_changed_is_a_dead_letter_not_a_skip(tmp_path):
+@pytest.mark.parametrize("streaming", [False, True], ids=["join", "lookup"])
+def test_a_committed_sample_whose_tokens_changed_is_a_dead_letter_not_a_skip(tmp_path, streaming):
     """The safety net under the input check: same id, other tokens (e.g. an ARC task id now first
-    used by a new file) is never skipped as done."""
+    used by a new file) is never skipped as done; batch jobs decide on a join by sample id,
+    streaming jobs on a lookup."""
+    import apache_beam as beam
+    from apache_beam.testing.test_pipeline import TestPipeline
+    from apache_beam.testing.util import assert_that, equal_to
+
     from beam_extract.output.commits import write_sample_ids
     from beam_extract.records.dead_letter import DEAD_LETTER
     from beam_extract.stages import RESUMED, SkipCommitted
@@ -482,13 +488,34 @@ def test_a_committed_sample_whose_tokens_changed_is_a_dead_letter_not_a_skip(tmp
     same = Sample("t/v0/t0", np.arange(5, dtype=np.int32), "a.jsonl", 1)
     other = Sample("t/v1/t0", np.arange(6, dtype=np.int32), "a.jsonl", 1)
     new = Sample("u/v0/t0", np.arange(3, dtype=np.int32), "b.jsonl", 1)
-    path = str(tmp_path / "run.skip.json.gz")
-    write_sample_ids(path, {same.sample_id: sample_digest(same), other.sample_id: "0" * 16})
-    skip = SkipCommitted(path)
-    skip.setup()
-    out = [list(skip.process(s))[0] for s in (same, other, new)]
-    assert out[0].tag == RESUMED and out[1].tag == DEAD_LETTER and out[2] is new
-    assert out[1].value.reason == "changed_since_commit"
+    path = str(tmp_path / "0123456789ab.skip.jsonl")
+    write_sample_ids(path, [(same.sample_id, sample_digest(same)), (other.sample_id, "0" * 16),
+                            ("gone/v0/t0", "1" * 16)])  # committed, not in the input now: nothing to route
+    with TestPipeline() as pipeline:
+        out = pipeline | beam.Create([same, other, new]) | SkipCommitted(path, streaming)
+        assert_that(out.todo | "TodoIds" >> beam.Map(lambda s: s.sample_id), equal_to([new.sample_id]), "todo")
+        assert_that(out[RESUMED] | "ResumedIds" >> beam.Map(lambda s: s.sample_id), equal_to([same.sample_id]),
+                    "resumed")
+        assert_that(out[DEAD_LETTER] | beam.Map(lambda d: (d.record_id, d.reason)),
+                    equal_to([(other.sample_id, "changed_since_commit")]), "dead")
+
+
+def test_resume_joins_committed_ids_instead_of_loading_them_in_every_worker(tmp_path):
+    """A batch job's skip is a CoGroupByKey of the samples with the skip file read as text (split
+    in byte ranges): no DoFn loads the committed ids whole."""
+    import apache_beam as beam
+
+    import beam_extract.stages as stages
+    from beam_extract.output.commits import write_sample_ids
+
+    path = str(tmp_path / "0123456789ab.skip.jsonl")
+    write_sample_ids(path, [("a/v0/t0", "0" * 16)])
+    pipeline = beam.Pipeline()
+    _ = pipeline | beam.Create([]) | stages.SkipCommitted(path)
+    labels = [t.full_label for t in pipeline.transforms_stack[0].parts[-1].parts]
+    assert any("JoinCommitted" in label for label in labels) and any("ReadCommitted" in label for label in labels)
+    assert not any(isinstance(getattr(t.transform, "dofn", None), stages._LookupCommitted)
+                   for t in pipeline.transforms_stack[0].parts[-1].parts)
 
 
 @pytest.mark.slow

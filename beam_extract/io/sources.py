@@ -39,6 +39,7 @@ import io
 import lzma
 import os
 import stat
+import typing
 import zlib
 from collections.abc import Callable, Iterator
 from typing import Any, BinaryIO
@@ -375,8 +376,22 @@ class ReadLines(beam.PTransform):
         self._max_line_bytes, self._max_expansion = max_line_bytes, max_expansion
 
     def expand(self, paths):
-        return (
+        read = (
             paths
             | "SpreadFiles" >> beam.Reshuffle()
             | "Lines" >> beam.ParDo(_ReadFile(self._max_line_bytes, self._max_expansion)).with_outputs(DEAD_LETTER, main="lines")
         )
+        # A file is read by one worker (a compressed one cannot be split), but its lines are spread
+        # over all of them before parsing and tokenizing, whatever the number of files: parsing and
+        # tokenizing cost far more than reading, and would otherwise fuse onto the reader.
+        return _Read(read.lines | "SpreadLines" >> beam.Reshuffle(), read[DEAD_LETTER])
+
+
+class _Read(typing.NamedTuple):
+    """ReadLines' outputs, taken as from a ParDo's: `read.lines`, `read[DEAD_LETTER]`."""
+
+    lines: beam.PCollection
+    dead_letters: beam.PCollection
+
+    def __getitem__(self, tag):
+        return self.dead_letters if tag == DEAD_LETTER else tuple.__getitem__(self, tag)

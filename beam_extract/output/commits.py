@@ -21,7 +21,7 @@ from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
-from beam_extract.output.storage import exists, list_paths, read_json
+from beam_extract.output.storage import exists, list_paths, open_read, read_json
 
 # Reading goes through `storage`; Beam's FileSystems is imported only where files are written or
 # deleted, so readers of the output import this module without Beam.
@@ -36,7 +36,7 @@ OUR_NAMES = {
     "commit": re.compile(rf"{GROUP}\.json"),
     "temporary": re.compile(r"\..+\.[0-9a-f]{32}\.tmp"),
     "window": re.compile(rf"{SPAN}-{SPAN}\.json"),
-    "skip": re.compile(r"[0-9a-f]{12}\.skip\.json\.gz"),
+    "skip": re.compile(r"[0-9a-f]{12}\.skip\.jsonl"),
     "dead_letter": re.compile(rf"[a-z]+-(w{SPAN}-)?\d{{5}}-of-\d{{5}}\.jsonl"),
 }
 
@@ -47,7 +47,7 @@ def ours(path: str, *kinds: str) -> bool:
     return any(OUR_NAMES[kind].fullmatch(name) for kind in kinds)
 
 
-RUN_SKIP_SUFFIX = ".skip.json.gz"  # OUT/_run/{run id}.skip.json.gz: the sample ids a resumed run skips
+RUN_SKIP_SUFFIX = ".skip.jsonl"  # OUT/_run/{run id}.skip.jsonl: the sample ids a resumed run skips
 READ_THREADS = 32  # commits are small objects: reading them is latency-bound, so many at once
 
 
@@ -162,15 +162,25 @@ def without_samples(group: dict) -> dict:
     return {name: value for name, value in group.items() if name not in ("samples", "digests")}
 
 
-def write_sample_ids(path: str, digests: dict[str, str]) -> None:
-    """{sample id: digest of what was committed} as JSON in a .json.gz file (Beam compresses by
-    the name): what each worker of a resumed run skips, read in one request."""
+def write_sample_ids(path: str, digests: Iterable[tuple[str, str]]) -> None:
+    """(sample id, digest of what was committed) pairs, one JSON pair a line in an uncompressed file:
+    what a resumed run skips. Workers read it in byte ranges, in parallel, and join it with the
+    samples by id, so no worker holds all of it."""
     from apache_beam.io.filesystems import FileSystems
 
-    assert path.endswith(".json.gz"), path
-    with FileSystems.create(path) as handle:
-        handle.write(json.dumps(digests, sort_keys=True).encode("utf-8"))
+    assert path.endswith(RUN_SKIP_SUFFIX), path
+    with FileSystems.create(path, compression_type="uncompressed") as handle:
+        for pair in digests:
+            handle.write(json.dumps(pair).encode("utf-8") + b"\n")
+
+
+def parse_sample_id(line: str) -> tuple[str, str]:
+    """A line of a skip file -> (sample id, digest)."""
+    sample_id, digest = json.loads(line)
+    return sample_id, digest
 
 
 def read_sample_ids(path: str) -> dict[str, str]:
-    return read_json(path)
+    """A whole skip file as {sample id: digest} (streaming jobs' lookup; batch jobs join instead)."""
+    with open_read(path) as handle:
+        return dict(parse_sample_id(line.decode("utf-8")) for line in handle)
