@@ -283,12 +283,13 @@ def token_samples(doc: TokenDoc, tokenizer, max_seq_len: int, selection: TokenSe
     """A pre-tokenized row's windows of at most `max_seq_len` ids, as given (no tokenizer runs):
     with `prepend_bos` each window starts with the tokenizer's own text prefix, as text windows do.
     An id that is no row of the model's embedding (or of any int32) makes the row a dead letter."""
-    ids = np.asarray(doc.token_ids, np.int64)
     bound = vocab_size or 2**31
-    if ids.min() < 0 or ids.max() >= bound:
-        bad = int(ids[(ids < 0) | (ids >= bound)][0])
+    # Checked on the Python ints: an id past int64 (2**64 - 1 in a uint64 column) is out of range too.
+    bad = next((i for i in doc.token_ids if not 0 <= i < bound), None)
+    if bad is not None:
         return [DeadLetter(doc.source, doc.line_number, "tokenize", "token_out_of_range",
                            f"{doc.key}: token id {bad} has no row in the model's embedding of {bound} rows")]
+    ids = np.asarray(doc.token_ids, np.int64)
     prefix = special_affixes(tokenizer)[0] if prepend_bos else np.zeros(0, np.int32)
     room = max_seq_len - len(prefix)
     return [select(Sample(f"{doc.key}#w{window}", np.concatenate([prefix, ids[start: start + room].astype(np.int32)]),

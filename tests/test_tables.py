@@ -137,6 +137,27 @@ def test_a_text_over_the_byte_limit_is_line_too_long_with_its_start(tmp_path):
     assert isinstance(parse_line(short, "text"), TextDoc)
 
 
+@pytest.mark.parametrize("kind", ["dictionary", "string_view", "large_string"])
+def test_a_long_text_in_any_string_column_type_is_line_too_long(tmp_path, kind):
+    """pandas writes its categories as dictionary columns; Arrow has string views: their texts are
+    measured like plain strings, and a long one is cut before it becomes a Python string."""
+    texts = pa.array(["short", "é" * 3000])
+    column = {"dictionary": texts.dictionary_encode(), "string_view": texts.cast(pa.string_view()),
+              "large_string": texts.cast(pa.large_string())}[kind]
+    pq.write_table(pa.table({"text": column, "id": [1, 2]}), tmp_path / "a.parquet")
+    short, long = read_records(str(tmp_path / "a.parquet"), TEXT, max_line_bytes=4096)
+    assert short.too_long == 0 and long.too_long == 6000 and len(long.row["text"]) <= 4096
+    assert parse_line(long, "text").reason == "line_too_long"
+    assert isinstance(parse_line(short, "text"), TextDoc)
+
+
+def test_ids_of_token_rows_are_bounded_as_text_ids_are():
+    row = SourceRow("t.parquet", 1, {"input_ids": [1, 2], "id": "x" * 3000})
+    assert parse_line(row, "tokens").reason == "id_too_long"
+    assert parse_line(row, "text").reason == "missing_field"  # (a text row: the same id is refused too)
+    assert parse_line(SourceRow("t.parquet", 1, {"input_ids": [1, 2], "id": "x" * 1024}), "tokens").doc_id == "x" * 1024
+
+
 def flip(path, at):
     data = bytearray(path.read_bytes())
     data[at] ^= 0xFF
@@ -265,7 +286,7 @@ def test_token_rows_out_of_range_or_not_ids_are_dead_letters(tokenizer):
     def tokens(row, field=""):
         return parse_line(SourceRow("t.parquet", 7, row), "tokens", tokens_field=field)
 
-    for bad in (151936, -1, 2**40):
+    for bad in (151936, -1, 2**40, 2**63, 2**64 - 1):  # past int64 too (a uint64 column holds them)
         [letter] = token_samples(tokens({"tokens": [1, bad, 2]}), tokenizer, 64, TokenSelection(), 151936)
         assert letter.reason == "token_out_of_range" and str(bad) in letter.detail
     assert tokens({"ids": [1, 2]}).reason == "missing_field"

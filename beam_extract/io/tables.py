@@ -198,29 +198,48 @@ def _values(batch: pa.RecordBatch, names: list[str]) -> list[dict]:
     return [dict(zip(names, values)) for values in zip(*(batch.column(name).to_pylist() for name in names))]
 
 
-def _text_bytes(batch: pa.RecordBatch, sized: str) -> list[int]:
-    """Per row, the UTF-8 bytes of the text at `sized` (0 where it is null, missing or no string),
-    computed by Arrow on the column, not row by row in Python."""
+def _as_text(array: pa.Array | None) -> pa.Array | None:
+    """A column of strings in a type Arrow's string kernels take (dictionary-encoded columns, as
+    pandas' categories are written, decoded; string views as large strings), or None for another type."""
+    if array is not None and pa.types.is_dictionary(array.type):
+        array = array.dictionary_decode()
+    if array is not None and pa.types.is_string_view(array.type):
+        array = array.cast(pa.large_string())
+    if array is None or not (pa.types.is_string(array.type) or pa.types.is_large_string(array.type)):
+        return None
+    return array
+
+
+def _text_column(batch: pa.RecordBatch, sized: str) -> pa.Array | None:
+    """The text at `sized` (a column, or a dotted path into struct columns) as strings, or None
+    where the batch has no string there (the parser then names the row's problem)."""
     names = batch.schema.names
     head, *rest = [sized] if sized in names or not sized else sized.split(".")
     array = batch.column(head) if head in names else None
     for part in rest:
         if array is None or not pa.types.is_struct(array.type) or array.type.get_field_index(part) < 0:
-            array = None
-            break
+            return None
         array = pc.struct_field(array, part)
-    if array is None or not (pa.types.is_string(array.type) or pa.types.is_large_string(array.type)):
-        return [0] * batch.num_rows
-    return pc.binary_length(array).fill_null(0).to_pylist()
+    return _as_text(array)
 
 
 def _rows(batches: Iterator[pa.RecordBatch], part: Part, columns: Columns, limit: int) -> Iterator[SourceRow]:
     """Each row of each batch; a text over `limit` UTF-8 bytes comes as its start only, with its
-    size (a line_too_long dead letter for the parser)."""
+    size (a line_too_long dead letter for the parser). Sizes are computed by Arrow on the column,
+    and a long text is cut there, before any row becomes Python values: a small compressed file
+    holding one huge text costs its row group's Arrow memory, not Python strings of it too."""
     number = part.first_row
     for batch in batches:
+        text = _text_column(batch, columns.sized)
+        sizes = [0] * batch.num_rows if text is None else pc.binary_length(text).fill_null(0).to_pylist()
+        if text is not None and columns.sized in batch.schema.names and max(sizes, default=0) > limit:
+            too_long = pc.greater(pc.binary_length(text).fill_null(0), limit)
+            cut = pc.if_else(too_long, pc.utf8_slice_codeunits(text, 0, 4096), text)
+            batch = pa.RecordBatch.from_arrays(
+                [cut if name == columns.sized else batch.column(name) for name in batch.schema.names],
+                names=batch.schema.names)
         rows = _values(batch, columns.top_level(batch.schema.names))
-        for row, size in zip(rows, _text_bytes(batch, columns.sized)):
+        for row, size in zip(rows, sizes):
             if size > limit:
                 yield SourceRow(part.path, number, {columns.sized: field(row, columns.sized)[:4096]}, size, size)
             else:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from beam_extract.records.errors import InvalidRecord
+from beam_extract.records.errors import InvalidRecord, check_id
 from beam_extract.records.text import document_id, field
 
 # Without --tokens_field, the first of these a row has.
@@ -37,4 +37,5 @@ def validate_tokens(obj: dict, tokens_field: str, source: str, line_number: int,
     odd = [i for i in ids if not isinstance(i, int) or isinstance(i, bool)][:1]
     if odd:
         raise InvalidRecord("wrong_type", f"{found!r} holds a {type(odd[0]).__name__}, not only integer token ids")
-    return TokenDoc(f"{name or source}:{line_number}", tuple(ids), source, line_number, document_id(obj, id_field))
+    key = check_id(f"{name or source}:{line_number}", "file:line")
+    return TokenDoc(key, tuple(ids), source, line_number, check_id(document_id(obj, id_field), id_field))
