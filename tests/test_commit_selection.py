@@ -63,11 +63,25 @@ def test_the_issue_26_groups_read_uniq2_and_say_dup1_is_read_twice(tmp_path, whe
         files = hook_files(str(tmp_path), HOOK)
     assert [f.rpartition("part-")[2] for f in files] == ["000000000001-000000000001.tfrecord",
                                                           "000000000002-000000000002.tfrecord"]
-    snapshot = str(tmp_path / "plan.json") if where == "local" else f"{request.getfixturevalue('gcs_bucket')}/plan.json"
+    snapshot = f"{tmp_path}-plan.json" if where == "local" else f"{request.getfixturevalue('gcs_bucket')}/plan.json"
     write_snapshot(str(tmp_path), snapshot)
     plan = read_plan(snapshot)
     assert plan.source == "snapshot" and plan.fixed and plan.files(HOOK) == files
     assert any("000000000002-000000000002" in p for p in plan.problems)
+
+
+def test_a_snapshot_is_never_written_into_the_output_and_spellings_of_a_path_plan_alike(tmp_path):
+    manifest = {"ok": True, "problems": [], "hooks": {HOOK: {"files": ["resid_post/layer_00/part-x.tfrecord"]}}}
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out/manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="inside the output"):  # a later --resume would refuse the output
+        write_snapshot(str(tmp_path / "out"), str(tmp_path / "out/plan.json"))
+    assert not (tmp_path / "out/plan.json").exists()
+    digests = {read_plan(spelling).digest([HOOK]) for spelling in (f"{tmp_path}/out", f"{tmp_path}//out/",
+                                                                    f"{tmp_path}/./out")}
+    assert len(digests) == 1  # ranks given the same output in other spellings agree
+    with pytest.raises(ValueError, match="distinct hooks"):
+        token_batches(str(tmp_path / "out"), hooks=HOOK)  # a string, not a list of hooks
 
 
 def test_a_finished_ok_run_reads_without_a_warning_and_one_not_ok_warns(tmp_path):

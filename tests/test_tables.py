@@ -213,6 +213,12 @@ def test_truncated_and_corrupt_table_files_are_dead_letters_naming_the_file(tmp_
         assert [b.reason for b in bad] == ["truncated_file"] and bad[0].line_number == len(good)
         assert (len(good) == len(rows)) == complete
         assert [r.row["text"] for r in good] == [r["text"] for r in rows[: len(good)]]
+    # Two streams back to back, or bytes after one: Arrow stops at the first end-of-stream marker.
+    for tail in (whole, b"garbage!"):
+        (tmp_path / "more.arrow").write_bytes(whole + tail)
+        good, bad = reads(tmp_path / "more.arrow")
+        assert [b.reason for b in bad] == ["corrupt_file"] and f"{len(tail)} bytes follow" in bad[0].detail
+        assert len(good) == len(rows) == bad[0].line_number
 
 
 def test_read_input_spreads_row_groups_and_sends_bad_files_to_dead_letters(tmp_path):

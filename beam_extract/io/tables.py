@@ -144,6 +144,12 @@ def _tail(handle: _Storage, size: int) -> bytes | None:
         return None
 
 
+def _bytes_left(handle: _Storage) -> int:
+    """How many bytes of the file follow the position reading stopped at."""
+    at = handle.tell()
+    return handle.seek(0, 2) - at
+
+
 def _dead_letter(path: str, reason: str, why: str, rows: int, part: Part | None = None) -> DeadLetter:
     """A read dead letter, numbered as io.sources' are: by the rows read before the failure."""
     where = f"row group {part.row_group} (rows {part.first_row} to {part.first_row + part.rows - 1})" \
@@ -255,7 +261,7 @@ def read_part(part: Part, columns: Columns, limit: int = MAX_LINE_BYTES) -> Iter
     if refusal:
         yield _dead_letter(path, *refusal, 0, part)
         return
-    truncated = None
+    truncated, stream = None, False
     try:
         with _open(path) as handle:
             try:
@@ -272,7 +278,11 @@ def read_part(part: Part, columns: Columns, limit: int = MAX_LINE_BYTES) -> Iter
                 for row in _rows(batches, part, columns, limit):
                     read += 1
                     yield row
-                if truncated or handle.error is not None:
+                left = _bytes_left(handle) if part.row_group is None and stream else 0
+                if left:  # Arrow's reader stops at the first end-of-stream marker, silently
+                    yield _dead_letter(path, "corrupt_file", f"{left} bytes follow the Arrow stream's end-of-stream "
+                                       "marker (a second stream, or bytes appended): they are not read", read, part)
+                elif truncated or handle.error is not None:
                     yield _failure(path, handle, EOFError(), read, part, truncated)
             except Exception as error:
                 yield _failure(path, handle, error, read, part, truncated)

@@ -24,6 +24,7 @@ import dataclasses
 import hashlib
 import itertools
 import json
+import posixpath
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 
@@ -79,7 +80,7 @@ class Plan:
 
 def read_plan(path: str) -> Plan:
     """The plan of the output directory `path`, or the one a snapshot file at `path` holds."""
-    path = path.rstrip("/")
+    path = _spelled_once(path)
     if path.endswith(".json"):  # a snapshot (an output is a directory)
         snapshot = read_json(path)
         if snapshot.get("snapshot_format") != SNAPSHOT_FORMAT:
@@ -104,6 +105,14 @@ def read_plan(path: str) -> Plan:
                 (unfinished, *selection.problems))
 
 
+def _spelled_once(path: str) -> str:
+    """One spelling per directory (`out/`, `out//`, `./out` are `out`), so that ranks given the
+    same output agree on their plans' digests."""
+    if path.startswith("gs://"):
+        return path.rstrip("/")
+    return posixpath.normpath(path)
+
+
 def write_snapshot(path: str, snapshot: str) -> Plan:
     """Lists the files of the output `path` once, into the file `snapshot` (local or gs://, a name
     ending in .json): readers
@@ -112,6 +121,9 @@ def write_snapshot(path: str, snapshot: str) -> Plan:
     if not snapshot.endswith(".json"):
         raise ValueError(f"a snapshot's name ends in .json (readers know it by that): {snapshot}")
     plan = read_plan(path)
+    if _spelled_once(snapshot).startswith(plan.output + "/"):
+        raise ValueError(f"{snapshot} is inside the output {plan.output}, which holds only what beam-extract "
+                         "writes (a --resume would refuse it); write the snapshot elsewhere")
     write_bytes(snapshot, json.dumps({"snapshot_format": SNAPSHOT_FORMAT, "output": plan.output,
                                       "of": plan.source, "complete": plan.complete, "problems": plan.problems,
                                       "hooks": plan.hooks}, indent=1).encode())
@@ -252,7 +264,7 @@ def paired_files(plan: Plan, hooks: Sequence[str]) -> list[tuple[str, ...]]:
     """Per commit, the file of each of `hooks`: a commit writes one file per hook, with the same
     samples in the same order and the same name. Hooks whose files are not of the same commits
     (written by different runs, or an output put together from several) are refused."""
-    if not hooks or len(set(hooks)) != len(hooks):
+    if isinstance(hooks, str) or not hooks or len(set(hooks)) != len(hooks):
         raise ValueError(f"hooks must name distinct hooks, got {list(hooks)}")
     path, lists = plan.output, [plan.files(hook) for hook in hooks]
     names = [[file.rsplit("/", 1)[-1] for file in files] for files in lists]
