@@ -339,17 +339,8 @@ def make_job(options: PipelineOptions) -> Job:
     _usage(mesh_sizes, ours["mesh"])
     local = is_local(options)
     ours["compilation_cache_dir"] = compilation_cache_dir(ours["compilation_cache_dir"], options, not local)
-    # A local job's workers run on this host: their devices are counted (in a child process, so the
-    # driver never holds the accelerator) and a mesh that does not cover them is refused here. A
-    # remote job's workers check it against their own.
-    device = None
     if local:
-        try:
-            device = devices.local_devices()
-        except devices.DevicesUnavailable as error:
-            raise UsageError(f"--mesh {ours['mesh']}: {error}") from None
-        _usage(mesh_sizes, ours["mesh"], device["count"])
-        device = {"platform": device["platform"], "kind": device["kind"]}
+        devices.start_listing()  # counted while the checks below run
     created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     config = config_from_hf(load_hf_config(resolve_model_dir(ours["model"], weights=False)))
     layers, sites = parse_layers(ours["layers"], config.num_layers), parse_sites(ours["sites"])
@@ -363,6 +354,17 @@ def make_job(options: PipelineOptions) -> Job:
                          f"can be read back with; use at most {MAX_RECORD_BYTES // token_bytes}")
     _usage(check_context, config, ours["max_seq_len"])
     dry_render(ours, config.vocab_size, created)
+    # A local job's workers run on this host: their devices are counted (in a child process, so the
+    # driver never holds the accelerator) and a mesh that does not cover them is refused here. A
+    # remote job's workers check it against their own.
+    device = None
+    if local:
+        try:
+            device = devices.local_devices()
+        except devices.DevicesUnavailable as error:
+            raise UsageError(f"--mesh {ours['mesh']}: {error}") from None
+        _usage(mesh_sizes, ours["mesh"], device["count"])
+        device = {"platform": device["platform"], "kind": device["kind"]}
     hooks = tuple((layer, site) for site in sites for layer in layers)
     plan = BatchPlan(buckets, ours["batch_size"], ours["tokens_per_batch"], ours["packing"],
                      min(ours["pack_length"] or ours["max_seq_len"], ours["max_seq_len"]),

@@ -4,6 +4,7 @@ memory, or on a TPU the device itself, that the workers need)."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import json
 import os
@@ -20,8 +21,18 @@ class DevicesUnavailable(Exception):
 
 
 @functools.lru_cache(maxsize=1)
+def start_listing() -> concurrent.futures.Future:
+    """Starts listing this host's devices (once per process) while the caller goes on: a JAX start
+    takes seconds that the driver's other checks can share."""
+    return concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="devices").submit(_list)
+
+
 def local_devices() -> dict:
     """{'platform', 'kind', 'count'} of this host's JAX devices, listed once per process."""
+    return start_listing().result()
+
+
+def _list() -> dict:
     environment = {**os.environ, "XLA_PYTHON_CLIENT_PREALLOCATE": "false"}  # a GPU's memory: only what listing needs
     try:
         result = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, env=environment,
