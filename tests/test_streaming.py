@@ -385,7 +385,10 @@ def test_a_task_id_reused_in_a_later_window_is_a_dead_letter(runner):
               .advance_watermark_to(2 * WINDOW)
               .add_elements([arc_task("uniq2", "c.jsonl", 1, 2 * WINDOW + 1)])
               .advance_watermark_to_infinity())
-    extra = [f"--prism_location={Path(sys.executable).parent / 'prism'}"] if runner == "PrismRunner" else []
+    # Its own job server: Beam shares one per process, made with the options of the first Prism job,
+    # and a test's bare beam.Pipeline() (the DirectRunner tries Prism first) may have made it.
+    extra = [f"--prism_location={Path(sys.executable).parent / 'prism'}",
+             "--experiments=disable_prism_server_singleton"] if runner == "PrismRunner" else []
     pipeline = beam.Pipeline(options=PipelineOptions(["--streaming", f"--runner={runner}", *extra]))
     records = pipeline | stream | beam.WindowInto(FixedWindows(WINDOW))
     tasks, dead = records | DropDuplicateTasks()
