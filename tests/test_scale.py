@@ -37,22 +37,43 @@ def test_route_makes_one_counter_per_name_not_one_per_element(monkeypatch):
     assert sorted(made) == [("dead_letter.parse", "invalid_json"), ("parse", "out")]
 
 
-def test_the_driver_inventories_local_input_from_metadata_without_reading_it(tmp_path, monkeypatch):
+def test_the_driver_reads_at_most_both_ends_of_a_local_input_file(tmp_path, monkeypatch):
+    import builtins
+
     import beam_extract.io.inventory as inventory
 
-    (tmp_path / "a.jsonl").write_text('{"text": "one"}\n')
+    big = tmp_path / "a.jsonl"
+    big.write_bytes(b'{"text": "one"}\n' * 100_000)  # 1.6 MB
+    read = []
 
-    def no_reading(*args, **kwargs):
-        raise AssertionError("the driver read an input file's bytes")
+    class Counted:
+        def __init__(self, handle):
+            self._handle = handle
 
-    monkeypatch.setattr(inventory, "open", no_reading, raising=False)
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self._handle.close()
+
+        def seek(self, *args):
+            return self._handle.seek(*args)
+
+        def read(self, size):
+            data = self._handle.read(size)
+            read.append(len(data))
+            return data
+
+    monkeypatch.setattr(inventory, "open", lambda path, mode: Counted(builtins.open(path, mode)), raising=False)
     before = inventory.inventory(f"{tmp_path}/*.jsonl")
-    assert before["files"]["a.jsonl"]["size"] == 16
-    (tmp_path / "a.jsonl").write_text('{"text": "two"}\n')  # same size, new content
-    os.utime(tmp_path / "a.jsonl", ns=(1, before["files"]["a.jsonl"]["mtime_ns"] + 10**9))
-    assert inventory.changes(before, inventory.inventory(f"{tmp_path}/*.jsonl")) == [
-        "a.jsonl changed (size 16 -> 16)"]
-    recorded_by_checksum = {"root": before["root"], "files": {"a.jsonl": {"size": 16, "crc32c": "AAAAAA=="}}}
+    assert before["files"]["a.jsonl"]["size"] == 1_600_000 and sum(read) == 2 * inventory.ENDS_BYTES
+    # A copy of the same bytes (a new modification time) is the same input; another last line is not.
+    os.utime(big, ns=(1, 10**18))
+    assert inventory.changes(before, inventory.inventory(f"{tmp_path}/*.jsonl")) == []
+    big.write_bytes(b'{"text": "one"}\n' * 99_999 + b'{"text": "two"}\n')  # same size, new content
+    [change] = inventory.changes(before, inventory.inventory(f"{tmp_path}/*.jsonl"))
+    assert change.startswith("a.jsonl changed (ends_crc32c ")
+    recorded_by_checksum = {"root": before["root"], "files": {"a.jsonl": {"size": 1_600_000, "crc32c": "AAAAAA=="}}}
     assert inventory.changes(recorded_by_checksum, inventory.inventory(f"{tmp_path}/*.jsonl")) == []
 
 
