@@ -217,16 +217,19 @@ def test_arc_records_carry_their_view(default_run):
 
 
 @pytest.mark.slow
-def test_inspect_prints_a_table_and_writes_plots(default_run, capsys):
+def test_inspect_prints_a_table_and_writes_plots(default_run, capsys, tmp_path, monkeypatch):
     from beam_extract import inspect
 
     workdir, _, _ = default_run
+    monkeypatch.chdir(tmp_path)  # where the plots go by default: the working directory, never the output
+    before = sorted((workdir / "activations").rglob("*"))
     inspect.main([str(workdir / "activations")])
     out = capsys.readouterr().out
     assert "blocks.3.hook_resid_post" in out and "dead letters none" in out
     assert "the plots show the first 46 of 46 records per hook (4 hooks)" in out
     for name in ("inspect_norms.png", "inspect_tokens.png"):
-        assert (workdir / "activations" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted((workdir / "activations").rglob("*")) == before
 
 
 def sae_example():
