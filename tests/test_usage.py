@@ -349,7 +349,7 @@ def one_device_more() -> str:
     ([one_device_more], "devices; this host has"),
     (["--input={tmp}"], "is a directory; name its files, e.g."),
     (["--input={tmp}/corpus/**", "--output={tmp}/corpus/acts"], "matches the job's own output files"),
-    (["--input={tmp}/corpus/**/*.jsonl", "--output={tmp}/corpus/acts"], "dead_letter/read-00000-of-00001.jsonl"),
+    (["--input={tmp}/corpus/**/*.jsonl", "--output={tmp}/corpus/acts"], "matches the job's own output files"),
     (["--output=gs://"], "--output 'gs://': name a bucket"),
     (["--output=gs:///x"], "name a bucket"),
     (["--compilation_cache_dir=gs://"], "--compilation_cache_dir 'gs://': name a bucket"),
