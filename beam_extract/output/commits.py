@@ -14,6 +14,7 @@ also read any other group that holds a sample none of those holds, and report th
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import uuid
@@ -169,9 +170,11 @@ def write_sample_ids(path: str, digests: Iterable[tuple[str, str]]) -> None:
     from apache_beam.io.filesystems import FileSystems
 
     assert path.endswith(RUN_SKIP_SUFFIX), path
+    quote = json.encoder.encode_basestring_ascii  # json.dumps's own quoting, without its per-call cost
     with FileSystems.create(path, compression_type="uncompressed") as handle:
-        for pair in digests:
-            handle.write(json.dumps(pair).encode("utf-8") + b"\n")
+        pairs = iter(digests)
+        while chunk := list(itertools.islice(pairs, 65536)):
+            handle.write("".join(f"[{quote(sample)}, {quote(digest)}]\n" for sample, digest in chunk).encode("ascii"))
 
 
 def parse_sample_id(line: str) -> tuple[str, str]:
