@@ -23,7 +23,9 @@ from apache_beam.options.pipeline_options import (PipelineOptions, PortableOptio
 from apache_beam.runners.runner import PipelineResult
 from apache_beam.transforms.window import FixedWindows
 
-from beam_extract.accounting import AccountLines
+from beam_extract.accounting.invariants import RunTotals, problems
+from beam_extract.accounting.lines import AccountLines
+from beam_extract.accounting.totals import TotalRun, committed_ids
 from beam_extract.batching import BatchSamples, ShuffleSamples
 from beam_extract.extract import BATCH_STATS, ExtractDoFn
 from beam_extract.faults import maybe_fail
@@ -33,10 +35,8 @@ from beam_extract.job import DEAD_LETTER_STAGES, LOCAL_RUNNERS, Job, claim_outpu
 from beam_extract.options import UsageError, check_arguments, template_switches
 from beam_extract.progress import Reporter
 from beam_extract.output import ownership
-from beam_extract.output.commits import parse_sample_id, without_samples
 from beam_extract.output.extracted import ExtractedBatch
-from beam_extract.output.manifest import (SumCounts, SummarizeBatches, SummarizeCommits, build_manifest, problems,
-                                          write_manifest)
+from beam_extract.output.manifest import build_manifest, write_manifest
 from beam_extract.output.windows import WriteWindowIndex
 from beam_extract.output.writer import WriteShards, remove_unlisted
 from beam_extract.records.dead_letter import DEAD_LETTER
@@ -45,23 +45,19 @@ from beam_extract.stages import (RESUMED, DropDuplicateTasks, ParseDoFn, SkipCom
                                  expand_views)
 
 
-def _finish(_, job: Job, lines_read: int, lines: dict, samples: int, resumed: int, dead_letters: dict,
-            batching: dict, groups: list, committed_ids: dict, dead_letter_files: list) -> str:
-    """Runs once every write has finished (its side inputs depend on all of them). The output is
-    what the pipeline accepted: the groups it passed on (successful attempts only) and those the
-    resumed run kept; anything else of ours on disk is removed."""
-    every_group = [*job.resumed.groups, *groups]
+def _finish(totals: RunTotals, job: Job) -> str:
+    """Runs once every write has finished (its totals depend on all of them). The output is what the
+    pipeline accepted: the groups it passed on (successful attempts only) and those the resumed run
+    kept; anything else of ours on disk is removed."""
+    every_group = [*job.resumed.groups, *totals.groups]
     remove_unlisted(job.output, job.hooks, every_group)
     maybe_fail("finalize")
-    manifest = build_manifest(
-        options=job.options, config=job.config, hooks=job.hooks, groups=every_group, lines_read=lines_read,
-        lines=lines, samples=samples, resumed=resumed, dead_letters=dead_letters, batching=batching,
-        dead_letter_files=dead_letter_files, weights_sha256=job.fingerprint["weights_sha256"],
-        committed_now=sum(g["samples"] for g in groups), committed_ids=committed_ids, run_id=job.run_id)
+    manifest = build_manifest(options=job.options, config=job.config, hooks=job.hooks, groups=every_group,
+                              totals=totals, weights_sha256=job.fingerprint["weights_sha256"], run_id=job.run_id)
     # The software and device of this job; a resumption's differences from the run's, as accepted.
     manifest["software"] = {**job.fingerprint["software"], "device": job.fingerprint["device"],
                             "accepted_changes": list(job.software_changes)}
-    manifest["problems"] = problems(manifest["counts"], dead_letters)
+    manifest["problems"] = problems(manifest["counts"], totals.dead_letters)
     manifest["ok"] = not manifest["problems"]
     path = write_manifest(job.output, manifest)
     if job.resumed.skip_path:
@@ -73,52 +69,10 @@ def _finish(_, job: Job, lines_read: int, lines: dict, samples: int, resumed: in
     return path
 
 
-def total(pcoll: beam.PCollection, label: str, combine: beam.CombineFn, streaming: bool) -> beam.PCollection:
-    """The whole run's result in batch (the combine's empty result if there was no input), each
-    window's in streaming (none for a window without input)."""
-    combined = beam.CombineGlobally(combine)
-    return pcoll | label >> (combined.without_defaults() if streaming else combined)
-
-
 def read_input(pipeline: beam.Pipeline, job: Job) -> beam.PCollection:
     """Paths of the input files: matched once, or in streaming watched for new ones."""
     o = job.options
     return pipeline | "MatchInput" >> MatchPaths(o["input"], o["poll_interval"] if job.streaming else 0)
-
-
-class TotalAndDistinct(beam.CombineFn):
-    """How often each id was committed -> {"total", "distinct"}: two integers, whatever the count."""
-
-    def create_accumulator(self):
-        return 0, 0
-
-    def add_input(self, acc, times):
-        return acc[0] + times, acc[1] + 1
-
-    def merge_accumulators(self, accumulators):
-        accumulators = list(accumulators)
-        return sum(a[0] for a in accumulators), sum(a[1] for a in accumulators)
-
-    def extract_output(self, acc):
-        return {"total": acc[0], "distinct": acc[1]}
-
-
-def count_committed(ids: beam.PCollection, streaming: bool) -> beam.PCollection:
-    """Sample ids committed -> {"total", "distinct"}: a sample written twice shows as a difference.
-    Counted per id first (each id on the worker its key goes to), then the counts are summed: no
-    worker holds all ids."""
-    per_id = ids | "CommitsPerId" >> beam.combiners.Count.PerElement() | "Times" >> beam.Values()
-    return total(per_id, "CountCommitted", TotalAndDistinct(), streaming)
-
-
-def committed_ids(groups: beam.PCollection, job: Job) -> beam.PCollection:
-    """Every sample id the output holds: of this run's groups and, in batch, of the run resumed."""
-    ids = groups | "GroupSampleIds" >> beam.FlatMap(lambda group: group["samples"])
-    if job.streaming or not job.resumed.skip_path:
-        return ids
-    kept = (groups.pipeline | "ResumedIdsFile" >> beam.io.ReadFromText(job.resumed.skip_path)
-            | "ResumedIds" >> beam.Map(lambda line: parse_sample_id(line)[0]))
-    return (ids, kept) | "AllCommittedIds" >> beam.Flatten()
 
 
 def build(paths: beam.PCollection, job: Job) -> None:
@@ -161,42 +115,16 @@ def build(paths: beam.PCollection, job: Job) -> None:
     dead_letter_files, reasons, lines = dead_by_stage | "AccountLines" >> AccountLines(
         o["output"], extracted.records, samples[RESUMED])
 
-    count = beam.combiners.CountCombineFn
     totals = {
-        "lines_read": total(read["lines"], "CountLines", count(), job.streaming),
-        "lines": total(lines, "AllFiles", SumCounts(), job.streaming),
-        "samples": total(samples.todo, "CountSamples", count(), job.streaming),
-        "resumed": total(samples[RESUMED], "CountResumed", count(), job.streaming),
-        "dead_letters": total(reasons, "SumReasons", SumCounts(), job.streaming),
-        "batching": total(extracted[BATCH_STATS], "SummarizeBatches", SummarizeBatches(), job.streaming),
-        "committed_ids": count_committed(committed_ids(groups, job), job.streaming),
-        "dead_letter_files": total(dead_letter_files, "DeadLetterFiles", beam.combiners.ToListCombineFn(),
-                                   job.streaming),
-    }
+        "lines_read": read["lines"], "lines": lines, "samples": samples.todo, "resumed": samples[RESUMED],
+        "dead_letters": reasons, "batching": extracted[BATCH_STATS], "dead_letter_files": dead_letter_files,
+        "committed_ids": committed_ids(groups, None if job.streaming else job.resumed.skip_path), "groups": groups,
+    } | "Totals" >> TotalRun(job.streaming)
     if job.streaming:
-        # An unbounded job never finishes, so global side inputs never become ready: each window's
-        # totals meet in a CoGroupByKey when the window closes and go to its index.
-        totals["commits"] = total(groups, "SummarizeCommits", SummarizeCommits(job.hooks), job.streaming)
-        (
-            {name: pcoll | f"Key[{name}]" >> beam.Map(lambda value: (None, value)) for name, pcoll in totals.items()}
-            | "PerWindow" >> beam.CoGroupByKey()
-            | "WindowIndex" >> beam.ParDo(WriteWindowIndex(job.output, job.hooks, job.config,
-                                                           o["norm_exclude_first"]))
-        )
+        totals | "WindowIndex" >> beam.ParDo(WriteWindowIndex(job.output, job.hooks, job.config,
+                                                                o["norm_exclude_first"]))
     else:
-        totals["groups"] = total(groups | "WithoutSampleIds" >> beam.Map(group_summary), "AllGroups",
-                                 beam.combiners.ToListCombineFn(), job.streaming)
-        (
-            paths.pipeline
-            | "Once" >> beam.Create([None])
-            | "Manifest" >> beam.Map(_finish, job, **{name: beam.pvalue.AsSingleton(pcoll)
-                                                     for name, pcoll in totals.items()})
-        )
-
-
-def group_summary(group: dict) -> dict:
-    """A group as the manifest keeps it: its sample count instead of its sample ids."""
-    return {**without_samples(group), "samples": len(group["samples"])}
+        totals | "Manifest" >> beam.Map(_finish, job)
 
 
 def _local_runner_without_download(options: PipelineOptions) -> None:

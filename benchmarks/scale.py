@@ -137,9 +137,10 @@ def metadata(tmp: Path, run_args: list[str], output: Path, count: int) -> dict:
     from beam_extract.job import make_job
     from beam_extract.output.commits import read_groups_on_disk, select_groups
     from beam_extract.output.layout import read_manifest
+    from beam_extract.accounting.invariants import RunTotals
+    from beam_extract.accounting.totals import group_summary
     from beam_extract.output.manifest import build_manifest, write_manifest
     from beam_extract.output.reader import hook_files
-    from beam_extract.pipeline import group_summary
 
     template_path = sorted((output / "_committed").glob("*.json"))[0]
     existing = len(list((output / "_committed").glob("*.json")))
@@ -152,9 +153,9 @@ def metadata(tmp: Path, run_args: list[str], output: Path, count: int) -> dict:
     job = make_job(PipelineOptions(run_args))
     build_args = dict(
         options=job.options, config=job.config, hooks=job.hooks, groups=[group_summary(g) for g in kept],
-        lines_read=before["counts"]["lines_read"], lines={}, samples=0, resumed=0, dead_letters={},
-        batching=before["batching"], dead_letter_files=[], weights_sha256="", committed_now=0,
-        committed_ids={"total": 10 * count, "distinct": 10 * count}, run_id=job.run_id)
+        totals=RunTotals(lines_read=before["counts"]["lines_read"], batching=before["batching"],
+                         committed_ids={"total": 10 * count, "distinct": 10 * count}),
+        weights_sha256="", run_id=job.run_id)
     manifest, build_seconds = timed(lambda: build_manifest(**build_args))
     _, write_seconds = timed(write_manifest, str(output), manifest)
     hook = next(iter(manifest["hooks"]))

@@ -329,8 +329,9 @@ def test_blank_lines_are_accounted_for(tmp_path):
     """Lines read = with samples + dead-lettered + blank: the blank ones counted from their one dead letter."""
     from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 
-    from beam_extract.accounting import AccountLines
-    from beam_extract.output.manifest import SumCounts, line_and_sample_counts
+    from beam_extract.accounting.invariants import line_and_sample_counts
+    from beam_extract.accounting.lines import AccountLines
+    from beam_extract.accounting.totals import SumCounts
     from beam_extract.records import parse_line
 
     (tmp_path / "a.jsonl.gz").write_bytes(gzip.compress(b"x\n\n\n{bad\n \n"))
@@ -354,7 +355,7 @@ def test_blank_lines_are_accounted_for(tmp_path):
 
 
 def test_a_file_past_its_expansion_bound_makes_the_run_not_ok():
-    from beam_extract.output.manifest import line_and_sample_counts, problems
+    from beam_extract.accounting.invariants import line_and_sample_counts, problems
 
     counts = line_and_sample_counts(5, {"with_samples": 5}, 5, 0, {"expansion_too_large": 1})
     counts |= {"samples_committed": 5, "samples_committed_now": 5, "samples_committed_twice": 0}

@@ -297,7 +297,7 @@ def test_a_retried_bundle_with_other_batches_is_committed_once(tmp_path):
 
 
 def test_invariants_are_checked_not_assumed():
-    from beam_extract.output.manifest import problems
+    from beam_extract.accounting.invariants import problems
 
     good = {"lines_unaccounted": 0, "samples_extracted_now": 5, "samples_committed_now": 5,
             "samples_committed_twice": 0, "samples_committed": 5, "samples": 5}

@@ -12,7 +12,7 @@ from apache_beam.testing.util import assert_that, equal_to
 
 
 def test_committed_ids_are_counted_per_id_and_summed_in_two_integers():
-    from beam_extract.pipeline import TotalAndDistinct, count_committed
+    from beam_extract.accounting.totals import TotalAndDistinct, count_committed
 
     with TestPipeline(runner="FnApiRunner") as pipeline:
         ids = pipeline | beam.Create(["a", "b", "a", "c", "c", "c"])

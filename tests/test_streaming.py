@@ -413,7 +413,8 @@ def test_a_resumed_windows_lines_committed_before_are_skipped_not_read():
     lines the first run had committed as read again (84 lines read for 48). Per line: 1 and 2 only
     resumed (skipped); 3 resumed and extracted now; 4 extracted now; 5 dead-lettered; 6 resumed,
     with a sample dead-lettered now (changed_since_commit)."""
-    from beam_extract.output.manifest import CountLineOutcomes, LineBitmaps
+    from beam_extract.accounting.invariants import RunTotals
+    from beam_extract.accounting.lines import CountLineOutcomes, LineBitmaps
     from beam_extract.output.windows import window_index
 
     def bits(lines, produced=True):
@@ -430,9 +431,9 @@ def test_a_resumed_windows_lines_committed_before_are_skipped_not_read():
         acc = outcomes.add_input(acc, bitmaps)
     lines = outcomes.extract_output(acc)
     assert lines == {"with_samples": 5, "dead_lettered": 1, "skipped": 2}
-    index = window_index(("19700101T000000Z", "19700101T000100Z"), "out", (), {
-        "lines_read": 6, "lines": lines, "samples": 3, "resumed": 5, "committed_ids": {"total": 2, "distinct": 2},
-        "dead_letters": {"changed_since_commit": 1, "invalid_json": 1}}, 64, 0)
+    index = window_index(("19700101T000000Z", "19700101T000100Z"), "out", (), RunTotals(
+        lines_read=6, lines=lines, samples=3, resumed=5, committed_ids={"total": 2, "distinct": 2},
+        dead_letters={"changed_since_commit": 1, "invalid_json": 1}), 64, 0)
     counts = index["counts"]
     assert (counts["lines_read"], counts["lines_skipped"], counts["lines_with_samples"],
             counts["lines_dead_lettered"], counts["lines_unaccounted"]) == (4, 2, 3, 1, 0)

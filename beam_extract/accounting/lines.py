@@ -7,9 +7,11 @@ dead letter in one place.
 
 from __future__ import annotations
 
-import apache_beam as beam
+import itertools
 
-from beam_extract.output.manifest import CountLineOutcomes, LineBitmaps
+import apache_beam as beam
+import numpy as np
+
 from beam_extract.output.writer import WriteDeadLetters
 
 # Dead letters of whole input files: their line number counts the lines read before the failure,
@@ -17,6 +19,63 @@ from beam_extract.output.writer import WriteDeadLetters
 FILE_STAGE = "read"
 # The dead letter of a file's blank lines: its line number is how many there were (io.sources).
 BLANK_LINES = "blank_lines"
+
+
+def _union(a: bytes, b: bytes) -> bytes:
+    size = max(len(a), len(b))
+    return (np.pad(np.frombuffer(a, np.uint8), (0, size - len(a)))
+            | np.pad(np.frombuffer(b, np.uint8), (0, size - len(b)))).tobytes()
+
+
+class LineBitmaps(beam.CombineFn):
+    """(line number, produced a sample?) of one input file -> two bitmaps of line numbers: lines
+    with a sample, lines with a dead letter. A file of millions of lines costs kilobytes."""
+
+    def create_accumulator(self):
+        return bytearray(), bytearray()
+
+    def add_input(self, acc, outcome):
+        line, produced = outcome
+        bits = acc[0] if produced else acc[1]
+        if line >> 3 >= len(bits):
+            bits.extend(bytes((line >> 3) + 1 - len(bits)))
+        bits[line >> 3] |= 1 << (line & 7)
+        return acc
+
+    def merge_accumulators(self, accumulators):
+        samples, dead = b"", b""
+        for acc in accumulators:
+            samples, dead = _union(samples, bytes(acc[0])), _union(dead, bytes(acc[1]))
+        return bytearray(samples), bytearray(dead)
+
+    def extract_output(self, acc):
+        return bytes(acc[0]), bytes(acc[1])
+
+
+class CountLineOutcomes(beam.CombineFn):
+    """Bitmap pairs of one file (from several stages), or triples whose third marks lines with samples
+    committed by the run resumed -> {with_samples, dead_lettered, skipped}. A line that produced any
+    sample counts as such, even if some of its samples failed; one whose samples were all committed
+    before and that nothing else happened to now is also `skipped` (re-read, not new)."""
+
+    def create_accumulator(self):
+        return b"", b"", b""
+
+    def add_input(self, acc, bitmaps):
+        return tuple(_union(mine, theirs) for mine, theirs in itertools.zip_longest(acc, bitmaps, fillvalue=b""))
+
+    def merge_accumulators(self, accumulators):
+        merged = self.create_accumulator()
+        for acc in accumulators:
+            merged = self.add_input(merged, acc)
+        return merged
+
+    def extract_output(self, acc):
+        size = max(len(bits) for bits in acc)
+        samples, dead, resumed = (np.pad(np.frombuffer(b, np.uint8), (0, size - len(b))) for b in acc)
+        return {"with_samples": int(np.unpackbits(samples | resumed).sum()),
+                "dead_lettered": int(np.unpackbits(dead & ~(samples | resumed)).sum()),
+                "skipped": int(np.unpackbits(resumed & ~samples & ~dead).sum())}
 
 
 class AccountLines(beam.PTransform):
