@@ -31,9 +31,22 @@ from beam_extract.integrations.pytorch import ActivationDataset
 from beam_extract.integrations.shards import d_model
 
 
+def scaling_factor(path: str, hook: str) -> float:
+    """SAELens's activation scaling factor for `hook` under `path`: sqrt(width) / the mean L2 norm
+    of its tokens (past `--norm_exclude_first`), from the manifest, so scaled tokens have a mean
+    norm of sqrt(width), as SAELens's `normalize_activations="expected_average_only_in"` makes
+    them. Multiply the inputs by it when training, and divide the SAE's outputs by it."""
+    from beam_extract.output.layout import read_manifest
+
+    factor = read_manifest(path)["hooks"][hook]["normalisation"]["saelens_scaling_factor"]
+    if factor is None:
+        raise ValueError(f"{path} has no tokens of {hook} to scale by")
+    return factor
+
+
 def data_provider(path: str, hook: str | None, batch_size: int, *, seed: int = 0, shuffle_buffer: int = 65536,
                   num_workers: int = 0, epochs: int | None = None, hooks: Sequence[str] | None = None,
-                  stack: bool = False) -> Iterator[torch.Tensor]:
+                  stack: bool = False, scale: float | Sequence[float] = 1.0) -> Iterator[torch.Tensor]:
     """Float32 [batch_size, d_model] CPU tensors of `hook`'s tokens under `path` (local or gs://),
     shuffled as `ActivationDataset`'s, epoch after epoch (each reshuffled) until `epochs` are done,
     or without end when None: SAETrainer draws until `total_training_samples` and never signals
@@ -42,7 +55,9 @@ def data_provider(path: str, hook: str | None, batch_size: int, *, seed: int = 0
     `num_workers` > 0 decodes in DataLoader worker processes. With `hooks` (and hook None) each batch
     is the same tokens at several hooks, as `ActivationDataset(hooks=...)` yields them (a tuple of
     tensors, or one [batch_size, n_hooks, width] with `stack`), for trainers of transcoders and
-    crosscoders."""
+    crosscoders. Each batch is multiplied by `scale` (one factor per hook with `hooks`), e.g.
+    `scaling_factor(path, hook)`."""
+    factors = [scale] * (len(hooks) if hooks else 1) if isinstance(scale, (int, float)) else list(scale)
     dataset = ActivationDataset(path, hook, batch_size, seed=seed, shuffle_buffer=shuffle_buffer, drop_last=True,
                                 hooks=hooks, stack=stack)
     loader = DataLoader(dataset, batch_size=None, num_workers=num_workers)
@@ -51,10 +66,18 @@ def data_provider(path: str, hook: str | None, batch_size: int, *, seed: int = 0
         yielded = False
         for batch in loader:
             yielded = True
-            yield batch
+            yield _scaled(batch, factors)
         if not yielded:
             # Without this an endless provider over too few tokens would spin for ever.
             raise ValueError(f"{path} has fewer than batch_size={batch_size} tokens of {hook or hooks} per shard")
+
+
+def _scaled(batch, factors: list[float]):
+    if all(factor == 1 for factor in factors):
+        return batch
+    if isinstance(batch, torch.Tensor):  # one hook [batch, width], or hooks stacked [batch, n_hooks, width]
+        return batch * (factors[0] if batch.ndim == 2 else torch.tensor(factors, dtype=batch.dtype)[:, None])
+    return type(batch)(part * factor for part, factor in zip(batch, factors, strict=True))
 
 
 def _rows(path: str, hook: str, context_size: int) -> Iterator[dict[str, np.ndarray]]:
