@@ -302,11 +302,12 @@ def figures(raw: dict) -> list[Figure]:
                + f" ({cpus} CPU-s, wall {walls} s; marginal {marginal * 1e3:.2f} ms per sample;"
                f" {many['input_files']} files at {many['samples']:,}: {many['cpu'] / many['samples'] * 1e3:.2f} ms)",
                _ratio(jobs, "cpu", "samples"), "<= 1.2"),
+        # Peak RSS: the largest size against the one before it (issue 27: 10^6 within 1.2x of 10^5).
         Figure("scale", f"driver peak RSS, {n} (the in-process runner keeps PCollections between stages here)",
                " -> ".join(f"{j['driver_rss_mib']:.0f}" for j in jobs) + " MiB",
-               _ratio(jobs, "driver_rss_mib"), "<= 1.2"),
+               _ratio(jobs[-2:], "driver_rss_mib"), "<= 1.2"),
         Figure("scale", f"worker peak RSS (largest of 2), {n}",
-               " -> ".join(f"{j['worker_rss_mib']:.0f}" for j in jobs) + " MiB", _ratio(jobs, "worker_rss_mib"),
+               " -> ".join(f"{j['worker_rss_mib']:.0f}" for j in jobs) + " MiB", _ratio(jobs[-2:], "worker_rss_mib"),
                "<= 1.2"),
         Figure("scale", f"files per hook, commit groups, manifest bytes, {n}",
                "; ".join(f"{j['files_per_hook']} files, {j['groups']} groups, {j['manifest_bytes']:,} B" for j in jobs)
