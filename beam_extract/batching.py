@@ -6,11 +6,12 @@ restarts positions at 0, so attention never crosses samples and each sample's ac
 those of an unpacked run. Padding is compute we pay for, never data we store.
 
 Shapes are few: row lengths come from the bucket set, and a batch has the plan's rows, except the
-last, partial batch of a key that never filled a batch (a small job, a rare length, a streaming
+last, partial batch of a shape that never filled a batch (a small job, a rare length, a streaming
 trickle): it gets the smallest shape that holds it, a power of two of rows and, for packed rows,
 the smallest bucket that holds its fullest row. That adds at most ceil(log2(rows)) row counts per
-length (3 for 8 rows), and no compilation to the key's own: its full shape never ran. A key that
-filled a batch keeps that shape for its last one, which is compiled already.
+length (3 for 8 rows), and no compilation to the shape's own: its full shape never ran. A shape
+that filled a batch keeps that shape for its last one, which is compiled already. (A partial batch
+flushed after a streaming timeout is its key's own, by the same rule.)
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import apache_beam as beam
 import numpy as np
 from apache_beam import coders
 from apache_beam.metrics import Metrics
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 from apache_beam.transforms.timeutil import TimeDomain
 from apache_beam.transforms.userstate import BagStateSpec, ReadModifyWriteStateSpec, TimerSpec, on_timer
 from apache_beam.utils.timestamp import Timestamp
@@ -264,10 +266,15 @@ def shard_key(sample: Sample, plan: BatchPlan) -> tuple[tuple[int, bool, str], S
     return (*plan.key(sample), f"{_PROCESS_SHARD}-{threading.get_ident()}"), sample
 
 
+REST = "rest"  # BatchDoFn's output of each key's samples left at the end of a window, with its `filled` flag
+
+
 class BatchDoFn(beam.DoFn):
     """Buffers a key's samples in state; emits full batches as they fill, and the rest when the
     window's input is complete (end of a batch job or of a streaming window) or, in streaming, when
-    the buffer's first sample has waited `plan.flush_seconds`."""
+    the buffer's first sample has waited `plan.flush_seconds`. With `gather_tails`, the window's
+    end emits the full batches and sends the rest to the REST output, keyed by shape, for
+    tail_batches to batch with the other keys' rests."""
 
     BUFFER = BagStateSpec("buffer", coders.PickleCoder())
     WEIGHT = ReadModifyWriteStateSpec("weight", coders.VarIntCoder())  # buffered tokens if packed, else samples
@@ -278,8 +285,9 @@ class BatchDoFn(beam.DoFn):
     # seconds early when its input ran out).
     FLUSH = TimerSpec("flush", TimeDomain.REAL_TIME)
 
-    def __init__(self, plan: BatchPlan):
+    def __init__(self, plan: BatchPlan, gather_tails: bool = False):
         self._plan = plan
+        self._gather_tails = gather_tails  # end of window: full batches here, the rest to the REST output
         self._flushed = Metrics.counter("batching", "partial_batches_flushed_after_timeout")
 
     def process(self, element, window=beam.DoFn.WindowParam, buffer=beam.DoFn.StateParam(BUFFER),
@@ -298,7 +306,15 @@ class BatchDoFn(beam.DoFn):
     def flush_at_end_of_window(self, key=beam.DoFn.KeyParam, buffer=beam.DoFn.StateParam(BUFFER),
                                weight=beam.DoFn.StateParam(WEIGHT), filled=beam.DoFn.StateParam(FILLED)):
         row_length, packed, _ = key
-        yield from self._emit(buffer, weight, filled, row_length, packed, final=True)
+        if not self._gather_tails:
+            yield from self._emit(buffer, weight, filled, row_length, packed, final=True)
+            return
+        yield from self._emit(buffer, weight, filled, row_length, packed, final=False)
+        rest = tuple(buffer.read())
+        buffer.clear()
+        weight.clear()
+        if rest or filled.read():  # an empty rest still says that the shape's full batch ran
+            yield beam.pvalue.TaggedOutput(REST, ((row_length, packed), (rest, bool(filled.read()))))
 
     @on_timer(FLUSH)
     def flush_after_timeout(self, key=beam.DoFn.KeyParam, buffer=beam.DoFn.StateParam(BUFFER),
@@ -344,9 +360,33 @@ class ShuffleSamples(beam.PTransform):
         )
 
 
+def tail_batches(shape_rests: tuple[tuple[int, bool], Sequence[tuple[Sequence[Sample], bool]]],
+                 plan: BatchPlan) -> list[Batch]:
+    """The batches of one shape's end-of-window rests from every key: full ones, and at most one
+    partial batch, which keeps the full shape if a key's full batch of it ran (already compiled)."""
+    (row_length, packed), rests = shape_rests
+    rests = list(rests)
+    samples = [sample for rest, _ in rests for sample in rest]
+    return plan.form(samples, row_length, packed, final=True, filled=any(filled for _, filled in rests))[0]
+
+
+def holds_watermark_for_timers(options: PipelineOptions) -> bool:
+    """Whether the runner holds a stateful DoFn's output watermark until its event-time timers have
+    fired. Beam 2.77's BundleBasedDirectRunner does not: a GroupByKey after BatchDoFn completes
+    before the end-of-window rests reach it (it fails the job), so there each key flushes its own."""
+    return options.view_as(StandardOptions).runner != "BundleBasedDirectRunner"
+
+
 class BatchSamples(beam.PTransform):
     """Samples -> Batches of static shapes: [rows(row_length), row_length], and for the last batch
-    of a key that never filled one, the smaller BatchPlan.tail_shape.
+    of a shape that never filled one, the smaller BatchPlan.tail_shape.
+
+    Samples are keyed by producing process and thread, so full batches of a shape form on every
+    worker; the rests those keys hold when a window ends are gathered into one key per shape, so a
+    shape has at most one partial batch per window however many workers and threads the job has
+    (keys per thread would make one each: 768 partial batches per shape on 64 workers x 12
+    threads). One tail key per shape is enough: the rests are less than a batch per producing key,
+    and the full batches formed from them are reshuffled over the workers before the forward.
 
     Not Beam's BatchElements: it varies batch sizes on purpose, and every new shape recompiles.
     """
@@ -357,8 +397,15 @@ class BatchSamples(beam.PTransform):
 
     def expand(self, samples):
         plan = self._plan
-        return (
-            samples
-            | "Key" >> beam.Map(shard_key, plan).with_output_types(tuple[tuple[int, bool, str], Sample])
-            | "Batch" >> beam.ParDo(BatchDoFn(plan))
+        gather = holds_watermark_for_timers(samples.pipeline.options)
+        keyed = samples | "Key" >> beam.Map(shard_key, plan).with_output_types(tuple[tuple[int, bool, str], Sample])
+        if not gather:
+            return keyed | "Batch" >> beam.ParDo(BatchDoFn(plan))
+        batched = keyed | "Batch" >> beam.ParDo(BatchDoFn(plan, gather_tails=True)).with_outputs(REST, main="full")
+        tails = (
+            batched[REST]
+            | "GatherTails" >> beam.GroupByKey()
+            | "BatchTails" >> beam.FlatMap(tail_batches, plan)
+            | "SpreadTails" >> beam.Reshuffle()
         )
+        return (batched.full, tails) | "AllBatches" >> beam.Flatten()
