@@ -377,29 +377,21 @@ def holds_watermark_for_timers(options: PipelineOptions) -> bool:
     return options.view_as(StandardOptions).runner != "BundleBasedDirectRunner"
 
 
-class BatchSamples(beam.PTransform):
-    """Samples -> Batches of static shapes: [rows(row_length), row_length], and for the last batch
-    of a shape that never filled one, the smaller BatchPlan.tail_shape.
-
-    Samples are keyed by producing process and thread, so full batches of a shape form on every
-    worker; the rests those keys hold when a window ends are gathered into one key per shape, so a
-    shape has at most one partial batch per window however many workers and threads the job has
-    (keys per thread would make one each: 768 partial batches per shape on 64 workers x 12
-    threads). One tail key per shape is enough: the rests are less than a batch per producing key,
-    and the full batches formed from them are reshuffled over the workers before the forward.
-
-    Not Beam's BatchElements: it varies batch sizes on purpose, and every new shape recompiles.
-    """
+class BatchKeyedSamples(beam.PTransform):
+    """(row length, packed, shard) -> Sample pairs -> Batches: each key's full batches, and the rests
+    the keys hold when a window ends gathered into one key per shape, so a shape has at most one
+    partial batch per window however many keys it had (BatchSamples keys by producing thread: 768
+    partial batches per shape on 64 workers x 12 threads). One tail key per shape is enough: a
+    key's rest is less than a batch, and the full batches formed from the rests are reshuffled over
+    the workers before the forward."""
 
     def __init__(self, plan: BatchPlan):
         super().__init__()
         self._plan = plan
 
-    def expand(self, samples):
+    def expand(self, keyed):
         plan = self._plan
-        gather = holds_watermark_for_timers(samples.pipeline.options)
-        keyed = samples | "Key" >> beam.Map(shard_key, plan).with_output_types(tuple[tuple[int, bool, str], Sample])
-        if not gather:
+        if not holds_watermark_for_timers(keyed.pipeline.options):
             return keyed | "Batch" >> beam.ParDo(BatchDoFn(plan))
         batched = keyed | "Batch" >> beam.ParDo(BatchDoFn(plan, gather_tails=True)).with_outputs(REST, main="full")
         tails = (
@@ -409,3 +401,23 @@ class BatchSamples(beam.PTransform):
             | "SpreadTails" >> beam.Reshuffle()
         )
         return (batched.full, tails) | "AllBatches" >> beam.Flatten()
+
+
+class BatchSamples(beam.PTransform):
+    """Samples -> Batches of static shapes: [rows(row_length), row_length], and for the last batch
+    of a shape that never filled one, the smaller BatchPlan.tail_shape. Keyed by producing process
+    and thread (shard_key), then BatchKeyedSamples.
+
+    Not Beam's BatchElements: it varies batch sizes on purpose, and every new shape recompiles.
+    """
+
+    def __init__(self, plan: BatchPlan):
+        super().__init__()
+        self._plan = plan
+
+    def expand(self, samples):
+        return (
+            samples
+            | "Key" >> beam.Map(shard_key, self._plan).with_output_types(tuple[tuple[int, bool, str], Sample])
+            | "Batch" >> BatchKeyedSamples(self._plan)
+        )
