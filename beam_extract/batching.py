@@ -21,7 +21,7 @@ import hashlib
 import math
 import threading
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import apache_beam as beam
 import numpy as np
@@ -234,27 +234,77 @@ class BatchPlan:
         return form_batches(samples, row_length, self.rows(row_length), packed, final, tail)
 
     def batch_all(self, samples: Sequence[Sample], shrink: str = "unfilled") -> list[Batch]:
-        """What BatchSamples makes of these samples, in this order, in one window on one shard,
-        computed in memory (for the padding benchmark and tests); `shrink` as in `form`."""
-        buffers: dict[tuple[int, bool], list[Sample]] = {}
-        weights: dict[tuple[int, bool], int] = {}
-        filled: set[tuple[int, bool]] = set()
+        """What BatchDoFn makes of these samples, in this order, in one window on one shard, each
+        key flushing its own rest (as on a runner without gathered tails), computed in memory (for
+        the padding benchmark and tests); `shrink` as in `form`."""
+        batches, buffers = self._buffered(samples, shrink)
+        return batches + [batch for buffer in buffers for batch in buffer.take(final=True)]
+
+    def batch_keys(self, keys: Sequence[Sequence[Sample]]) -> list[Batch]:
+        """What BatchKeyedSamples makes of each shard's samples, in this order, in one window: every
+        key's full batches, then each shape's rests gathered (tail_batches), computed in memory."""
+        batches, rests = [], {}
+        for samples in keys:
+            full, buffers = self._buffered(samples)
+            batches += full
+            for buffer in buffers:
+                batches += buffer.take(final=False)
+                rests.setdefault((buffer.row_length, buffer.packed), []).append((buffer.samples, buffer.filled))
+        return batches + [batch for shape_rests in rests.items() for batch in tail_batches(shape_rests, self)]
+
+    def _buffered(self, samples: Sequence[Sample], shrink: str = "unfilled") -> tuple[list[Batch], list[KeyBuffer]]:
+        """The full batches these samples fill on one shard, and each key's buffer after them."""
+        buffers: dict[tuple[int, bool], KeyBuffer] = {}
         batches = []
         for sample in samples:
             key = self.key(sample)
-            buffers.setdefault(key, []).append(sample)
-            weights[key] = weights.get(key, 0) + self.weight(sample, key[1])
-            if self.ready(weights[key], *key):
-                emitted, buffers[key] = self.form(buffers[key], *key, final=False, filled=key in filled,
-                                                  shrink=shrink)
-                weights[key] = sum(self.weight(s, key[1]) for s in buffers[key])
-                if emitted:
-                    filled.add(key)
-                batches += emitted
-        for key, buffered in buffers.items():
-            if buffered:
-                batches += self.form(buffered, *key, final=True, filled=key in filled, shrink=shrink)[0]
+            batches += buffers.setdefault(key, KeyBuffer(self, *key, shrink=shrink)).add(sample)
+        return batches, list(buffers.values())
+
+
+@dataclasses.dataclass
+class KeyBuffer:
+    """One batching key's samples not yet in a batch, and whether it emitted a full one: what
+    BatchDoFn keeps in state, and batch_all in memory."""
+
+    plan: BatchPlan
+    row_length: int
+    packed: bool
+    samples: list[Sample] = dataclasses.field(default_factory=list)
+    weight: int = 0  # of the samples, by plan.weight
+    filled: bool = False  # a batch of the key's full shape was emitted
+    shrink: str = "unfilled"
+
+    def count(self, sample: Sample) -> bool:
+        """Adds a sample's weight (its caller keeps the sample with `samples`): whether the buffer
+        now holds enough for full batches (`take(final=False)`)."""
+        self.weight += self.plan.weight(sample, self.packed)
+        return self.plan.ready(self.weight, self.row_length, self.packed)
+
+    def add(self, sample: Sample) -> list[Batch]:
+        """Buffers a sample: the full batches it completes, if any."""
+        self.samples.append(sample)
+        return self.take(final=False) if self.count(sample) else []
+
+    def take(self, final: bool) -> list[Batch]:
+        """The full batches the buffer holds, and with `final` the rest; what is left stays."""
+        batches, self.samples = self.plan.form(self.samples, self.row_length, self.packed, final, self.filled,
+                                               self.shrink)
+        self.weight = sum(self.plan.weight(s, self.packed) for s in self.samples)
+        full_shape = (self.plan.rows(self.row_length), self.row_length)
+        self.filled = self.filled or any(batch.tokens.shape == full_shape for batch in batches)
         return batches
+
+
+def tail_batches(shape_rests: tuple[tuple[int, bool], Iterable[tuple[Sequence[Sample], bool]]],
+                 plan: BatchPlan) -> list[Batch]:
+    """The batches of one shape's end-of-window rests from every key: full ones, and at most one
+    partial batch, which keeps the full shape if a key's full batch of it ran (already compiled)."""
+    (row_length, packed), rests = shape_rests
+    rests = list(rests)
+    buffer = KeyBuffer(plan, row_length, packed, [sample for rest, _ in rests for sample in rest],
+                       filled=any(filled for _, filled in rests))
+    return buffer.take(final=True)
 
 
 # Batching keys carry a shard per worker process and thread (as Beam's GroupIntoBatches.WithShardedKey
@@ -298,45 +348,46 @@ class BatchDoFn(beam.DoFn):
         if self._plan.flush_seconds and not weight.read():
             flush.set(Timestamp.now() + self._plan.flush_seconds)
         buffer.add(sample)
-        weight.write((weight.read() or 0) + self._plan.weight(sample, packed))
-        if self._plan.ready(weight.read(), row_length, packed):
-            yield from self._emit(buffer, weight, filled, row_length, packed, final=False)
+        # The buffered samples are read only when they make a batch, not for every sample.
+        state = KeyBuffer(self._plan, row_length, packed, weight=weight.read() or 0, filled=bool(filled.read()))
+        if state.count(sample):
+            state.samples = list(buffer.read())
+            yield from self._take(state, buffer, weight, filled, final=False)
+        else:
+            weight.write(state.weight)
 
     @on_timer(END_OF_WINDOW)
     def flush_at_end_of_window(self, key=beam.DoFn.KeyParam, buffer=beam.DoFn.StateParam(BUFFER),
                                weight=beam.DoFn.StateParam(WEIGHT), filled=beam.DoFn.StateParam(FILLED)):
-        row_length, packed, _ = key
-        if not self._gather_tails:
-            yield from self._emit(buffer, weight, filled, row_length, packed, final=True)
-            return
-        yield from self._emit(buffer, weight, filled, row_length, packed, final=False)
-        rest = tuple(buffer.read())
-        buffer.clear()
-        weight.clear()
-        if rest or filled.read():  # an empty rest still says that the shape's full batch ran
-            yield beam.pvalue.TaggedOutput(REST, ((row_length, packed), (rest, bool(filled.read()))))
+        state = self._load(key, buffer, weight, filled)
+        yield from self._take(state, buffer, weight, filled, final=not self._gather_tails)
+        if self._gather_tails and (state.samples or state.filled):  # an empty rest still says the shape filled
+            buffer.clear()
+            weight.clear()
+            yield beam.pvalue.TaggedOutput(REST, ((state.row_length, state.packed), (state.samples, state.filled)))
 
     @on_timer(FLUSH)
     def flush_after_timeout(self, key=beam.DoFn.KeyParam, buffer=beam.DoFn.StateParam(BUFFER),
                             weight=beam.DoFn.StateParam(WEIGHT), filled=beam.DoFn.StateParam(FILLED)):
-        row_length, packed, _ = key
-        for batch in self._emit(buffer, weight, filled, row_length, packed, final=True):
+        for batch in self._take(self._load(key, buffer, weight, filled), buffer, weight, filled, final=True):
             self._flushed.inc()
             yield batch
 
-    def _emit(self, buffer, weight, filled, row_length: int, packed: bool, final: bool):
-        samples = list(buffer.read())
+    def _load(self, key, buffer, weight, filled) -> KeyBuffer:
+        row_length, packed, _ = key
+        return KeyBuffer(self._plan, row_length, packed, list(buffer.read()), weight.read() or 0,
+                         bool(filled.read()))
+
+    @staticmethod
+    def _take(state: KeyBuffer, buffer, weight, filled, final: bool) -> list[Batch]:
+        """state.take, with what is left written back to the key's state."""
+        batches = state.take(final)
         buffer.clear()
-        weight.clear()
-        if not samples:
-            return
-        batches, leftover = self._plan.form(samples, row_length, packed, final, filled=bool(filled.read()))
-        for sample in leftover:
+        for sample in state.samples:
             buffer.add(sample)
-        weight.write(sum(self._plan.weight(s, packed) for s in leftover))
-        if any(batch.tokens.shape == (self._plan.rows(row_length), row_length) for batch in batches):
-            filled.write(True)
-        yield from batches
+        weight.write(state.weight)
+        filled.write(state.filled)
+        return batches
 
 
 def seeded_key(sample: Sample, seed: int) -> tuple[bytes, Sample]:
@@ -358,16 +409,6 @@ class ShuffleSamples(beam.PTransform):
             | "Group" >> beam.GroupByKey()
             | "Ungroup" >> beam.FlatMap(lambda keyed: keyed[1])
         )
-
-
-def tail_batches(shape_rests: tuple[tuple[int, bool], Sequence[tuple[Sequence[Sample], bool]]],
-                 plan: BatchPlan) -> list[Batch]:
-    """The batches of one shape's end-of-window rests from every key: full ones, and at most one
-    partial batch, which keeps the full shape if a key's full batch of it ran (already compiled)."""
-    (row_length, packed), rests = shape_rests
-    rests = list(rests)
-    samples = [sample for rest, _ in rests for sample in rest]
-    return plan.form(samples, row_length, packed, final=True, filled=any(filled for _, filled in rests))[0]
 
 
 def holds_watermark_for_timers(options: PipelineOptions) -> bool:
