@@ -57,6 +57,37 @@ class Batch:
     def real_tokens(self) -> int:
         return int((self.segment_ids > 0).sum())
 
+    @property
+    def used_rows(self) -> int:
+        """Rows up to the last one holding a sample; the rest are padding."""
+        return max(p.row for p in self.placements) + 1
+
+    def pad_rows(self, multiple: int) -> Batch:
+        """This batch with empty rows added, so it splits evenly over the mesh's data shards."""
+        missing = -self.tokens.shape[0] % multiple
+        if not missing:
+            return self
+        grow = lambda a: np.pad(a, ((0, missing), (0, 0)))  # noqa: E731
+        return dataclasses.replace(self, tokens=grow(self.tokens), positions=grow(self.positions),
+                                   segment_ids=grow(self.segment_ids))
+
+    def row_range(self, first: int, stop: int, multiple: int) -> Batch:
+        """Rows [first, stop) as a batch of their own, with their placements re-indexed, padded to a
+        multiple of `multiple` rows."""
+        placements = tuple(dataclasses.replace(p, row=p.row - first) for p in self.placements
+                           if first <= p.row < stop)
+        return Batch(placements, self.tokens[first:stop], self.positions[first:stop],
+                     self.segment_ids[first:stop]).pad_rows(multiple)
+
+    def halves(self, multiple: int) -> list[Batch]:
+        """The used rows in two halves (one batch when only one row is used), each padded to a
+        multiple of `multiple` rows."""
+        used = self.used_rows
+        if used == 1:
+            return [self.row_range(0, 1, multiple)]
+        half = (used + 1) // 2
+        return [self.row_range(0, half, multiple), self.row_range(half, used, multiple)]
+
 
 BUCKET_GRAIN = 32  # geometric buckets are rounded up to multiples of this many tokens
 
@@ -360,10 +391,13 @@ class BatchDoFn(beam.DoFn):
     def flush_at_end_of_window(self, key=beam.DoFn.KeyParam, buffer=beam.DoFn.StateParam(BUFFER),
                                weight=beam.DoFn.StateParam(WEIGHT), filled=beam.DoFn.StateParam(FILLED)):
         state = self._load(key, buffer, weight, filled)
-        yield from self._take(state, buffer, weight, filled, final=not self._gather_tails)
-        if self._gather_tails and (state.samples or state.filled):  # an empty rest still says the shape filled
-            buffer.clear()
-            weight.clear()
+        if not self._gather_tails:
+            yield from self._take(state, buffer, weight, filled, final=True)
+            return
+        yield from state.take(final=False)
+        buffer.clear()  # the window is over: its state goes too
+        weight.clear()
+        if state.samples or state.filled:  # an empty rest still says that the shape filled a batch
             yield beam.pvalue.TaggedOutput(REST, ((state.row_length, state.packed), (state.samples, state.filled)))
 
     @on_timer(FLUSH)

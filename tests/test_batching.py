@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from beam_extract.batching import (BatchDoFn, BatchKeyedSamples, BatchPlan, assemble, bucket_length, form_batches, pack_rows,
                                    parse_buckets, row_counts)
-from beam_extract.extract import extract_batch, pad_rows
+from beam_extract.extract import extract_batch
 from beam_extract.model.loaded import load_model
 from beam_extract.options import UsageError, parse_layers, parse_sites
 from beam_extract.output.schema import decode_record
@@ -70,7 +70,7 @@ def test_assemble_restarts_positions_and_numbers_segments():
     np.testing.assert_array_equal(batch.tokens[0, 3:7], b.token_ids)
     assert batch.segment_ids[2].sum() == 0 and batch.real_tokens == 9
     assert [(p.sample.sample_id, p.row, p.start) for p in batch.placements] == [("a", 0, 0), ("b", 0, 3), ("c", 1, 0)]
-    padded = pad_rows(batch, 4)
+    padded = batch.pad_rows(4)
     assert padded.tokens.shape == (4, 8) and padded.segment_ids[3].sum() == 0
 
 
