@@ -6,11 +6,12 @@ restarts positions at 0, so attention never crosses samples and each sample's ac
 those of an unpacked run. Padding is compute we pay for, never data we store.
 
 Shapes are few: row lengths come from the bucket set, and a batch has the plan's rows, except the
-last, partial batch of a key that never filled a batch (a small job, a rare length, a streaming
+last, partial batch of a shape that never filled a batch (a small job, a rare length, a streaming
 trickle): it gets the smallest shape that holds it, a power of two of rows and, for packed rows,
 the smallest bucket that holds its fullest row. That adds at most ceil(log2(rows)) row counts per
-length (3 for 8 rows), and no compilation to the key's own: its full shape never ran. A key that
-filled a batch keeps that shape for its last one, which is compiled already.
+length (3 for 8 rows), and no compilation to the shape's own: its full shape never ran. A shape
+that filled a batch keeps that shape for its last one, which is compiled already. (A partial batch
+flushed after a streaming timeout is its key's own, by the same rule.)
 """
 
 from __future__ import annotations
@@ -20,12 +21,13 @@ import hashlib
 import math
 import threading
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import apache_beam as beam
 import numpy as np
 from apache_beam import coders
 from apache_beam.metrics import Metrics
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 from apache_beam.transforms.timeutil import TimeDomain
 from apache_beam.transforms.userstate import BagStateSpec, ReadModifyWriteStateSpec, TimerSpec, on_timer
 from apache_beam.utils.timestamp import Timestamp
@@ -54,6 +56,37 @@ class Batch:
     @property
     def real_tokens(self) -> int:
         return int((self.segment_ids > 0).sum())
+
+    @property
+    def used_rows(self) -> int:
+        """Rows up to the last one holding a sample; the rest are padding."""
+        return max(p.row for p in self.placements) + 1
+
+    def pad_rows(self, multiple: int) -> Batch:
+        """This batch with empty rows added, so it splits evenly over the mesh's data shards."""
+        missing = -self.tokens.shape[0] % multiple
+        if not missing:
+            return self
+        grow = lambda a: np.pad(a, ((0, missing), (0, 0)))  # noqa: E731
+        return dataclasses.replace(self, tokens=grow(self.tokens), positions=grow(self.positions),
+                                   segment_ids=grow(self.segment_ids))
+
+    def row_range(self, first: int, stop: int, multiple: int) -> Batch:
+        """Rows [first, stop) as a batch of their own, with their placements re-indexed, padded to a
+        multiple of `multiple` rows."""
+        placements = tuple(dataclasses.replace(p, row=p.row - first) for p in self.placements
+                           if first <= p.row < stop)
+        return Batch(placements, self.tokens[first:stop], self.positions[first:stop],
+                     self.segment_ids[first:stop]).pad_rows(multiple)
+
+    def halves(self, multiple: int) -> list[Batch]:
+        """The used rows in two halves (one batch when only one row is used), each padded to a
+        multiple of `multiple` rows."""
+        used = self.used_rows
+        if used == 1:
+            return [self.row_range(0, 1, multiple)]
+        half = (used + 1) // 2
+        return [self.row_range(0, half, multiple), self.row_range(half, used, multiple)]
 
 
 BUCKET_GRAIN = 32  # geometric buckets are rounded up to multiples of this many tokens
@@ -232,27 +265,77 @@ class BatchPlan:
         return form_batches(samples, row_length, self.rows(row_length), packed, final, tail)
 
     def batch_all(self, samples: Sequence[Sample], shrink: str = "unfilled") -> list[Batch]:
-        """What BatchSamples makes of these samples, in this order, in one window on one shard,
-        computed in memory (for the padding benchmark and tests); `shrink` as in `form`."""
-        buffers: dict[tuple[int, bool], list[Sample]] = {}
-        weights: dict[tuple[int, bool], int] = {}
-        filled: set[tuple[int, bool]] = set()
+        """What BatchDoFn makes of these samples, in this order, in one window on one shard, each
+        key flushing its own rest (as on a runner without gathered tails), computed in memory (for
+        the padding benchmark and tests); `shrink` as in `form`."""
+        batches, buffers = self._buffered(samples, shrink)
+        return batches + [batch for buffer in buffers for batch in buffer.take(final=True)]
+
+    def batch_keys(self, keys: Sequence[Sequence[Sample]]) -> list[Batch]:
+        """What BatchKeyedSamples makes of each shard's samples, in this order, in one window: every
+        key's full batches, then each shape's rests gathered (tail_batches), computed in memory."""
+        batches, rests = [], {}
+        for samples in keys:
+            full, buffers = self._buffered(samples)
+            batches += full
+            for buffer in buffers:
+                batches += buffer.take(final=False)
+                rests.setdefault((buffer.row_length, buffer.packed), []).append((buffer.samples, buffer.filled))
+        return batches + [batch for shape_rests in rests.items() for batch in tail_batches(shape_rests, self)]
+
+    def _buffered(self, samples: Sequence[Sample], shrink: str = "unfilled") -> tuple[list[Batch], list[KeyBuffer]]:
+        """The full batches these samples fill on one shard, and each key's buffer after them."""
+        buffers: dict[tuple[int, bool], KeyBuffer] = {}
         batches = []
         for sample in samples:
             key = self.key(sample)
-            buffers.setdefault(key, []).append(sample)
-            weights[key] = weights.get(key, 0) + self.weight(sample, key[1])
-            if self.ready(weights[key], *key):
-                emitted, buffers[key] = self.form(buffers[key], *key, final=False, filled=key in filled,
-                                                  shrink=shrink)
-                weights[key] = sum(self.weight(s, key[1]) for s in buffers[key])
-                if emitted:
-                    filled.add(key)
-                batches += emitted
-        for key, buffered in buffers.items():
-            if buffered:
-                batches += self.form(buffered, *key, final=True, filled=key in filled, shrink=shrink)[0]
+            batches += buffers.setdefault(key, KeyBuffer(self, *key, shrink=shrink)).add(sample)
+        return batches, list(buffers.values())
+
+
+@dataclasses.dataclass
+class KeyBuffer:
+    """One batching key's samples not yet in a batch, and whether it emitted a full one: what
+    BatchDoFn keeps in state, and batch_all in memory."""
+
+    plan: BatchPlan
+    row_length: int
+    packed: bool
+    samples: list[Sample] = dataclasses.field(default_factory=list)
+    weight: int = 0  # of the samples, by plan.weight
+    filled: bool = False  # a batch of the key's full shape was emitted
+    shrink: str = "unfilled"
+
+    def count(self, sample: Sample) -> bool:
+        """Adds a sample's weight (its caller keeps the sample with `samples`): whether the buffer
+        now holds enough for full batches (`take(final=False)`)."""
+        self.weight += self.plan.weight(sample, self.packed)
+        return self.plan.ready(self.weight, self.row_length, self.packed)
+
+    def add(self, sample: Sample) -> list[Batch]:
+        """Buffers a sample: the full batches it completes, if any."""
+        self.samples.append(sample)
+        return self.take(final=False) if self.count(sample) else []
+
+    def take(self, final: bool) -> list[Batch]:
+        """The full batches the buffer holds, and with `final` the rest; what is left stays."""
+        batches, self.samples = self.plan.form(self.samples, self.row_length, self.packed, final, self.filled,
+                                               self.shrink)
+        self.weight = sum(self.plan.weight(s, self.packed) for s in self.samples)
+        full_shape = (self.plan.rows(self.row_length), self.row_length)
+        self.filled = self.filled or any(batch.tokens.shape == full_shape for batch in batches)
         return batches
+
+
+def tail_batches(shape_rests: tuple[tuple[int, bool], Iterable[tuple[Sequence[Sample], bool]]],
+                 plan: BatchPlan) -> list[Batch]:
+    """The batches of one shape's end-of-window rests from every key: full ones, and at most one
+    partial batch, which keeps the full shape if a key's full batch of it ran (already compiled)."""
+    (row_length, packed), rests = shape_rests
+    rests = list(rests)
+    buffer = KeyBuffer(plan, row_length, packed, [sample for rest, _ in rests for sample in rest],
+                       filled=any(filled for _, filled in rests))
+    return buffer.take(final=True)
 
 
 # Batching keys carry a shard per worker process and thread (as Beam's GroupIntoBatches.WithShardedKey
@@ -264,10 +347,15 @@ def shard_key(sample: Sample, plan: BatchPlan) -> tuple[tuple[int, bool, str], S
     return (*plan.key(sample), f"{_PROCESS_SHARD}-{threading.get_ident()}"), sample
 
 
+REST = "rest"  # BatchDoFn's output of each key's samples left at the end of a window, with its `filled` flag
+
+
 class BatchDoFn(beam.DoFn):
     """Buffers a key's samples in state; emits full batches as they fill, and the rest when the
     window's input is complete (end of a batch job or of a streaming window) or, in streaming, when
-    the buffer's first sample has waited `plan.flush_seconds`."""
+    the buffer's first sample has waited `plan.flush_seconds`. With `gather_tails`, the window's
+    end emits the full batches and sends the rest to the REST output, keyed by shape, for
+    tail_batches to batch with the other keys' rests."""
 
     BUFFER = BagStateSpec("buffer", coders.PickleCoder())
     WEIGHT = ReadModifyWriteStateSpec("weight", coders.VarIntCoder())  # buffered tokens if packed, else samples
@@ -278,8 +366,9 @@ class BatchDoFn(beam.DoFn):
     # seconds early when its input ran out).
     FLUSH = TimerSpec("flush", TimeDomain.REAL_TIME)
 
-    def __init__(self, plan: BatchPlan):
+    def __init__(self, plan: BatchPlan, gather_tails: bool = False):
         self._plan = plan
+        self._gather_tails = gather_tails  # end of window: full batches here, the rest to the REST output
         self._flushed = Metrics.counter("batching", "partial_batches_flushed_after_timeout")
 
     def process(self, element, window=beam.DoFn.WindowParam, buffer=beam.DoFn.StateParam(BUFFER),
@@ -290,37 +379,49 @@ class BatchDoFn(beam.DoFn):
         if self._plan.flush_seconds and not weight.read():
             flush.set(Timestamp.now() + self._plan.flush_seconds)
         buffer.add(sample)
-        weight.write((weight.read() or 0) + self._plan.weight(sample, packed))
-        if self._plan.ready(weight.read(), row_length, packed):
-            yield from self._emit(buffer, weight, filled, row_length, packed, final=False)
+        # The buffered samples are read only when they make a batch, not for every sample.
+        state = KeyBuffer(self._plan, row_length, packed, weight=weight.read() or 0, filled=bool(filled.read()))
+        if state.count(sample):
+            state.samples = list(buffer.read())
+            yield from self._take(state, buffer, weight, filled, final=False)
+        else:
+            weight.write(state.weight)
 
     @on_timer(END_OF_WINDOW)
     def flush_at_end_of_window(self, key=beam.DoFn.KeyParam, buffer=beam.DoFn.StateParam(BUFFER),
                                weight=beam.DoFn.StateParam(WEIGHT), filled=beam.DoFn.StateParam(FILLED)):
-        row_length, packed, _ = key
-        yield from self._emit(buffer, weight, filled, row_length, packed, final=True)
+        state = self._load(key, buffer, weight, filled)
+        if not self._gather_tails:
+            yield from self._take(state, buffer, weight, filled, final=True)
+            return
+        yield from state.take(final=False)
+        buffer.clear()  # the window is over: its state goes too
+        weight.clear()
+        if state.samples or state.filled:  # an empty rest still says that the shape filled a batch
+            yield beam.pvalue.TaggedOutput(REST, ((state.row_length, state.packed), (state.samples, state.filled)))
 
     @on_timer(FLUSH)
     def flush_after_timeout(self, key=beam.DoFn.KeyParam, buffer=beam.DoFn.StateParam(BUFFER),
                             weight=beam.DoFn.StateParam(WEIGHT), filled=beam.DoFn.StateParam(FILLED)):
-        row_length, packed, _ = key
-        for batch in self._emit(buffer, weight, filled, row_length, packed, final=True):
+        for batch in self._take(self._load(key, buffer, weight, filled), buffer, weight, filled, final=True):
             self._flushed.inc()
             yield batch
 
-    def _emit(self, buffer, weight, filled, row_length: int, packed: bool, final: bool):
-        samples = list(buffer.read())
+    def _load(self, key, buffer, weight, filled) -> KeyBuffer:
+        row_length, packed, _ = key
+        return KeyBuffer(self._plan, row_length, packed, list(buffer.read()), weight.read() or 0,
+                         bool(filled.read()))
+
+    @staticmethod
+    def _take(state: KeyBuffer, buffer, weight, filled, final: bool) -> list[Batch]:
+        """state.take, with what is left written back to the key's state."""
+        batches = state.take(final)
         buffer.clear()
-        weight.clear()
-        if not samples:
-            return
-        batches, leftover = self._plan.form(samples, row_length, packed, final, filled=bool(filled.read()))
-        for sample in leftover:
+        for sample in state.samples:
             buffer.add(sample)
-        weight.write(sum(self._plan.weight(s, packed) for s in leftover))
-        if any(batch.tokens.shape == (self._plan.rows(row_length), row_length) for batch in batches):
-            filled.write(True)
-        yield from batches
+        weight.write(state.weight)
+        filled.write(state.filled)
+        return batches
 
 
 def seeded_key(sample: Sample, seed: int) -> tuple[bytes, Sample]:
@@ -344,9 +445,43 @@ class ShuffleSamples(beam.PTransform):
         )
 
 
+def holds_watermark_for_timers(options: PipelineOptions) -> bool:
+    """Whether the runner holds a stateful DoFn's output watermark until its event-time timers have
+    fired. Beam 2.77's BundleBasedDirectRunner does not: a GroupByKey after BatchDoFn completes
+    before the end-of-window rests reach it (it fails the job), so there each key flushes its own."""
+    return options.view_as(StandardOptions).runner != "BundleBasedDirectRunner"
+
+
+class BatchKeyedSamples(beam.PTransform):
+    """(row length, packed, shard) -> Sample pairs -> Batches: each key's full batches, and the rests
+    the keys hold when a window ends gathered into one key per shape, so a shape has at most one
+    partial batch per window however many keys it had (BatchSamples keys by producing thread: 768
+    partial batches per shape on 64 workers x 12 threads). One tail key per shape is enough: a
+    key's rest is less than a batch, and the full batches formed from the rests are reshuffled over
+    the workers before the forward."""
+
+    def __init__(self, plan: BatchPlan):
+        super().__init__()
+        self._plan = plan
+
+    def expand(self, keyed):
+        plan = self._plan
+        if not holds_watermark_for_timers(keyed.pipeline.options):
+            return keyed | "Batch" >> beam.ParDo(BatchDoFn(plan))
+        batched = keyed | "Batch" >> beam.ParDo(BatchDoFn(plan, gather_tails=True)).with_outputs(REST, main="full")
+        tails = (
+            batched[REST]
+            | "GatherTails" >> beam.GroupByKey()
+            | "BatchTails" >> beam.FlatMap(tail_batches, plan)
+            | "SpreadTails" >> beam.Reshuffle()
+        )
+        return (batched.full, tails) | "AllBatches" >> beam.Flatten()
+
+
 class BatchSamples(beam.PTransform):
     """Samples -> Batches of static shapes: [rows(row_length), row_length], and for the last batch
-    of a key that never filled one, the smaller BatchPlan.tail_shape.
+    of a shape that never filled one, the smaller BatchPlan.tail_shape. Keyed by producing process
+    and thread (shard_key), then BatchKeyedSamples.
 
     Not Beam's BatchElements: it varies batch sizes on purpose, and every new shape recompiles.
     """
@@ -356,9 +491,8 @@ class BatchSamples(beam.PTransform):
         self._plan = plan
 
     def expand(self, samples):
-        plan = self._plan
         return (
             samples
-            | "Key" >> beam.Map(shard_key, plan).with_output_types(tuple[tuple[int, bool, str], Sample])
-            | "Batch" >> beam.ParDo(BatchDoFn(plan))
+            | "Key" >> beam.Map(shard_key, self._plan).with_output_types(tuple[tuple[int, bool, str], Sample])
+            | "Batch" >> BatchKeyedSamples(self._plan)
         )

@@ -43,16 +43,6 @@ class BatchStats:
     compile_cached: bool = False  # its compile was a load from the persistent compilation cache
 
 
-def pad_rows(batch: Batch, multiple: int) -> Batch:
-    """Adds empty rows so the batch splits evenly over the mesh's data shards."""
-    missing = -batch.tokens.shape[0] % multiple
-    if not missing:
-        return batch
-    grow = lambda a: np.pad(a, ((0, missing), (0, 0)))  # noqa: E731
-    return dataclasses.replace(batch, tokens=grow(batch.tokens), positions=grow(batch.positions),
-                               segment_ids=grow(batch.segment_ids))
-
-
 def stored_columns(placement: Placement) -> slice | np.ndarray:
     """The row's columns holding a placed sample's stored tokens: a slice (a view of the
     activations) when they are contiguous, as they nearly always are."""
@@ -117,28 +107,13 @@ def is_device_oom(error: BaseException) -> bool:
     return isinstance(error, jax.errors.JaxRuntimeError) and "RESOURCE_EXHAUSTED" in str(error)
 
 
-def used_rows(batch: Batch) -> int:
-    """Rows up to the last one holding a sample; the rest are padding."""
-    return max(p.row for p in batch.placements) + 1
+@dataclasses.dataclass(frozen=True)
+class DeviceOutOfMemory:
+    """A forward that ran out of device memory, by the first line of its error: only the text, as
+    keeping the error would keep the failed forward's frames (and any device buffers they hold)
+    alive, and chain later errors to it."""
 
-
-def batch_rows(batch: Batch, first: int, stop: int, multiple: int) -> Batch:
-    """Rows [first, stop) of a batch as a batch of their own, with their placements re-indexed,
-    padded to a multiple of `multiple` rows."""
-    placements = tuple(dataclasses.replace(p, row=p.row - first) for p in batch.placements
-                       if first <= p.row < stop)
-    return pad_rows(Batch(placements, batch.tokens[first:stop], batch.positions[first:stop],
-                          batch.segment_ids[first:stop]), multiple)
-
-
-def split_batch(batch: Batch, multiple: int) -> list[Batch]:
-    """The used rows in two halves (one batch when only one row is used), each padded to a multiple
-    of `multiple` rows."""
-    used = used_rows(batch)
-    if used == 1:
-        return [batch_rows(batch, 0, 1, multiple)]
-    half = (used + 1) // 2
-    return [batch_rows(batch, 0, half, multiple), batch_rows(batch, half, used, multiple)]
+    text: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -203,7 +178,7 @@ class ExtractDoFn(beam.DoFn):
 
     def process(self, batch: Batch, timestamp=beam.DoFn.TimestampParam, window=beam.DoFn.WindowParam):
         maybe_fail("before_forward")
-        batch = pad_rows(batch, self._model.mesh.shape["data"])
+        batch = batch.pad_rows(self._model.mesh.shape["data"])
         started = self._dispatch(batch), batch, WindowedValue(None, timestamp, (window,))
         previous, self._in_flight = self._in_flight, started
         if previous:
@@ -214,23 +189,23 @@ class ExtractDoFn(beam.DoFn):
         if last:
             yield from self._finish(*last)
 
-    def _dispatch(self, batch: Batch) -> Dispatched | str:
-        """The forward started on the device, or the text of its out-of-memory error."""
+    def _dispatch(self, batch: Batch) -> Dispatched | DeviceOutOfMemory:
+        """The forward started on the device, or its out-of-memory error."""
         try:
             return self._model.dispatch(batch.tokens, batch.positions, batch.segment_ids, self._hooks,
-                                        OUTPUT_DTYPES[self._output_dtype], used_rows(batch))
+                                        OUTPUT_DTYPES[self._output_dtype], batch.used_rows)
         except Exception as error:
-            return self._oom_text(error, batch)
+            return self._out_of_memory(error, batch)
 
-    def _fetch(self, started: Dispatched | OnHost, batch: Batch) -> tuple[dict, dict] | str:
-        """The forward's host outputs (waiting for them), or the text of its out-of-memory error."""
+    def _fetch(self, started: Dispatched | OnHost, batch: Batch) -> tuple[dict, dict] | DeviceOutOfMemory:
+        """The forward's host outputs (waiting for them), or its out-of-memory error."""
         if isinstance(started, OnHost):
             return started.fetch()
         began = time.perf_counter()
         try:
             outputs = started.fetch()
         except Exception as error:
-            return self._oom_text(error, batch)
+            return self._out_of_memory(error, batch)
         done = time.perf_counter()
         self._waited.update(int(1000 * (done - began)))
         # At most this long on the device: from when it could start to when its outputs arrived.
@@ -241,29 +216,30 @@ class ExtractDoFn(beam.DoFn):
 
     def _bring_in_flight_home(self) -> None:
         """Fetches the forward in flight (if any) to the host, so the device holds nothing else."""
-        if self._in_flight is None or isinstance(self._in_flight[0], (str, OnHost)):
+        if self._in_flight is None or isinstance(self._in_flight[0], (DeviceOutOfMemory, OnHost)):
             return
         started, batch, context = self._in_flight
         fetched = self._fetch(started, batch)
-        self._in_flight = (fetched if isinstance(fetched, str) else OnHost(started, fetched), batch, context)
+        self._in_flight = (fetched if isinstance(fetched, DeviceOutOfMemory) else OnHost(started, fetched), batch,
+                           context)
 
-    def _finish(self, started: Dispatched | str, batch: Batch, context: WindowedValue):
+    def _finish(self, started: Dispatched | OnHost | DeviceOutOfMemory, batch: Batch, context: WindowedValue):
         for output in self._outputs(started, batch):
             if isinstance(output, beam.pvalue.TaggedOutput):
                 yield beam.pvalue.TaggedOutput(output.tag, context.with_value(output.value))
             else:
                 yield context.with_value(output)
 
-    def _outputs(self, started: Dispatched | OnHost | str, batch: Batch, alone: bool = False):
+    def _outputs(self, started: Dispatched | OnHost | DeviceOutOfMemory, batch: Batch, alone: bool = False):
         """`alone`: nothing else is on the device (a retry)."""
-        fetched = started if isinstance(started, str) else self._fetch(started, batch)
-        if isinstance(fetched, str) and not alone:
+        fetched = started if isinstance(started, DeviceOutOfMemory) else self._fetch(started, batch)
+        if isinstance(fetched, DeviceOutOfMemory) and not alone:
             # Out of memory while the next batch may have been on the device too: that one goes to
             # the host first, and this batch is retried whole before it is split.
             self._bring_in_flight_home()
             yield from self._outputs(self._dispatch(batch), batch, alone=True)
             return
-        if isinstance(fetched, str):
+        if isinstance(fetched, DeviceOutOfMemory):
             yield from self._after_oom(batch, fetched)
             return
         activations, norms = fetched
@@ -284,28 +260,27 @@ class ExtractDoFn(beam.DoFn):
             yield extracted  # written and committed together
 
     @staticmethod
-    def _oom_text(error: Exception, batch: Batch) -> str:
-        """An out-of-memory error's first line; any other error fails the bundle, naming the batch."""
+    def _out_of_memory(error: Exception, batch: Batch) -> DeviceOutOfMemory:
+        """An out-of-memory error as DeviceOutOfMemory; any other error fails the bundle, naming the batch."""
         if not is_device_oom(error):
             ids = [p.sample.sample_id for p in batch.placements]
             raise RuntimeError(
                 f"the forward failed on a batch of shape {tuple(batch.tokens.shape)} with {len(ids)} "
                 f"samples ({', '.join(ids[:3])}{', ...' if len(ids) > 3 else ''}): {_first_line(error)}"
             ) from error
-        # Only its text: retrying inside the handler would keep the failed forward's frames (and any
-        # device buffers they hold) alive, and chain later errors to this one.
-        return _first_line(error)
+        # Not retried here: inside the handler the failed forward's frames would stay alive.
+        return DeviceOutOfMemory(_first_line(error))
 
-    def _after_oom(self, batch: Batch, oom: str):
+    def _after_oom(self, batch: Batch, oom: DeviceOutOfMemory):
         """Re-runs an out-of-memory batch in smaller pieces, one at a time; a lone row that still
         does not fit (in a batch no larger than one row padded for the mesh) dead-letters its
         samples."""
         multiple = self._model.mesh.shape["data"]
-        if used_rows(batch) > 1 or batch.tokens.shape[0] > multiple:
-            pieces = split_batch(batch, multiple)
+        if batch.used_rows > 1 or batch.tokens.shape[0] > multiple:
+            pieces = batch.halves(multiple)
             self._oom_splits.inc()
             _LOG.warning("out of device memory on a batch of shape %s (%d used rows): re-running it as %s",
-                         tuple(batch.tokens.shape), used_rows(batch), [tuple(p.tokens.shape) for p in pieces])
+                         tuple(batch.tokens.shape), batch.used_rows, [tuple(p.tokens.shape) for p in pieces])
             for piece in pieces:
                 yield from self._outputs(self._dispatch(piece), piece, alone=True)
             return
@@ -316,4 +291,4 @@ class ExtractDoFn(beam.DoFn):
                 sample.source, sample.line_number, "extract", "model_oom",
                 f"sample {sample.sample_id} ({len(sample.token_ids)} tokens) in a row of {row_length} tokens "
                 f"does not fit in device memory even as a batch of {batch.tokens.shape[0]} row(s): "
-                f"{oom}"[:500], record_id=sample.sample_id))
+                f"{oom.text}"[:500], record_id=sample.sample_id))

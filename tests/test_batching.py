@@ -5,13 +5,14 @@ import math
 import apache_beam as beam
 import numpy as np
 import pytest
+from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.testing.util import assert_that, equal_to
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from beam_extract.batching import (BatchDoFn, BatchPlan, assemble, bucket_length, form_batches, pack_rows,
+from beam_extract.batching import (BatchDoFn, BatchKeyedSamples, BatchPlan, assemble, bucket_length, form_batches, pack_rows,
                                    parse_buckets, row_counts)
-from beam_extract.extract import extract_batch, pad_rows
+from beam_extract.extract import extract_batch
 from beam_extract.model.loaded import load_model
 from beam_extract.options import UsageError, parse_layers, parse_sites
 from beam_extract.output.schema import decode_record
@@ -69,7 +70,7 @@ def test_assemble_restarts_positions_and_numbers_segments():
     np.testing.assert_array_equal(batch.tokens[0, 3:7], b.token_ids)
     assert batch.segment_ids[2].sum() == 0 and batch.real_tokens == 9
     assert [(p.sample.sample_id, p.row, p.start) for p in batch.placements] == [("a", 0, 0), ("b", 0, 3), ("c", 1, 0)]
-    padded = pad_rows(batch, 4)
+    padded = batch.pad_rows(4)
     assert padded.tokens.shape == (4, 8) and padded.segment_ids[3].sum() == 0
 
 
@@ -235,3 +236,20 @@ def test_batch_dofn_shapes_equal_the_in_memory_batching():
                | beam.ParDo(BatchDoFn(plan))
                | beam.Map(lambda batch: batch.tokens.shape))
         assert_that(got, equal_to(expected))
+
+
+def test_the_end_of_input_rests_of_many_keys_make_at_most_one_partial_batch_per_shape():
+    """Keys per producing thread: each key's rest at the end of the input is gathered by shape, so
+    the partial batches do not grow with the keys (16 here; 768 on 64 workers x 12 threads)."""
+    plan = BatchPlan((16, 32), 4, 0, "off", 32)
+    keyed = [((16, False, f"thread{k}"), sample(10, f"a{k}-{i}")) for k in range(16) for i in range(5)]
+    keyed.append(((16, False, "thread0"), sample(10, "a0-5")))
+    keyed += [((32, False, f"thread{k}"), sample(20, f"b{k}")) for k in range(2)]  # never fills a batch
+    with beam.Pipeline(options=PipelineOptions(["--runner=FnApiRunner"])) as pipeline:
+        got = (pipeline
+               | beam.Create(keyed)
+               | BatchKeyedSamples(plan)
+               | beam.Map(lambda batch: (batch.tokens.shape, len({p.row for p in batch.placements}))))
+        # 16 full batches from the keys, 4 from their 17 rests, and the one left over keeps the full
+        # shape (it ran); the other shape's two samples share the smallest shape.
+        assert_that(got, equal_to([((4, 16), 4)] * 20 + [((4, 16), 1), ((2, 32), 2)]))
