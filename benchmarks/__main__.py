@@ -1,6 +1,10 @@
 """Every performance goal, measured side by side against baselines from the same run.
 
     python -m benchmarks [--quick] [--only forward,pipeline,host,padding,output,memory,commits,runners,families,input,scale] [--readme]
+
+--quick runs smaller inputs with one repeat, and only the sections that fit that in seconds (QUICK);
+the others (whole jobs per size or per runner, seven model families) run in the full mode or when
+named with --only.
     python -m benchmarks --recorded --readme   # after a new benchmarks/gpu.sh run: no measuring
 
 Prints a table, writes benchmarks/results.json and benchmarks/results.md, and with --readme puts
@@ -22,6 +26,8 @@ from benchmarks.report import Figure, machine, markdown, today, update_readme
 SECTIONS = {"forward": forward, "pipeline": pipeline, "host": host, "padding": padding, "output": output,
             "memory": memory, "commits": commits, "runners": runners, "families": families, "input": input,
             "scale": scale}
+# What --quick runs unless --only names sections: the rest start several whole jobs each.
+QUICK = ("forward", "pipeline", "host", "padding", "output", "input")
 HERE = Path(__file__).resolve().parent
 
 
@@ -86,13 +92,14 @@ def refreshed(before: tuple[list[Figure], dict, str], figures: list[Figure], raw
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="smaller inputs, one repeat (under 3 minutes)")
-    parser.add_argument("--only", default=",".join(SECTIONS), help="comma-separated sections to run")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"smaller inputs, one repeat, sections {','.join(QUICK)} unless --only (under 5 minutes)")
+    parser.add_argument("--only", help=f"comma-separated sections to run (default: all: {','.join(SECTIONS)})")
     parser.add_argument("--readme", action="store_true", help="write the table into README.md")
     parser.add_argument("--recorded", action="store_true",
                         help="measure nothing: the last results.json with the GPU runs recorded now")
     args = parser.parse_args()
-    only = args.only.split(",")
+    only = args.only.split(",") if args.only else list(QUICK if args.quick else SECTIONS)
     unknown = set(only) - set(SECTIONS)
     if unknown:
         parser.error(f"unknown sections {sorted(unknown)}; choose from {', '.join(SECTIONS)}")
