@@ -106,10 +106,11 @@ def run_job(args: list[str]) -> dict:
     return {**job, "manifest": json.loads((Path(output) / "manifest.json").read_text())}
 
 
-# `python -m beam_extract` as a user runs it, the forward replaced by an instant device: the CLI
-# module first (it sets the environment the job's imports read), then the patch, then its main.
+# `beam-extract` as a user runs it, the forward replaced by an instant device: the CLI module first
+# (named as the script is, it sets up the process as for a user), then the patch, then its main.
 USER_JOB = """
 import sys
+sys.argv[0] = "beam-extract"
 import beam_extract.__main__ as cli
 import beam_extract.extract as extract
 from benchmarks.simulated import SimulatedModel
