@@ -16,8 +16,9 @@ from collections.abc import Callable
 
 from apache_beam.io.filesystem import FileSystem
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.options.pipeline_options import (FlinkRunnerOptions, GoogleCloudOptions, PipelineOptions, PortableOptions,
-                                                  SparkRunnerOptions, StandardOptions)
+from apache_beam.options.pipeline_options import (DirectOptions, FlinkRunnerOptions, GoogleCloudOptions,
+                                                  PipelineOptions, PortableOptions, SparkRunnerOptions,
+                                                  StandardOptions)
 
 from beam_extract.arc.augment import ArcView, augment
 from beam_extract.arc.encoders import parse_encoder
@@ -340,7 +341,7 @@ def make_job(options: PipelineOptions) -> Job:
     local = is_local(options)
     ours["compilation_cache_dir"] = compilation_cache_dir(ours["compilation_cache_dir"], options, not local)
     if local:
-        devices.start_listing()  # counted while the checks below run
+        devices.start_listing(workers_in_this_process(options))  # counted while the checks below run
     created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     config = config_from_hf(load_hf_config(resolve_model_dir(ours["model"], weights=False)))
     layers, sites = parse_layers(ours["layers"], config.num_layers), parse_sites(ours["sites"])
@@ -434,6 +435,16 @@ def check_runner(runner: str | None) -> None:
 # Runners whose job ends with this process (PortableRunner: our own job service and worker pool).
 LOCAL_RUNNERS = (None, "DirectRunner", "direct", "FnApiRunner", "BundleBasedDirectRunner", "PortableRunner",
                  "PrismRunner")
+
+
+def workers_in_this_process(options: PipelineOptions) -> bool:
+    """The job's workers are threads of this process: Beam's in-process runners (unless told to
+    start worker processes) or a portable runner's LOOPBACK workers."""
+    if options.view_as(PortableOptions).environment_type == "LOOPBACK":
+        return True
+    return (options.view_as(StandardOptions).runner in (None, "DirectRunner", "direct", "FnApiRunner",
+                                                         "BundleBasedDirectRunner")
+            and options.view_as(DirectOptions).direct_running_mode != "multi_processing")
 
 
 def is_local(options: PipelineOptions) -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 import hashlib
 import json
 import weakref
@@ -101,17 +102,31 @@ def select(sample: Sample, selection: TokenSelection, test_start: int = 0) -> Sa
 
 
 def load_tokenizer(model_dir: str | Path) -> transformers.PreTrainedTokenizerBase:
-    """The model directory's own tokenizer and chat template."""
-    names = {path.name for path in Path(model_dir).iterdir()}
+    """The model directory's own tokenizer and chat template: loaded once per process for the same
+    files (2 CPU-s for Qwen2's; the driver's checks and an in-process runner's workers share it)."""
+    files = sorted(Path(model_dir).iterdir())
+    names = {path.name for path in files}
     if "tokenizer_config.json" not in names or not ("tokenizer.json" in names or {"vocab.json", "merges.txt"} <= names):
         raise CheckpointError(f"{model_dir} has no tokenizer: a --model directory needs tokenizer.json (or vocab.json "
                               "and merges.txt) and tokenizer_config.json, with its chat template there or in "
                               "chat_template.jinja, beside config.json and the safetensors weights")
+    return _load_tokenizer(str(model_dir), tuple((path.name, path.stat().st_size, path.stat().st_mtime_ns)
+                                                  for path in files if path.is_file()))
+
+
+@functools.lru_cache(maxsize=4)
+def _load_tokenizer(model_dir: str, files: tuple) -> transformers.PreTrainedTokenizerBase:
+    """`files` (names, sizes, modification times) keys the cache: a changed file is loaded anew."""
     try:
-        return transformers.AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
     except Exception as error:  # a truncated or malformed file: the tokenizers library raises plain Exceptions
         raise CheckpointError(f"{model_dir}: its tokenizer cannot be loaded ({type(error).__name__}: "
                               f"{' '.join(str(error).split())[:300]})") from None
+    # Shared by threads, it must not change: every call of ours would clear a tokenizer.json's own
+    # truncation and padding before encoding (and change the tokenizer while another thread reads it).
+    tokenizer.backend_tokenizer.no_truncation()
+    tokenizer.backend_tokenizer.no_padding()
+    return tokenizer
 
 
 # Long documents are tokenized in pieces of about this many characters, a batch of pieces at a
@@ -205,9 +220,14 @@ def _plain_tokenizer(tokenizer) -> tokenizers.Tokenizer:
     markers written in a document (`<|im_end|>`, `<tool_call>`) are characters, whether the
     tokenizer calls them special or not."""
     if tokenizer not in _PLAIN:
-        definition = json.loads(tokenizer.backend_tokenizer.to_str())
-        definition["added_tokens"] = []
-        _PLAIN[tokenizer] = tokenizers.Tokenizer.from_str(json.dumps(definition))
+        # Its own vocabulary model, shared (not a copy through JSON: 2 CPU-s for Qwen2's 150k
+        # tokens), and its steps; no truncation or padding, which would change a document's tokens.
+        backend = tokenizer.backend_tokenizer
+        plain = tokenizers.Tokenizer(backend.model)
+        for step in ("normalizer", "pre_tokenizer", "post_processor", "decoder"):
+            if getattr(backend, step) is not None:
+                setattr(plain, step, getattr(backend, step))
+        _PLAIN[tokenizer] = plain
     return _PLAIN[tokenizer]
 
 

@@ -44,7 +44,7 @@ SIM_WIDTH = 64  # the embedded tiny model's d_model
 # becomes the simulated device's (no compute).
 SITECUSTOMIZE = f"""
 import beam_extract.extract as extract
-from benchmarks.host import SimulatedModel
+from benchmarks.simulated import SimulatedModel
 extract.load_model = lambda *args: SimulatedModel(width={SIM_WIDTH})
 """
 JOB = """

@@ -137,3 +137,19 @@ def test_a_base_model_without_a_chat_template_runs_text_and_dead_letters_arc(tmp
     make_job(PipelineOptions([f"--model={model}", f"--output={tmp_path}/out"]))  # auto: text runs
     with pytest.raises(UsageError, match="no_chat_template: the model's tokenizer has no chat template"):
         make_job(PipelineOptions([f"--model={model}", f"--output={tmp_path}/out", "--input_format=arc"]))
+
+
+@pytest.mark.parametrize("style", ["qwen2", "llama3", "prepend"])
+def test_markers_as_text_use_the_tokenizers_own_definition_without_its_added_tokens(style):
+    """The tokenizer that reads markers as text shares the vocabulary model and is, step for step,
+    the tokenizer's definition with no added tokens (and no truncation or padding)."""
+    import json
+
+    from beam_extract.tokenize import _plain_tokenizer
+
+    tokenizer = (load_tokenizer(resolve_model_dir("tiny-random-qwen2", weights=False)) if style == "qwen2"
+                 else trained(style))
+    tokenizer.backend_tokenizer.enable_truncation(8)
+    expected = json.loads(tokenizer.backend_tokenizer.to_str()) | {"added_tokens": [], "truncation": None}
+    assert json.loads(_plain_tokenizer(tokenizer).to_str()) == expected
+    assert len(_plain_tokenizer(tokenizer).encode("<|im_end|> " * 20, add_special_tokens=False).ids) > 8

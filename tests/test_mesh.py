@@ -154,3 +154,20 @@ def test_families_on_a_model_parallel_mesh_equal_single_device(tmp_path):
     for family in ("gemma2", "gpt2", "mistral"):
         assert report[family] <= 1e-5, (family, report[family])
     assert report["gemma2 q_w"] == report["gpt2 q_w"] == "P(None, None, 'model')"
+
+
+def test_devices_are_listed_in_this_process_only_where_the_workers_are_its_threads():
+    """A child process lists them (the driver must not hold an accelerator that worker processes
+    need) unless the workers are threads of the driver's process; both see the same devices."""
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    from beam_extract.job import workers_in_this_process
+    from beam_extract.model import devices
+
+    here = {"--runner=FnApiRunner": True, "--runner=DirectRunner": True,
+            "--runner=FnApiRunner --direct_running_mode=multi_threading": True,
+            "--runner=FnApiRunner --direct_running_mode=multi_processing": False,
+            "--runner=PrismRunner": False, "--runner=PrismRunner --environment_type=LOOPBACK": True,
+            "--runner=DataflowRunner": False}
+    assert {args: workers_in_this_process(PipelineOptions(args.split())) for args in here} == here
+    assert devices._list_here() == devices._list()

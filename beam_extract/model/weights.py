@@ -266,5 +266,5 @@ def weights_checksum(model_dir: Path) -> str:
         except (SafetensorError, OSError) as error:
             raise CheckpointError(f"cannot read {path}: {error}") from error
         digest.update(f"{name}|{tensor.dtype}|{tensor.shape}|".encode())
-        digest.update(np.ascontiguousarray(tensor).tobytes())
+        digest.update(np.ascontiguousarray(tensor).reshape(-1).view(np.uint8))  # its bytes, not copied
     return digest.hexdigest()
