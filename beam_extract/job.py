@@ -29,7 +29,8 @@ from beam_extract.io.sources import absolute_input
 from beam_extract.io.tables import is_table
 from beam_extract.legacy import legacy_rewrites
 from beam_extract.lifetime import Driver
-from beam_extract.model.config import ModelConfig, check_context, config_from_hf, load_hf_config
+from beam_extract.model.config import ModelConfig, check_context
+from beam_extract.model.hf_config import config_from_hf, load_hf_config
 from beam_extract.model.weights import (METADATA_FILES, check_checkpoint, remote_weights_checksum, resolve_model_dir,
                                         weights_checksum)
 from beam_extract.model import devices

@@ -18,7 +18,8 @@ from jax.sharding import Mesh
 
 from beam_extract.hooks import SITES, Hook, parse_hook_name
 from beam_extract.model import compile_cache
-from beam_extract.model.config import ModelConfig, config_from_hf, load_hf_config
+from beam_extract.model.config import ModelConfig
+from beam_extract.model.hf_config import config_from_hf, load_hf_config
 from beam_extract.model.mesh import batch_sharding, param_shardings, parse_mesh, shard_attention, tree_bytes
 from beam_extract.model.decoder import Attention, attention, forward
 from beam_extract.model.weights import load_params, resolve_model_dir, weights_checksum

@@ -14,9 +14,10 @@ from pathlib import Path
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
+from beam_extract.model import embedded
+from beam_extract.model.checkpoint_tensors import expected_shapes, stored_params
 from beam_extract.model.config import ModelConfig
-from beam_extract.model.families import FAMILIES, Stored, layer_tensors
-from beam_extract.model.param_axes import GLOBAL_AXES, LAYER_AXES
+from beam_extract.model.families import FAMILIES
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -37,11 +38,9 @@ def cache_dir() -> Path:
 
 def resolve_model_dir(path_or_name: str, weights: bool = True) -> Path:
     """A local directory holding config.json and the tokenizer (and, if `weights`, the safetensors)."""
-    from beam_extract.model import embedded
-
     patterns = METADATA_FILES + (WEIGHT_FILES if weights else ())
     if path_or_name in embedded.EMBEDDED_MODELS:
-        return embedded.ensure_embedded_model(path_or_name)
+        return embedded.ensure_embedded_model(path_or_name, cache_dir())
     if path_or_name.startswith("gs://"):
         return _copy_remote_dir(path_or_name, patterns)
     local = Path(path_or_name).expanduser()
@@ -121,37 +120,6 @@ def checkpoint_files(model_dir: Path) -> dict[str, Path]:
             return {name: single for name in handle.keys()}
     except (SafetensorError, OSError) as error:
         raise CheckpointError(f"cannot read {single}: {error}") from error
-
-
-def param_shape(config: ModelConfig, name: str, per_layer: bool) -> tuple[int, ...]:
-    """Our parameter's shape (one layer's, for a layer parameter), from its logical axes."""
-    sizes = {"vocab": config.vocab_size, "embed": config.hidden_size, "heads": config.num_heads * config.head_dim,
-             "kv": config.num_kv_heads * config.head_dim, "mlp": config.intermediate_size,
-             "head_dim": config.head_dim, "positions": config.max_position_embeddings}
-    return tuple(sizes[axis] for axis in (LAYER_AXES if per_layer else GLOBAL_AXES)[name])
-
-
-def _stored_shape(stored: Stored, shape: tuple[int, ...]) -> tuple[int, ...]:
-    shape = shape[::-1] if stored.transpose else shape
-    return (*shape[:-1], shape[-1] * stored.parts)
-
-
-def stored_params(config: ModelConfig) -> list[tuple[str, int | None, Stored, str]]:
-    """(our name, layer or None, where it is stored, the checkpoint's name without the family's
-    prefix) for every parameter we load, whole-model ones first, in the family table's order."""
-    family = FAMILIES[config.family]
-    globals_ = [(name, None, stored, stored.name) for name, stored in family.globals.items()
-                if name != "pos_embed" or config.learned_positions]
-    per_layer = layer_tensors(config).items()
-    layers = [(name, index, stored, f"{family.layers}.{index}.{stored.name}")
-              for index in range(config.num_layers) for name, stored in per_layer]
-    return globals_ + layers
-
-
-def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Checkpoint tensor name (without the family's prefix) -> shape, for every tensor we load."""
-    return {key: _stored_shape(stored, param_shape(config, name, index is not None))
-            for name, index, stored, key in stored_params(config)}
 
 
 def _unused(config: ModelConfig, key: str) -> bool:
