@@ -15,9 +15,9 @@ from beam_extract.arc.encoders import DEFAULT_ENCODER
 from beam_extract.arc.prompt import BUILTIN_TEMPLATES, DEFAULT_TEMPLATE
 from beam_extract.legacy import add_legacy_arguments
 from beam_extract.hooks import SITES
+from beam_extract.model.config import COMPUTE_DTYPES
 from beam_extract.output.schema import OUTPUT_DTYPES
 
-COMPUTE_DTYPES = ("float32", "bfloat16")
 PACKING_MODES = ("text", "all", "off")  # which samples are packed: text only, ARC prompts too, none
 DEFAULT_MODEL = "tiny-random-qwen2"
 
@@ -126,7 +126,7 @@ OPTIONS: tuple[Option, ...] = (
            f"families), a hub id when online, or {DEFAULT_MODEL} (embedded, generated offline)", "model"),
     Option("layers", "all", "Layers to capture: 'all' or a list like 0,3,8-11 (0-based)", "model"),
     Option("sites", "resid_post", f"Comma-separated sites: {', '.join(SITES)}", "model"),
-    Option("dtype", "float32", "Compute dtype", "model", choices=COMPUTE_DTYPES),
+    Option("dtype", "float32", "Compute dtype", "model", choices=tuple(COMPUTE_DTYPES)),
     Option("mesh", "auto", "Device mesh over each worker's local devices: auto (all on 'data' while the weights "
            "fit one device, else split on 'model'), or axes like data:4,model:2", "model"),
     Option("compilation_cache_dir", "", "Persistent compilation cache, local or gs://: a worker loads the forwards "

@@ -11,8 +11,12 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import ml_dtypes
 import numpy as np
 import transformers
+
+# The dtypes a forward computes in (--dtype), by name.
+COMPUTE_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
 
 
 class UnsupportedConfigError(ValueError):
