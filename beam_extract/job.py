@@ -19,6 +19,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import (FlinkRunnerOptions, GoogleCloudOptions, PipelineOptions, PortableOptions,
                                                   SparkRunnerOptions, StandardOptions)
 
+from beam_extract import gcs
 from beam_extract.arc.augment import ArcView, augment
 from beam_extract.arc.encoders import parse_encoder
 from beam_extract.arc.prompt import load_template
@@ -166,9 +167,9 @@ def _bounded(call: Callable, seconds: float):
 def _check_gcs(paths: dict[str, str]) -> None:
     """gs:// paths need credentials and an answer from Cloud Storage: checked once in the driver,
     in bounded time, instead of a traceback or a listing retried for minutes."""
-    gcs = {option: path for option, path in paths.items()  # one without a bucket is refused by `location`
-           if path.startswith("gs://") and path.removeprefix("gs://").partition("/")[0]}
-    if not gcs:
+    remote = {option: path for option, path in paths.items()  # one without a bucket is refused by `location`
+              if path.startswith("gs://") and gcs.split(path)[0]}
+    if not remote:
         return
     if not os.environ.get("STORAGE_EMULATOR_HOST"):  # an emulator takes anonymous requests
         import google.auth
@@ -177,10 +178,10 @@ def _check_gcs(paths: dict[str, str]) -> None:
         try:
             google.auth.default()
         except DefaultCredentialsError as error:
-            raise UsageError(f"{', '.join(gcs)} on gs:// need Google Cloud credentials (gcloud auth "
+            raise UsageError(f"{', '.join(remote)} on gs:// need Google Cloud credentials (gcloud auth "
                              f"application-default login, or GOOGLE_APPLICATION_CREDENTIALS): {_one_line(error)}") from None
-    option, path = next(iter(gcs.items()))
-    bucket = path.removeprefix("gs://").partition("/")[0]
+    option, path = next(iter(remote.items()))
+    bucket = gcs.split(path)[0]
     try:  # one small request (absent or present, an answer either way)
         _bounded(lambda: exists(f"gs://{bucket}/.beam-extract-reachable"), ANSWER_SECONDS)
     except TimeoutError as error:
@@ -294,8 +295,7 @@ def location(option: str, given: str) -> str:
     """gs://bucket/path (without a trailing /), or a local path made absolute with ~ expanded.
     Another scheme, a misspelt gs:// or no bucket is refused: never a local directory named `gs:`."""
     if given.startswith("gs://"):
-        bucket = given.removeprefix("gs://").partition("/")[0]
-        if not bucket:
+        if not gcs.split(given)[0]:
             raise UsageError(f"{option} {given!r}: name a bucket, gs://bucket/path (is a variable in it unset?)")
         return given.rstrip("/")
     if re.match(r"[A-Za-z][A-Za-z0-9+.-]*:", given):

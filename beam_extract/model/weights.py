@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
+from beam_extract import gcs
 from beam_extract.model import embedded
 from beam_extract.model.checkpoint_tensors import expected_shapes, stored_params
 from beam_extract.model.config import ModelConfig
@@ -57,12 +58,10 @@ def _copy_remote_dir(url: str, patterns: tuple[str, ...]) -> Path:
     it): new weights of the same size replace it."""
     from apache_beam.io.filesystem import CompressionTypes
     from apache_beam.io.filesystems import FileSystems
-    from google.cloud import storage
 
     base = url.rstrip("/")
-    bucket, _, prefix = base.removeprefix("gs://").partition("/")
     target = cache_dir() / "remote" / hashlib.sha256(base.encode()).hexdigest()[:16]
-    listing = storage.Client().list_blobs(bucket, prefix=f"{prefix}/" if prefix else "", delimiter="/")
+    listing = gcs.list_directory(base)
     files = {blob.name.rsplit("/", 1)[-1]: f"{blob.generation}:{blob.crc32c}" for blob in listing
              if any(fnmatch.fnmatchcase(blob.name.rsplit("/", 1)[-1], pattern) for pattern in patterns)}
     if "config.json" not in files:
@@ -209,12 +208,8 @@ def load_params(config: ModelConfig, model_dir: Path, dtype: np.dtype) -> dict:
 def remote_weights_checksum(url: str) -> str:
     """sha256 over the name, size and CRC32C of each weight object of a gs:// model: its identity
     without downloading it (a Dataflow launcher need not hold the weights)."""
-    from google.cloud import storage
-
-    bucket, _, prefix = url.rstrip("/").removeprefix("gs://").partition("/")
     digest = hashlib.sha256()
-    for blob in sorted(storage.Client().list_blobs(bucket, prefix=f"{prefix}/" if prefix else "", delimiter="/"),
-                       key=lambda blob: blob.name):
+    for blob in sorted(gcs.list_directory(url), key=lambda blob: blob.name):
         name = blob.name.rsplit("/", 1)[-1]
         if any(fnmatch.fnmatchcase(name, pattern) for pattern in WEIGHT_FILES):
             digest.update(f"{name}|{blob.size}|{blob.crc32c}\n".encode())

@@ -30,6 +30,7 @@ import uuid
 
 from apache_beam.io.filesystems import FileSystems
 
+from beam_extract import gcs
 from beam_extract.io.inventory import changes as inventory_changes
 from beam_extract.lifetime import machine_id, process_start, this_driver
 from beam_extract.output.commits import TEMPORARY_SUFFIX, delete_quietly, list_paths, ours, read_json, write_json
@@ -102,11 +103,9 @@ def _short(value) -> str:
 def _entries(output: str) -> list[str]:
     """Names directly under `output` (files and directories); [] if it does not exist."""
     if output.startswith("gs://"):
-        from google.cloud import storage
-
-        bucket, _, prefix = output.removeprefix("gs://").partition("/")
-        prefix = f"{prefix}/" if prefix else ""
-        listing = storage.Client().list_blobs(bucket, prefix=prefix, delimiter="/")
+        name = gcs.split(output)[1]
+        prefix = f"{name}/" if name else ""
+        listing = gcs.list_directory(output)
         names = [blob.name for blob in listing]  # the prefixes are known once the pages are read
         return sorted({n[len(prefix):].rstrip("/") for n in names + list(listing.prefixes)} - {""})
     return sorted(os.listdir(output)) if os.path.isdir(output) else []
@@ -208,10 +207,7 @@ class _Lock:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
     def _blob(self):
-        from google.cloud import storage
-
-        bucket, _, name = self.path.removeprefix("gs://").partition("/")
-        return storage.Client().bucket(bucket).blob(name)
+        return gcs.blob(self.path)
 
 
 def take_lock(output: str, run_id: str, runner: str, remote: bool) -> dict:
