@@ -33,7 +33,7 @@ from beam_extract.job import DEAD_LETTER_STAGES, LOCAL_RUNNERS, Job, claim_outpu
 from beam_extract.options import UsageError, check_arguments, template_switches
 from beam_extract.progress import Reporter
 from beam_extract.output import ownership
-from beam_extract.output.commits import parse_sample_id, without_samples
+from beam_extract.output.commits import without_samples
 from beam_extract.output.extracted import ExtractedBatch
 from beam_extract.output.manifest import (SumCounts, SummarizeBatches, SummarizeCommits, build_manifest, problems,
                                           write_manifest)
@@ -41,8 +41,8 @@ from beam_extract.output.windows import WriteWindowIndex
 from beam_extract.output.writer import WriteShards, remove_unlisted
 from beam_extract.records.dead_letter import DEAD_LETTER
 from beam_extract.records.identity import input_root
-from beam_extract.stages import (RESUMED, DropDuplicateTasks, ParseDoFn, SkipCommitted, TokenizeDoFn,
-                                 expand_views)
+from beam_extract.resume import RESUMED, SkipCommitted, remove_skip_file, resumed_ids
+from beam_extract.stages import DropDuplicateTasks, ParseDoFn, TokenizeDoFn, expand_views
 
 
 def _finish(_, job: Job, lines_read: int, lines: dict, samples: int, resumed: int, dead_letters: dict,
@@ -60,12 +60,11 @@ def _finish(_, job: Job, lines_read: int, lines: dict, samples: int, resumed: in
         committed_now=sum(g["samples"] for g in groups), committed_ids=committed_ids, run_id=job.run_id)
     # The software and device of this job; a resumption's differences from the run's, as accepted.
     manifest["software"] = {**job.fingerprint["software"], "device": job.fingerprint["device"],
-                            "accepted_changes": list(job.software_changes)}
+                            "accepted_changes": list(job.resumed.software_changes)}
     manifest["problems"] = problems(manifest["counts"], dead_letters)
     manifest["ok"] = not manifest["problems"]
     path = write_manifest(job.output, manifest)
-    if job.resumed.skip_path:
-        beam.io.filesystems.FileSystems.delete([job.resumed.skip_path])
+    remove_skip_file(job.resumed)
     if job.remote:
         ownership.release_lock(job.output, job.lock)
         if not manifest["ok"]:  # marks the remote job failed; a local run's exit code says it
@@ -116,9 +115,7 @@ def committed_ids(groups: beam.PCollection, job: Job) -> beam.PCollection:
     ids = groups | "GroupSampleIds" >> beam.FlatMap(lambda group: group["samples"])
     if job.streaming or not job.resumed.skip_path:
         return ids
-    kept = (groups.pipeline | "ResumedIdsFile" >> beam.io.ReadFromText(job.resumed.skip_path)
-            | "ResumedIds" >> beam.Map(lambda line: parse_sample_id(line)[0]))
-    return (ids, kept) | "AllCommittedIds" >> beam.Flatten()
+    return (ids, resumed_ids(groups.pipeline, job.resumed.skip_path)) | "AllCommittedIds" >> beam.Flatten()
 
 
 def build(paths: beam.PCollection, job: Job) -> None:
