@@ -5,7 +5,7 @@ arrival) -> lines and rows (Parquet by row group) -> parse -> (ARC: unique ids, 
 -> tokenize -> (resume: skip committed) -> fixed-shape batches -> forward -> TFRecords per hook in shard groups, each committed when closed
 -> manifest (streaming: an index per window), from the groups the pipeline accepted. Every failure
 becomes a dead letter with a reason; every input line is accounted for. The driver's side (options,
-fingerprint, claiming the output) is in `job`.
+fingerprint, claiming the output) is in `job`; what a --resume continues, and the skip, in `resume`.
 """
 
 from __future__ import annotations
