@@ -20,6 +20,7 @@ from apache_beam.options.pipeline_options import (DirectOptions, FlinkRunnerOpti
                                                   PipelineOptions, PortableOptions, SparkRunnerOptions,
                                                   StandardOptions)
 
+from beam_extract import gcs
 from beam_extract.arc.augment import ArcView, augment
 from beam_extract.arc.encoders import parse_encoder
 from beam_extract.arc.prompt import load_template
@@ -30,18 +31,18 @@ from beam_extract.io.sources import absolute_input
 from beam_extract.io.tables import is_table
 from beam_extract.legacy import legacy_rewrites
 from beam_extract.lifetime import Driver
-from beam_extract.model.config import ModelConfig, check_context, config_from_hf, load_hf_config
+from beam_extract.model.config import ModelConfig, check_context
+from beam_extract.model.hf_config import config_from_hf, load_hf_config
 from beam_extract.model.weights import (METADATA_FILES, check_checkpoint, remote_weights_checksum, resolve_model_dir,
                                         weights_checksum)
 from beam_extract.model import devices
 from beam_extract.model.mesh import mesh_sizes
 from beam_extract.options import UsageError, check_ranges, extract_options, parse_layers, parse_sites, sample_input
+from beam_extract import resume
 from beam_extract.output import ownership
-from beam_extract.output.commits import (RUN_SKIP_SUFFIX, delete_quietly, list_paths, read_groups_on_disk,
-                                         select_groups, without_samples, write_sample_ids)
+from beam_extract.output.commits import RUN_SKIP_SUFFIX
 from beam_extract.output.schema import OUTPUT_DTYPES
 from beam_extract.output.storage import exists
-from beam_extract.output.writer import remove_unlisted
 from beam_extract.records.arc import ArcTask
 from beam_extract.records.dead_letter import DeadLetter
 from beam_extract.records.text import TextDoc
@@ -52,15 +53,6 @@ from beam_extract.tokenize import load_tokenizer, parse_positions, special_affix
 
 # The stages that dead-letter, in the order of the data path (each writes dead_letter/{stage}-*.jsonl).
 DEAD_LETTER_STAGES = ("read", "parse", "dedup", "tokenize", "resume", "extract")
-
-
-@dataclasses.dataclass(frozen=True)
-class Resumed:
-    """What a --resume run continues: the groups of the earlier run it keeps (without their sample
-    ids) and the file of those ids and digests, which workers skip."""
-
-    groups: tuple[dict, ...] = ()
-    skip_path: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,10 +67,9 @@ class Job:
     run_id: str = ""
     fingerprint: dict = dataclasses.field(default_factory=dict)
     lock: dict = dataclasses.field(default_factory=dict)  # the output's lock as this job holds it
-    resumed: Resumed = Resumed()
+    resumed: resume.Resumed = resume.Resumed()  # with --resume, what the run resumed left
     remote: bool = False  # the runner runs the job elsewhere: the job itself releases the lock
     input_bytes: int | None = None  # of the input files when known and uncompressed (for progress)
-    software_changes: tuple[str, ...] = ()  # from the run resumed, accepted with --accept_software_change
 
     @property
     def output(self) -> str:
@@ -122,7 +113,7 @@ def run_fingerprint(options: dict, config: ModelConfig, hooks: tuple[Hook, ...],
         model_dir = resolve_model_dir(options["model"])
         check_checkpoint(config, model_dir)  # its headers, before a worker loads it
         weights = weights_checksum(model_dir)
-    return ownership.fingerprint(
+    return resume.fingerprint(
         options, weights_sha256=weights, config=dataclasses.asdict(config),
         tokenizer_sha256=_files_sha256(model_dir, [n for n in METADATA_FILES if n != "config.json"]),
         hooks=[hook_name(*hook) for hook in hooks],
@@ -166,9 +157,9 @@ def _bounded(call: Callable, seconds: float):
 def _check_gcs(paths: dict[str, str]) -> None:
     """gs:// paths need credentials and an answer from Cloud Storage: checked once in the driver,
     in bounded time, instead of a traceback or a listing retried for minutes."""
-    gcs = {option: path for option, path in paths.items()  # one without a bucket is refused by `location`
-           if path.startswith("gs://") and path.removeprefix("gs://").partition("/")[0]}
-    if not gcs:
+    remote = {option: path for option, path in paths.items()  # one without a bucket is refused by `location`
+              if path.startswith("gs://") and gcs.split(path)[0]}
+    if not remote:
         return
     if not os.environ.get("STORAGE_EMULATOR_HOST"):  # an emulator takes anonymous requests
         import google.auth
@@ -177,10 +168,10 @@ def _check_gcs(paths: dict[str, str]) -> None:
         try:
             google.auth.default()
         except DefaultCredentialsError as error:
-            raise UsageError(f"{', '.join(gcs)} on gs:// need Google Cloud credentials (gcloud auth "
+            raise UsageError(f"{', '.join(remote)} on gs:// need Google Cloud credentials (gcloud auth "
                              f"application-default login, or GOOGLE_APPLICATION_CREDENTIALS): {_one_line(error)}") from None
-    option, path = next(iter(gcs.items()))
-    bucket = path.removeprefix("gs://").partition("/")[0]
+    option, path = next(iter(remote.items()))
+    bucket = gcs.split(path)[0]
     try:  # one small request (absent or present, an answer either way)
         _bounded(lambda: exists(f"gs://{bucket}/.beam-extract-reachable"), ANSWER_SECONDS)
     except TimeoutError as error:
@@ -294,8 +285,7 @@ def location(option: str, given: str) -> str:
     """gs://bucket/path (without a trailing /), or a local path made absolute with ~ expanded.
     Another scheme, a misspelt gs:// or no bucket is refused: never a local directory named `gs:`."""
     if given.startswith("gs://"):
-        bucket = given.removeprefix("gs://").partition("/")[0]
-        if not bucket:
+        if not gcs.split(given)[0]:
             raise UsageError(f"{option} {given!r}: name a bucket, gs://bucket/path (is a variable in it unset?)")
         return given.rstrip("/")
     if re.match(r"[A-Za-z][A-Za-z0-9+.-]*:", given):
@@ -374,17 +364,26 @@ def make_job(options: PipelineOptions) -> Job:
                fingerprint=run_fingerprint(ours, config, hooks, device, created), remote=runs_elsewhere(options))
 
 
+def _check_output(job: Job) -> dict | None:
+    """The output's checks (ownership.check_output) and, with --resume, the fingerprint's: reads
+    only. Returns the fingerprint the output holds (None: none)."""
+    o = job.options
+    recorded = ownership.check_output(job.output, o["resume"], set(SITES), o["overwrite"])  # other sites: ours too
+    if recorded is not None and not o["overwrite"]:
+        resume.refuse_changes(job.output, recorded, job.fingerprint, o["accept_software_change"])
+    return recorded
+
+
 def claim_output(job: Job) -> Job:
     """Takes the output for this job: the check that it is ours (before anything is written), its
     lock, with --resume the same fingerprint and input files, and what the run resumed left (kept
     groups; the rest removed). Nothing is written or deleted before the lock is held and the checks
     pass."""
-    output, sites, o = job.output, set(SITES), job.options  # a run of ours with other sites is ours too
-    check = (output, job.fingerprint, o["resume"], sites, o["overwrite"], o["accept_software_change"])
-    ownership.check_output(*check)
+    output, o = job.output, job.options
+    _check_output(job)
     lock = ownership.take_lock(output, job.run_id, "remote" if job.remote else "local", job.remote)
     try:
-        recorded = ownership.check_output(*check)
+        recorded = _check_output(job)
         if recorded is not None and o["overwrite"]:
             ownership.remove_our_output(output, SITES, DEAD_LETTER_STAGES)
             recorded = None
@@ -396,17 +395,9 @@ def claim_output(job: Job) -> Job:
         if recorded is None:
             ownership.record_fingerprint(output, job.fingerprint)
             return dataclasses.replace(job, lock=lock)
-        kept = select_groups(read_groups_on_disk(output)).kept
-        remove_unlisted(output, job.hooks, kept)
-        ownership.remove_dead_letters(output, DEAD_LETTER_STAGES)  # every line is read, and dead-lettered, again
-        delete_quietly(list_paths(f"{output}/{ownership.RUN_DIR}/*{RUN_SKIP_SUFFIX}"))  # of killed resumptions
-        skip_path = f"{output}/{ownership.RUN_DIR}/{job.run_id}{RUN_SKIP_SUFFIX}"
-        write_sample_ids(skip_path, (pair for g in kept for pair in zip(g["samples"], g["digests"])))
-        resumed = Resumed(tuple(without_samples(g) for g in kept), skip_path)
-        # The run's prompts keep the date they were first rendered with (an older run recorded none).
-        run = {**job.fingerprint, ownership.CREATED: recorded.get(ownership.CREATED) or job.fingerprint[ownership.CREATED]}
-        return dataclasses.replace(job, lock=lock, resumed=resumed, fingerprint=run,
-                                   software_changes=tuple(ownership.software_differences(recorded, job.fingerprint)))
+        resumed, run = resume.continue_run(output, job.run_id, job.hooks, recorded, job.fingerprint,
+                                           DEAD_LETTER_STAGES)
+        return dataclasses.replace(job, lock=lock, resumed=resumed, fingerprint=run)
     except BaseException:
         ownership.release_lock(output, lock)
         raise

@@ -15,9 +15,9 @@ from beam_extract.arc.encoders import DEFAULT_ENCODER
 from beam_extract.arc.prompt import BUILTIN_TEMPLATES, DEFAULT_TEMPLATE
 from beam_extract.legacy import add_legacy_arguments
 from beam_extract.hooks import SITES
+from beam_extract.model.config import COMPUTE_DTYPES
 from beam_extract.output.schema import OUTPUT_DTYPES
 
-COMPUTE_DTYPES = ("float32", "bfloat16")
 PACKING_MODES = ("text", "all", "off")  # which samples are packed: text only, ARC prompts too, none
 DEFAULT_MODEL = "tiny-random-qwen2"
 
@@ -71,6 +71,13 @@ class Option:
     choices: tuple[str, ...] = ()
     minimum: int | None = None
     maximum: int | None = None
+    # Whether the option's value is in the run's fingerprint (resume.py), so that a --resume with
+    # another value is refused: true for every option that decides which samples exist or what
+    # their activations are. Required, so that no new option is left out by omission. False for
+    # the rest, and for those the fingerprint identifies otherwise: --model by its weights and
+    # tokenizer, --layers and --sites by the hooks, --prompt_template by its text, --input by
+    # its files (io.inventory).
+    fingerprinted: bool = dataclasses.field(kw_only=True)
 
     def accepted(self) -> str:
         """What the option accepts, for --help and for errors."""
@@ -89,97 +96,104 @@ MAX_SEQ_LEN = 1 << 20  # positions past this are beyond any model we load, and b
 OPTIONS: tuple[Option, ...] = (
     Option("input", None, "Glob of input files, local or gs://: JSONL (.gz and other compressions allowed), Parquet "
            "(.parquet), Arrow (.arrow), or a directory written by datasets' save_to_disk (default: the packaged "
-           "samples)", "input"),
+           "samples)", "input", fingerprinted=False),
     Option("input_format", "auto", "arc (ARC-AGI tasks), text (one document per line or row), tokens (rows of "
            "token ids, no tokenizer runs), or auto (per line or row: an object with 'train' is an ARC task, "
-           "anything else text)", "input", choices=("auto", "arc", "text", "tokens")),
+           "anything else text)", "input", choices=("auto", "arc", "text", "tokens"), fingerprinted=True),
     Option("text_field", "text", "Field holding a text document's text; a dotted path reads a nested field "
-           "(meta.text)", "input"),
+           "(meta.text)", "input", fingerprinted=True),
     Option("id_field", "id", "Field holding a document's own id (a string or an integer), kept as doc_id; dotted "
-           "paths allowed", "input"),
+           "paths allowed", "input", fingerprinted=True),
     Option("tokens_field", "", "--input_format tokens: the field holding a row's token ids (default: input_ids, "
-           "else tokens)", "input"),
+           "else tokens)", "input", fingerprinted=True),
     Option("prepend_bos", False, "--input_format tokens: put the tokenizer's own text prefix (its BOS, as text "
            "windows get; nothing for Qwen) before each window. Off: ids are taken as they are, as SAELens's "
-           "pre-tokenized datasets already begin each row with a BOS", "input", flag),
+           "pre-tokenized datasets already begin each row with a BOS", "input", flag, fingerprinted=True),
     Option("max_line_bytes", 64 << 20, "Longest input line in bytes (of a table row: its text): a longer one is a "
-           "line_too_long dead letter, a line read past without being held in memory", "input", int, minimum=1024, maximum=1 << 30),
+           "line_too_long dead letter, a line read past without being held in memory", "input", int, minimum=1024,
+           maximum=1 << 30, fingerprinted=True),
     Option("max_expansion", 200, "Most bytes a compressed input file may decode to per compressed byte (past its "
            "first 64 KiB): the rest of a file over it is an expansion_too_large dead letter", "input", int,
-           minimum=1, maximum=1 << 20),
+           minimum=1, maximum=1 << 20, fingerprinted=True),
     Option("special_tokens_in_text", False, "Tokenize chat markers written in a document's text (<|im_end|>) as "
            "control tokens, as the first release did; by default they are characters like any others and only "
-           "ARC prompts' chat template inserts control tokens", "input", flag),
+           "ARC prompts' chat template inserts control tokens", "input", flag, fingerprinted=True),
     Option("max_seq_len", 8192, "Longest sequence in tokens: text is split into windows of this size; ARC prompts "
            "drop train examples from the end to fit, else are dead-lettered (too_long)", "input", int,
-           minimum=16, maximum=MAX_SEQ_LEN),
+           minimum=16, maximum=MAX_SEQ_LEN, fingerprinted=True),
     Option("views_per_task", 8, "Augmented views per task, cycling through the 8 rotations/flips, each with its "
-           "own colour permutation and train order", "ARC tasks", int, minimum=1, maximum=1024),
+           "own colour permutation and train order", "ARC tasks", int, minimum=1, maximum=1024, fingerprinted=True),
     Option("seed", 0, "Seed of the augmentation (with task id and view) and of --shuffle", "ARC tasks", int,
-           minimum=0, maximum=2**63 - 1),
+           minimum=0, maximum=2**63 - 1, fingerprinted=True),
     Option("prompt_template", DEFAULT_TEMPLATE, f"{' or '.join(BUILTIN_TEMPLATES)}, or the path of a Jinja2 "
-           "template file", "ARC tasks"),
-    Option("grid_encoder", DEFAULT_ENCODER, "Grid encoder, by name", "ARC tasks"),
+           "template file", "ARC tasks", fingerprinted=False),
+    Option("grid_encoder", DEFAULT_ENCODER, "Grid encoder, by name", "ARC tasks", fingerprinted=True),
     Option("include_answer", False, "Render the test output, when present, after the answer prefix (train prompts)",
-           "ARC tasks", flag),
+           "ARC tasks", flag, fingerprinted=True),
     Option("model", DEFAULT_MODEL, "Hugging Face-format model directory (local or gs://; see README, Model "
-           f"families), a hub id when online, or {DEFAULT_MODEL} (embedded, generated offline)", "model"),
-    Option("layers", "all", "Layers to capture: 'all' or a list like 0,3,8-11 (0-based)", "model"),
-    Option("sites", "resid_post", f"Comma-separated sites: {', '.join(SITES)}", "model"),
-    Option("dtype", "float32", "Compute dtype", "model", choices=COMPUTE_DTYPES),
+           f"families), a hub id when online, or {DEFAULT_MODEL} (embedded, generated offline)", "model",
+           fingerprinted=False),
+    Option("layers", "all", "Layers to capture: 'all' or a list like 0,3,8-11 (0-based)", "model", fingerprinted=False),
+    Option("sites", "resid_post", f"Comma-separated sites: {', '.join(SITES)}", "model", fingerprinted=False),
+    Option("dtype", "float32", "Compute dtype", "model", choices=tuple(COMPUTE_DTYPES), fingerprinted=True),
     Option("mesh", "auto", "Device mesh over each worker's local devices: auto (all on 'data' while the weights "
-           "fit one device, else split on 'model'), or axes like data:4,model:2", "model"),
+           "fit one device, else split on 'model'), or axes like data:4,model:2", "model", fingerprinted=False),
     Option("compilation_cache_dir", "", "Persistent compilation cache, local or gs://: a worker loads the forwards "
            "compiled by earlier workers and jobs instead of compiling them again (default: on Dataflow "
            "{temp_location}/beam-extract-compile-cache/jax-{version}; elsewhere each worker's machine's "
            "$BEAM_EXTRACT_CACHE/compile-cache/jax-{version}, ~/.cache/beam_extract by default; none: off). Only "
-           "the job's own principals may write there", "model"),
+           "the job's own principals may write there", "model", fingerprinted=False),
     Option("batch_size", 8, "Rows per forward batch (fixed, so each row length compiles once)", "batching", int,
-           minimum=1, maximum=65536),
+           minimum=1, maximum=65536, fingerprinted=False),
     Option("tokens_per_batch", 0, "If set, rows per batch = tokens_per_batch // row length instead of batch_size",
-           "batching", int, minimum=0, maximum=1 << 30),
+           "batching", int, minimum=0, maximum=1 << 30, fingerprinted=False),
     Option("buckets", "geometric:1.5", "Row lengths of unpacked samples and of a small job's last packed rows: "
            "geometric:R (each power of two from 32, times R, R^2, ... below the next, rounded up to multiples of "
            "32; R from 1.01 to 2), multiples:N, pow2, or a list like 512,2048,8192 (max_seq_len is always the "
            "last). Each length compiles once per worker: the default's few lengths (10 on ARC-AGI-1, at 0.82 real "
-           "per computed token) cost less than finer ones' padding saves (benchmarks/padding.py)", "batching"),
+           "per computed token) cost less than finer ones' padding saves (benchmarks/padding.py)", "batching",
+           fingerprinted=False),
     Option("packing", "text", "Pack several samples per row (own segment, positions from 0): text documents, all "
-           "samples (ARC prompts too), or off", "batching", choices=PACKING_MODES),
+           "samples (ARC prompts too), or off", "batching", choices=PACKING_MODES, fingerprinted=False),
     Option("pack_length", 0, "Row length of packed rows (0: max_seq_len); longer samples use buckets. Attention "
            "skips tiles between packed samples, so long rows cost little extra; the last, partial batch of a "
            "packing key that never filled a batch shrinks to the fewest rows (a power of two) and the shortest "
-           "bucket that hold it", "batching", int, minimum=0, maximum=MAX_SEQ_LEN),
-    Option("output", "activations", "Output directory, local or gs://", "output"),
-    Option("output_dtype", "float32", "Storage dtype of the activations", "output", choices=tuple(OUTPUT_DTYPES)),
+           "bucket that hold it", "batching", int, minimum=0, maximum=MAX_SEQ_LEN, fingerprinted=False),
+    Option("output", "activations", "Output directory, local or gs://", "output", fingerprinted=False),
+    Option("output_dtype", "float32", "Storage dtype of the activations", "output", choices=tuple(OUTPUT_DTYPES),
+           fingerprinted=True),
     Option("exclude_special_tokens", True, "Do not store the tokenizer's special tokens: BOS, EOS, pad and the added "
            "tokens it marks special, such as Qwen's <|im_start|> and <|im_end|> (they still run through the model)",
-           "output", flag),
+           "output", flag, fingerprinted=True),
     Option("positions", ":", "Python-style slice of each sequence's positions to store, e.g. -64: or 0:512",
-           "output"),
+           "output", fingerprinted=True),
     Option("arc_tokens", "all", "ARC: store every prompt token, or only the test input and the answer part",
-           "output", choices=("all", "test")),
+           "output", choices=("all", "test"), fingerprinted=True),
     Option("norm_exclude_first", 1, "The manifest's normalisation factors leave out each sequence's first N "
            "positions: the first token is an attention sink whose norm, many times the others' in Qwen models, "
-           "would dominate them (0: every stored token)", "output", int, minimum=0, maximum=MAX_SEQ_LEN),
+           "would dominate them (0: every stored token)", "output", int, minimum=0, maximum=MAX_SEQ_LEN,
+           fingerprinted=True),
     Option("shuffle", False, "Shuffle samples across documents and files before batching, and records within each "
-           "file (seeded by --seed), so consecutive records come from different documents", "output", flag),
+           "file (seeded by --seed), so consecutive records come from different documents", "output", flag,
+           fingerprinted=False),
     Option("shard_size_mb", 256, "Start a new TFRecord file once one reaches this size", "output", int, minimum=1,
-           maximum=1 << 20),
+           maximum=1 << 20, fingerprinted=False),
     Option("resume", False, "Continue an interrupted run into the same --output: samples it already committed are "
-           "skipped, nothing is written twice", "output", flag),
+           "skipped, nothing is written twice", "output", flag, fingerprinted=False),
     Option("accept_software_change", False, "With --resume: continue a run whose recorded software (beam-extract, "
            "JAX, jaxlib, transformers, tokenizers) or device platform differs from this job's, whose activations "
-           "may then differ beyond rounding; the differences accepted are recorded in the manifest", "output", flag),
+           "may then differ beyond rounding; the differences accepted are recorded in the manifest", "output", flag,
+           fingerprinted=False),
     Option("overwrite", False, "Delete the output of an earlier beam-extract run in --output first (never files "
-           "beam-extract did not write)", "output", flag),
+           "beam-extract did not write)", "output", flag, fingerprinted=False),
     Option("poll_interval", 60, "Seconds between listings of --input for new files; each file is read once",
-           "streaming (with Beam's --streaming)", int, minimum=1, maximum=86400),
+           "streaming (with Beam's --streaming)", int, minimum=1, maximum=86400, fingerprinted=False),
     Option("window_seconds", 600, "Output is grouped into fixed windows of this many seconds of arrival time: each "
            "window gets its own files and an index in OUT/_windows/", "streaming (with Beam's --streaming)", int,
-           minimum=1, maximum=30 * 86400),
+           minimum=1, maximum=30 * 86400, fingerprinted=False),
     Option("flush_seconds", 60, "A partial batch is extracted once its first sample has waited this long, so a "
            "trickle of input does not wait for the end of its window", "streaming (with Beam's --streaming)", int,
-           minimum=1, maximum=86400),
+           minimum=1, maximum=86400, fingerprinted=False),
 )
 BY_NAME = {option.name: option for option in OPTIONS}
 

@@ -5,7 +5,7 @@ arrival) -> lines and rows (Parquet by row group) -> parse -> (ARC: unique ids, 
 -> tokenize -> (resume: skip committed) -> fixed-shape batches -> forward -> TFRecords per hook in shard groups, each committed when closed
 -> manifest (streaming: an index per window), from the groups the pipeline accepted. Every failure
 becomes a dead letter with a reason; every input line is accounted for. The driver's side (options,
-fingerprint, claiming the output) is in `job`.
+fingerprint, claiming the output) is in `job`; what a --resume continues, and the skip, in `resume`.
 """
 
 from __future__ import annotations
@@ -41,8 +41,8 @@ from beam_extract.output.windows import WriteWindowIndex
 from beam_extract.output.writer import WriteShards, remove_unlisted
 from beam_extract.records.dead_letter import DEAD_LETTER
 from beam_extract.records.identity import input_root
-from beam_extract.stages import (RESUMED, DropDuplicateTasks, ParseDoFn, SkipCommitted, TokenizeDoFn,
-                                 expand_views)
+from beam_extract.resume import RESUMED, SkipCommitted, remove_skip_file
+from beam_extract.stages import DropDuplicateTasks, ParseDoFn, TokenizeDoFn, expand_views
 
 
 def _finish(totals: RunTotals, job: Job) -> str:
@@ -56,12 +56,11 @@ def _finish(totals: RunTotals, job: Job) -> str:
                               totals=totals, weights_sha256=job.fingerprint["weights_sha256"], run_id=job.run_id)
     # The software and device of this job; a resumption's differences from the run's, as accepted.
     manifest["software"] = {**job.fingerprint["software"], "device": job.fingerprint["device"],
-                            "accepted_changes": list(job.software_changes)}
+                            "accepted_changes": list(job.resumed.software_changes)}
     manifest["problems"] = problems(manifest["counts"], totals.dead_letters)
     manifest["ok"] = not manifest["problems"]
     path = write_manifest(job.output, manifest)
-    if job.resumed.skip_path:
-        beam.io.filesystems.FileSystems.delete([job.resumed.skip_path])
+    remove_skip_file(job.resumed)
     if job.remote:
         ownership.release_lock(job.output, job.lock)
         if not manifest["ok"]:  # marks the remote job failed; a local run's exit code says it

@@ -18,13 +18,12 @@ from beam_extract.arc.prompt import load_template
 from beam_extract.records.source_line import SourceLine, SourceRow
 from beam_extract.lifetime import Driver, exit_with_driver
 from beam_extract import progress
-from beam_extract.output.commits import parse_sample_id, read_sample_ids
 from beam_extract.model.weights import resolve_model_dir
 from beam_extract.records import DeadLetter, parse_line
 from beam_extract.records.dead_letter import DEAD_LETTER
 from beam_extract.records.arc import ArcTask
 from beam_extract.tokenize import (PromptSettings, Sample, TokenSelection, load_tokenizer, parse_positions,
-                                   sample_digest, special_token_ids, to_samples)
+                                   special_token_ids, to_samples)
 
 
 @functools.cache
@@ -101,81 +100,6 @@ class TokenizeDoFn(beam.DoFn):
                 self._fitted.inc()
         progress.count(self._driver, samples=sum(isinstance(r, Sample) for r in results))
         yield from route(results, "tokenize")
-
-
-RESUMED = "resumed"
-
-
-def resume_decision(sample: Sample, committed: str | None):
-    """A sample as --resume routes it: on if not committed before, to RESUMED if committed with
-    this digest, a dead letter if committed with another (its input line changed): never skipped
-    silently nor written a second time."""
-    if committed is None:
-        return sample
-    if committed == sample_digest(sample):
-        return beam.pvalue.TaggedOutput(RESUMED, sample)
-    return beam.pvalue.TaggedOutput(DEAD_LETTER, DeadLetter(
-        sample.source, sample.line_number, "resume", "changed_since_commit",
-        f"{sample.sample_id} was committed by the run resumed with other tokens than its input gives now",
-        record_id=sample.sample_id))
-
-
-def _count_resumed(results):
-    for result in results:
-        if isinstance(result, beam.pvalue.TaggedOutput):
-            (counter("resume", "skipped_samples") if result.tag == RESUMED
-             else counter("dead_letter.resume", "changed_since_commit")).inc()
-        yield result
-
-
-def _join_decisions(element):
-    """(sample id, {"sample": [the sample], "committed": [its digest, if committed]}) -> decisions."""
-    _, joined = element
-    digests = list(joined["committed"])
-    return _count_resumed(resume_decision(sample, digests[0] if digests else None) for sample in joined["sample"])
-
-
-class _LookupCommitted(beam.DoFn):
-    """Streaming's skip: samples are in time windows and committed ids are not, so they cannot meet
-    in a join; every DoFn instance holds the skip file's ids (its memory grows with the run resumed)."""
-
-    def __init__(self, skip_path: str):
-        self._skip_path = skip_path
-
-    def setup(self):
-        self._done = read_sample_ids(self._skip_path)
-
-    def process(self, sample: Sample):
-        yield from _count_resumed([resume_decision(sample, self._done.get(sample.sample_id))])
-
-
-class SkipCommitted(beam.PTransform):
-    """With --resume: samples the resumed run committed go to the RESUMED output, not on; a changed
-    one to DEAD_LETTER (see resume_decision). Their ids and digests are in one file the driver wrote
-    (`skip_path`; None: nothing to skip). In batch, the file is read in byte ranges on the workers
-    and joined with the samples by sample id: a worker holds one id's samples at a time, whatever
-    the run's size. Outputs: `todo`, RESUMED, DEAD_LETTER."""
-
-    def __init__(self, skip_path: str | None, streaming: bool = False):
-        super().__init__()
-        self._skip_path, self._streaming = skip_path, streaming
-
-    def expand(self, samples):
-        outputs = dict(main="todo")
-        if not self._skip_path:
-            return samples | "Pass" >> beam.Map(lambda sample: sample).with_outputs(RESUMED, DEAD_LETTER, **outputs)
-        if self._streaming:
-            return samples | "Lookup" >> beam.ParDo(_LookupCommitted(self._skip_path)).with_outputs(
-                RESUMED, DEAD_LETTER, **outputs)
-        committed = (samples.pipeline
-                     | "ReadCommitted" >> beam.io.ReadFromText(self._skip_path)
-                     | "ParseCommitted" >> beam.Map(parse_sample_id))
-        return (
-            {"sample": samples | "BySampleId" >> beam.Map(lambda sample: (sample.sample_id, sample)),
-             "committed": committed}
-            | "JoinCommitted" >> beam.CoGroupByKey()
-            | "Decide" >> beam.FlatMap(_join_decisions).with_outputs(RESUMED, DEAD_LETTER, **outputs)
-        )
 
 
 def is_duplicate_task(task_id: str, tasks: Iterable[ArcTask]):

@@ -482,7 +482,7 @@ def test_a_committed_sample_whose_tokens_changed_is_a_dead_letter_not_a_skip(tmp
 
     from beam_extract.output.commits import write_sample_ids
     from beam_extract.records.dead_letter import DEAD_LETTER
-    from beam_extract.stages import RESUMED, SkipCommitted
+    from beam_extract.resume import RESUMED, SkipCommitted
     from beam_extract.tokenize import Sample, sample_digest
 
     same = Sample("t/v0/t0", np.arange(5, dtype=np.int32), "a.jsonl", 1)
@@ -505,16 +505,16 @@ def test_resume_joins_committed_ids_instead_of_loading_them_in_every_worker(tmp_
     in byte ranges): no DoFn loads the committed ids whole."""
     import apache_beam as beam
 
-    import beam_extract.stages as stages
+    from beam_extract import resume
     from beam_extract.output.commits import write_sample_ids
 
     path = str(tmp_path / "0123456789ab.skip.jsonl")
     write_sample_ids(path, [("a/v0/t0", "0" * 16)])
     pipeline = beam.Pipeline()
-    _ = pipeline | beam.Create([]) | stages.SkipCommitted(path)
+    _ = pipeline | beam.Create([]) | resume.SkipCommitted(path)
     labels = [t.full_label for t in pipeline.transforms_stack[0].parts[-1].parts]
     assert any("JoinCommitted" in label for label in labels) and any("ReadCommitted" in label for label in labels)
-    assert not any(isinstance(getattr(t.transform, "dofn", None), stages._LookupCommitted)
+    assert not any(isinstance(getattr(t.transform, "dofn", None), resume._LookupCommitted)
                    for t in pipeline.transforms_stack[0].parts[-1].parts)
 
 

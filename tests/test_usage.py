@@ -161,7 +161,7 @@ def test_shard_indexes_are_confined_to_the_model_directory(tmp_path, tiny_model,
 def test_integer_weights_are_refused(tmp_path, tiny_model):
     from safetensors.numpy import load_file, save_file
 
-    from beam_extract.model.config import config_from_hf, load_hf_config
+    from beam_extract.model.hf_config import config_from_hf, load_hf_config
     from beam_extract.model.weights import load_params
 
     copy_model(tiny_model, tmp_path / "model")

@@ -7,7 +7,8 @@ from __future__ import annotations
 import apache_beam as beam
 
 from beam_extract.accounting.invariants import RunTotals
-from beam_extract.output.commits import parse_sample_id, without_samples
+from beam_extract.output.commits import without_samples
+from beam_extract.resume import resumed_ids
 
 
 class SumCounts(beam.CombineFn):
@@ -112,9 +113,7 @@ def committed_ids(groups: beam.PCollection, skip_path: str | None) -> beam.PColl
     ids = groups | "GroupSampleIds" >> beam.FlatMap(lambda group: group["samples"])
     if not skip_path:
         return ids
-    kept = (groups.pipeline | "ResumedIdsFile" >> beam.io.ReadFromText(skip_path)
-            | "ResumedIds" >> beam.Map(lambda line: parse_sample_id(line)[0]))
-    return (ids, kept) | "AllCommittedIds" >> beam.Flatten()
+    return (ids, resumed_ids(groups.pipeline, skip_path)) | "AllCommittedIds" >> beam.Flatten()
 
 
 def group_summary(group: dict) -> dict:

@@ -22,6 +22,7 @@ import stat
 import google_crc32c
 from apache_beam.io.filesystems import FileSystems
 
+from beam_extract import gcs
 from beam_extract.io.sources import printable_path
 from beam_extract.records.identity import input_root, relative_name
 
@@ -47,11 +48,9 @@ def inventory(pattern: str) -> dict:
     paths = [m.path for m in FileSystems.match([pattern])[0].metadata_list]
     files = {}
     if pattern.startswith("gs://"):
-        from google.cloud import storage
-
         wanted = set(paths)
-        bucket, _, prefix = root.removeprefix("gs://").partition("/")
-        for blob in storage.Client().list_blobs(bucket, prefix=f"{prefix}/" if prefix else ""):
+        bucket = gcs.split(root)[0]
+        for blob in gcs.list_directory(root, recursive=True):
             path = f"gs://{bucket}/{blob.name}"
             if path in wanted:
                 files[relative_name(path, root)] = {"size": blob.size, "crc32c": blob.crc32c}

@@ -26,6 +26,8 @@ from pathlib import Path
 import jax
 from jax import monitoring
 
+from beam_extract import gcs
+
 _LOG = logging.getLogger(__name__)
 _ENTRY_SUFFIX = "-cache"  # JAX's file for one entry is "<key>-cache" (lru_cache.py)
 _HIT_EVENT = "/jax/compilation_cache/cache_hits"  # recorded by JAX in the compiling thread
@@ -106,15 +108,12 @@ def publish_new_entries() -> int:
         if not new:
             return 0
         from google.api_core.exceptions import PreconditionFailed
-        from google.cloud import storage
 
-        bucket, prefix = _split(_remote)
-        client = storage.Client()
         uploaded = 0
         for path in new:
             try:
                 # JAX wrote the file completely before its compile returned; the object appears whole.
-                client.bucket(bucket).blob(f"{prefix}{path.name}").upload_from_filename(
+                gcs.blob(f"{_remote}/{path.name}").upload_from_filename(
                     str(path), if_generation_match=0)
                 uploaded += 1
             except PreconditionFailed:
@@ -139,20 +138,11 @@ def _count_hit(event: str, **_) -> None:
 monitoring.register_event_listener(_count_hit)
 
 
-def _split(url: str) -> tuple[str, str]:
-    """gs://bucket/a/b -> ("bucket", "a/b/"); gs://bucket -> ("bucket", "")."""
-    bucket, _, prefix = url.removeprefix("gs://").partition("/")
-    return bucket, f"{prefix.strip('/')}/" if prefix.strip("/") else ""
-
-
 def _download_entries(remote: str, local: Path) -> set[str]:
     """Copies the cache entries directly under `remote` into `local`; returns their names."""
-    from google.cloud import storage
-
-    bucket, prefix = _split(remote)
     names = set()
-    for blob in storage.Client().list_blobs(bucket, prefix=prefix, delimiter="/"):
-        name = blob.name[len(prefix):]
+    for blob in gcs.list_directory(remote):
+        name = blob.name.rpartition("/")[2]
         if not name.endswith(_ENTRY_SUFFIX):
             continue
         partial = local / f".{name}.partial"

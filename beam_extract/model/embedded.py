@@ -16,6 +16,9 @@ import numpy as np
 import transformers
 from safetensors.numpy import save_file
 
+from beam_extract.model.checkpoint_tensors import expected_shapes, stored_params
+from beam_extract.model.families import FAMILIES
+from beam_extract.model.hf_config import config_from_hf
 from beam_extract.model.qwen_tokenizer_files import write_tokenizer_files
 
 TINY_QWEN2_CONFIG = dict(
@@ -42,10 +45,6 @@ def random_tensors(hf: transformers.PretrainedConfig, seed: int) -> dict[str, np
     """Checkpoint-named float32 tensors for `hf` (any family), drawn from a seeded generator in the
     family table's order: embeddings N(0, 1), norms 1 + N(0, 0.1), biases N(0, 0.02), weights
     N(0, 1/fan_in)."""
-    from beam_extract.model.config import config_from_hf
-    from beam_extract.model.families import FAMILIES
-    from beam_extract.model.weights import expected_shapes, stored_params
-
     config = config_from_hf(hf)
     rng = np.random.default_rng(seed)
     shapes, prefix = expected_shapes(config), FAMILIES[config.family].prefix
@@ -80,12 +79,11 @@ def write_random_checkpoint(directory: Path, config: transformers.PretrainedConf
     write_tokenizer_files(directory)
 
 
-def ensure_embedded_model(name: str) -> Path:
-    """The embedded checkpoint's directory in the cache, generating it atomically if absent."""
-    from beam_extract.model.weights import cache_dir
-
+def ensure_embedded_model(name: str, cache: Path) -> Path:
+    """The embedded checkpoint's directory in the model cache `cache`, generating it atomically if
+    absent."""
     version, overrides, seed = EMBEDDED_MODELS[name]
-    target = cache_dir() / f"{name}-{version}"
+    target = cache / f"{name}-{version}"
     if target.is_dir():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)

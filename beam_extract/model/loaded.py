@@ -12,19 +12,18 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 from jax.sharding import Mesh
 
 from beam_extract.hooks import SITES, Hook, parse_hook_name
 from beam_extract.model import compile_cache
-from beam_extract.model.config import ModelConfig, config_from_hf, load_hf_config
+from beam_extract.model.config import COMPUTE_DTYPES, ModelConfig
+from beam_extract.model.hf_config import config_from_hf, load_hf_config
 from beam_extract.model.mesh import batch_sharding, param_shardings, parse_mesh, shard_attention, tree_bytes
 from beam_extract.model.decoder import Attention, attention, forward
 from beam_extract.model.weights import load_params, resolve_model_dir, weights_checksum
 
 _LOG = logging.getLogger(__name__)
-COMPUTE_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
 
 
 @dataclasses.dataclass(eq=False)  # identity equality keeps it hashable and weak-referenceable

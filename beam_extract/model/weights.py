@@ -14,9 +14,11 @@ from pathlib import Path
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
+from beam_extract import gcs
+from beam_extract.model import embedded
+from beam_extract.model.checkpoint_tensors import expected_shapes, stored_params
 from beam_extract.model.config import ModelConfig
-from beam_extract.model.families import FAMILIES, Stored, layer_tensors
-from beam_extract.model.param_axes import GLOBAL_AXES, LAYER_AXES
+from beam_extract.model.families import FAMILIES
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -37,11 +39,9 @@ def cache_dir() -> Path:
 
 def resolve_model_dir(path_or_name: str, weights: bool = True) -> Path:
     """A local directory holding config.json and the tokenizer (and, if `weights`, the safetensors)."""
-    from beam_extract.model import embedded
-
     patterns = METADATA_FILES + (WEIGHT_FILES if weights else ())
     if path_or_name in embedded.EMBEDDED_MODELS:
-        return embedded.ensure_embedded_model(path_or_name)
+        return embedded.ensure_embedded_model(path_or_name, cache_dir())
     if path_or_name.startswith("gs://"):
         return _copy_remote_dir(path_or_name, patterns)
     local = Path(path_or_name).expanduser()
@@ -58,12 +58,10 @@ def _copy_remote_dir(url: str, patterns: tuple[str, ...]) -> Path:
     it): new weights of the same size replace it."""
     from apache_beam.io.filesystem import CompressionTypes
     from apache_beam.io.filesystems import FileSystems
-    from google.cloud import storage
 
     base = url.rstrip("/")
-    bucket, _, prefix = base.removeprefix("gs://").partition("/")
     target = cache_dir() / "remote" / hashlib.sha256(base.encode()).hexdigest()[:16]
-    listing = storage.Client().list_blobs(bucket, prefix=f"{prefix}/" if prefix else "", delimiter="/")
+    listing = gcs.list_directory(base)
     files = {blob.name.rsplit("/", 1)[-1]: f"{blob.generation}:{blob.crc32c}" for blob in listing
              if any(fnmatch.fnmatchcase(blob.name.rsplit("/", 1)[-1], pattern) for pattern in patterns)}
     if "config.json" not in files:
@@ -121,37 +119,6 @@ def checkpoint_files(model_dir: Path) -> dict[str, Path]:
             return {name: single for name in handle.keys()}
     except (SafetensorError, OSError) as error:
         raise CheckpointError(f"cannot read {single}: {error}") from error
-
-
-def param_shape(config: ModelConfig, name: str, per_layer: bool) -> tuple[int, ...]:
-    """Our parameter's shape (one layer's, for a layer parameter), from its logical axes."""
-    sizes = {"vocab": config.vocab_size, "embed": config.hidden_size, "heads": config.num_heads * config.head_dim,
-             "kv": config.num_kv_heads * config.head_dim, "mlp": config.intermediate_size,
-             "head_dim": config.head_dim, "positions": config.max_position_embeddings}
-    return tuple(sizes[axis] for axis in (LAYER_AXES if per_layer else GLOBAL_AXES)[name])
-
-
-def _stored_shape(stored: Stored, shape: tuple[int, ...]) -> tuple[int, ...]:
-    shape = shape[::-1] if stored.transpose else shape
-    return (*shape[:-1], shape[-1] * stored.parts)
-
-
-def stored_params(config: ModelConfig) -> list[tuple[str, int | None, Stored, str]]:
-    """(our name, layer or None, where it is stored, the checkpoint's name without the family's
-    prefix) for every parameter we load, whole-model ones first, in the family table's order."""
-    family = FAMILIES[config.family]
-    globals_ = [(name, None, stored, stored.name) for name, stored in family.globals.items()
-                if name != "pos_embed" or config.learned_positions]
-    per_layer = layer_tensors(config).items()
-    layers = [(name, index, stored, f"{family.layers}.{index}.{stored.name}")
-              for index in range(config.num_layers) for name, stored in per_layer]
-    return globals_ + layers
-
-
-def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Checkpoint tensor name (without the family's prefix) -> shape, for every tensor we load."""
-    return {key: _stored_shape(stored, param_shape(config, name, index is not None))
-            for name, index, stored, key in stored_params(config)}
 
 
 def _unused(config: ModelConfig, key: str) -> bool:
@@ -241,12 +208,8 @@ def load_params(config: ModelConfig, model_dir: Path, dtype: np.dtype) -> dict:
 def remote_weights_checksum(url: str) -> str:
     """sha256 over the name, size and CRC32C of each weight object of a gs:// model: its identity
     without downloading it (a Dataflow launcher need not hold the weights)."""
-    from google.cloud import storage
-
-    bucket, _, prefix = url.rstrip("/").removeprefix("gs://").partition("/")
     digest = hashlib.sha256()
-    for blob in sorted(storage.Client().list_blobs(bucket, prefix=f"{prefix}/" if prefix else "", delimiter="/"),
-                       key=lambda blob: blob.name):
+    for blob in sorted(gcs.list_directory(url), key=lambda blob: blob.name):
         name = blob.name.rsplit("/", 1)[-1]
         if any(fnmatch.fnmatchcase(name, pattern) for pattern in WEIGHT_FILES):
             digest.update(f"{name}|{blob.size}|{blob.crc32c}\n".encode())

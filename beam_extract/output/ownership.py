@@ -1,12 +1,9 @@
 """Who owns an output directory: the run whose output it holds (its fingerprint and input files)
 and the job that writes it now (its lock).
 
-- OUT/_run/fingerprint.json: everything that decides which samples exist and what their activations
-  are, the software and device included, and the run's creation date (what chat templates read,
-  kept by every resumption, never compared). Written by the first job on an output; a `--resume`
-  with another fingerprint is refused, with each difference named (one in software or device only
-  with --accept_software_change). OUT/_run/inputs.json: the input files (io.inventory); a resumed run
-  must read the same ones.
+- OUT/_run/fingerprint.json: the run's identity (what it holds, and how a `--resume` with another
+  is refused, is resume.py's), written by the first job on an output. OUT/_run/inputs.json: the
+  input files (io.inventory); a resumed run must read the same ones.
 - OUT/_run/lock.json: taken by a job before it writes anything and released when it ends. Locally
   it is linked into place with its content (never seen empty) under an flock on a side file, so
   two jobs breaking the same stale lock cannot both win; on gs:// it is an object created only if
@@ -30,6 +27,7 @@ import uuid
 
 from apache_beam.io.filesystems import FileSystems
 
+from beam_extract import gcs
 from beam_extract.io.inventory import changes as inventory_changes
 from beam_extract.lifetime import machine_id, process_start, this_driver
 from beam_extract.output.commits import TEMPORARY_SUFFIX, delete_quietly, list_paths, ours, read_json, write_json
@@ -45,68 +43,12 @@ class OutputRefused(Exception):
     what to do. Printed as one line, exit code 2."""
 
 
-# Options that change which samples exist or their activations. Everything else (batching, mesh,
-# shard size, shuffling, runner flags) may differ between a run and its resumption.
-FINGERPRINT_OPTIONS = ("input_format", "text_field", "id_field", "tokens_field", "prepend_bos", "max_line_bytes",
-                       "max_expansion", "special_tokens_in_text", "max_seq_len",
-                       "views_per_task", "seed", "grid_encoder", "include_answer", "dtype", "output_dtype",
-                       "exclude_special_tokens", "positions", "arc_tokens", "norm_exclude_first")
-
-
-# Fields of the fingerprint compared on --resume, but a difference may be accepted
-# (--accept_software_change): the software and the device the activations are computed with.
-SOFTWARE_FIELDS = ("software", "device")
-# When the run was created: what its chat templates read as the date. A resumption keeps it, never compared.
-CREATED = "created"
-
-
-def fingerprint(options: dict, *, weights_sha256: str, config: dict, tokenizer_sha256: str,
-                hooks: list[str], template_sha256: str, software: dict, device: dict | None, created: str) -> dict:
-    """The run's identity, as JSON values (compared field by field on --resume with the one
-    recorded, read back from JSON: so tuples are lists here too)."""
-    return json.loads(json.dumps({
-        "weights_sha256": weights_sha256,
-        "config": config,
-        "tokenizer_sha256": tokenizer_sha256,
-        "hooks": hooks,
-        "prompt_template_sha256": template_sha256,
-        **{name: options[name] for name in FINGERPRINT_OPTIONS},
-        "software": software,
-        "device": device,
-        CREATED: created,
-    }))
-
-
-def software_differences(before: dict, now: dict) -> list[str]:
-    """The differences in software and device between a recorded fingerprint and this job's."""
-    return differences({k: before.get(k) for k in SOFTWARE_FIELDS}, {k: now.get(k) for k in SOFTWARE_FIELDS})
-
-
-def differences(before: dict, now: dict) -> list[str]:
-    """'name: before -> now' for every field that differs (nested config fields by dotted name)."""
-    found = []
-    for name in sorted(before.keys() | now.keys()):
-        old, new = before.get(name), now.get(name)
-        if isinstance(old, dict) and isinstance(new, dict):
-            found += [f"{name}.{d}" for d in differences(old, new)]
-        elif old != new:
-            found.append(f"{name}: {_short(old)} -> {_short(new)}")
-    return found
-
-
-def _short(value) -> str:
-    text = json.dumps(value)
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
 def _entries(output: str) -> list[str]:
     """Names directly under `output` (files and directories); [] if it does not exist."""
     if output.startswith("gs://"):
-        from google.cloud import storage
-
-        bucket, _, prefix = output.removeprefix("gs://").partition("/")
-        prefix = f"{prefix}/" if prefix else ""
-        listing = storage.Client().list_blobs(bucket, prefix=prefix, delimiter="/")
+        name = gcs.split(output)[1]
+        prefix = f"{name}/" if name else ""
+        listing = gcs.list_directory(output)
         names = [blob.name for blob in listing]  # the prefixes are known once the pages are read
         return sorted({n[len(prefix):].rstrip("/") for n in names + list(listing.prefixes)} - {""})
     return sorted(os.listdir(output)) if os.path.isdir(output) else []
@@ -208,10 +150,7 @@ class _Lock:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
     def _blob(self):
-        from google.cloud import storage
-
-        bucket, _, name = self.path.removeprefix("gs://").partition("/")
-        return storage.Client().bucket(bucket).blob(name)
+        return gcs.blob(self.path)
 
 
 def take_lock(output: str, run_id: str, runner: str, remote: bool) -> dict:
@@ -252,11 +191,11 @@ OURS = (RUN_DIR, "_committed", "_windows", "dead_letter", "manifest.json")
 GLOB_CHARACTERS = "*?[]{}"
 
 
-def check_output(output: str, run: dict, resume: bool, site_names: set[str], overwrite: bool = False,
-                 accept_software_change: bool = False) -> dict | None:
+def check_output(output: str, resume: bool, site_names: set[str], overwrite: bool = False) -> dict | None:
     """Refuses an output that this job must not write into; returns the fingerprint of the run it
-    holds (None for an empty or new directory). Reads only: called before the lock is taken (so a
-    refused directory is left as it was) and again once it is held."""
+    holds (None for an empty or new directory), which a --resume job then compares with its own
+    (resume.refuse_changes). Reads only: called before the lock is taken (so a refused directory is
+    left as it was) and again once it is held."""
     if any(c in output for c in GLOB_CHARACTERS):
         raise OutputRefused(f"--output {output}: glob characters ({GLOB_CHARACTERS}) are not allowed in the output "
                             "path (its files are found by patterns)")
@@ -288,16 +227,6 @@ def check_output(output: str, run: dict, resume: bool, site_names: set[str], ove
     if not resume:
         raise OutputRefused(f"{output} holds results of an earlier run: pass --resume to continue it, --overwrite "
                             "to replace it, or choose another --output")
-    apart = set(SOFTWARE_FIELDS) | {CREATED}  # compared below, or kept from the run resumed
-    changed = differences({k: v for k, v in before.items() if k not in apart},
-                          {k: v for k, v in run.items() if k not in apart})
-    if changed:
-        raise OutputRefused(f"--resume refused: {output} holds a run with other settings: " + "; ".join(changed))
-    software = software_differences(before, run)
-    if software and not accept_software_change:
-        raise OutputRefused(f"--resume refused: {output} holds a run computed with other software or on another "
-                            f"device ({'; '.join(software)}), whose activations may differ beyond rounding; pass "
-                            "--accept_software_change to continue it anyway (recorded in the manifest)")
     return before
 
 
