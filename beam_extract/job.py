@@ -21,32 +21,32 @@ from apache_beam.options.pipeline_options import (DirectOptions, FlinkRunnerOpti
                                                   StandardOptions)
 
 from beam_extract import gcs
+from beam_extract import resume
 from beam_extract.arc.augment import ArcView, augment
 from beam_extract.arc.encoders import parse_encoder
 from beam_extract.arc.prompt import load_template
 from beam_extract.batching import BatchPlan, parse_buckets
+from beam_extract.format.commits import RUN_SKIP_SUFFIX
+from beam_extract.format.schema import OUTPUT_DTYPES
+from beam_extract.format.storage import exists
 from beam_extract.hooks import SITES, Hook, hook_name
 from beam_extract.io.inventory import inventory
 from beam_extract.io.sources import absolute_input
 from beam_extract.io.tables import is_table
 from beam_extract.legacy import legacy_rewrites
 from beam_extract.lifetime import Driver
+from beam_extract.model import devices
 from beam_extract.model.config import ModelConfig, check_context
 from beam_extract.model.hf_config import config_from_hf, load_hf_config
+from beam_extract.model.mesh import mesh_sizes
 from beam_extract.model.weights import (METADATA_FILES, check_checkpoint, remote_weights_checksum, resolve_model_dir,
                                         weights_checksum)
-from beam_extract.model import devices
-from beam_extract.model.mesh import mesh_sizes
 from beam_extract.options import UsageError, check_ranges, extract_options, parse_layers, parse_sites, sample_input
-from beam_extract import resume
-from beam_extract.output import ownership
-from beam_extract.output.commits import RUN_SKIP_SUFFIX
-from beam_extract.output.schema import OUTPUT_DTYPES
-from beam_extract.output.storage import exists
 from beam_extract.records.arc import ArcTask
 from beam_extract.records.dead_letter import DeadLetter
 from beam_extract.records.text import TextDoc
 from beam_extract.records.tokens import TokenDoc
+from beam_extract.sink import ownership
 from beam_extract.stages import prompt_and_selection
 from beam_extract.tokenize import load_tokenizer, parse_positions, special_affixes, text_token_ids, to_samples
 

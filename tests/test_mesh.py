@@ -73,7 +73,7 @@ def test_mesh_specs():
 @pytest.mark.slow
 def test_pipeline_on_an_eight_device_mesh(tmp_path):
     from beam_extract.model.loaded import load_model
-    from beam_extract.output.reader import read_records
+    from beam_extract.readers.reader import read_records
     from test_pipeline_default_run import run_guarded
 
     log = tmp_path / "connections.log"

@@ -14,9 +14,9 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from beam_extract.arc.augment import ArcView, augment
 from beam_extract.model.weights import resolve_model_dir
 from beam_extract.options import extract_options
-from beam_extract.output.ownership import LOCK, OutputRefused
 from beam_extract.pipeline import run
 from beam_extract.records.arc import ArcTask
+from beam_extract.sink.ownership import LOCK, OutputRefused
 from beam_extract.stages import TokenizeDoFn
 from beam_extract.tokenize import Sample
 
