@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from beam_extract.job import is_local
+from beam_extract.runners import is_local
 from beam_extract.options import ExtractOptions, extract_options
 from beam_extract.template import METADATA, render, template_metadata
 

@@ -161,7 +161,7 @@ def test_devices_are_listed_in_this_process_only_where_the_workers_are_its_threa
     need) unless the workers are threads of the driver's process; both see the same devices."""
     from apache_beam.options.pipeline_options import PipelineOptions
 
-    from beam_extract.job import workers_in_this_process
+    from beam_extract.runners import workers_in_this_process
     from beam_extract.model import devices
 
     here = {"--runner=FnApiRunner": True, "--runner=DirectRunner": True,

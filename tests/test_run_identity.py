@@ -128,7 +128,7 @@ def test_inspect_writes_plots_where_asked_and_nothing_into_the_output(finished_r
     (["--runner=DirectRunner"], False),
 ])
 def test_who_waits_for_the_job(args, elsewhere):
-    from beam_extract.job import runs_elsewhere
+    from beam_extract.runners import runs_elsewhere
 
     assert runs_elsewhere(PipelineOptions(args)) is elsewhere
 
