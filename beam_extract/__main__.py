@@ -17,13 +17,13 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 if __name__ == "__main__" or os.path.basename(sys.argv[0]) == "beam-extract":
     sys.modules.setdefault("torch", None)
 
+from beam_extract.format.layout import read_manifest  # noqa: E402
 from beam_extract.legacy import add_legacy_arguments  # noqa: E402
-from beam_extract.model.weights import CheckpointError  # noqa: E402
 from beam_extract.model.config import UnsupportedConfigError
+from beam_extract.model.weights import CheckpointError  # noqa: E402
 from beam_extract.options import UsageError, add_arguments  # noqa: E402
-from beam_extract.output.layout import read_manifest  # noqa: E402
-from beam_extract.output.ownership import OutputRefused  # noqa: E402
 from beam_extract.pipeline import run  # noqa: E402
+from beam_extract.sink.ownership import OutputRefused  # noqa: E402
 
 
 REFUSALS = (UsageError, OutputRefused, CheckpointError, UnsupportedConfigError)
@@ -49,7 +49,7 @@ def summary(manifest: dict, seconds: float) -> str:
         f"  samples: {counts['samples']} produced = {counts['samples_committed']} committed, each once: "
         + ("ok" if manifest["ok"] else "NOT OK"),
         *[f"  PROBLEM: {problem}" for problem in manifest["problems"]],
-        "  read back: from beam_extract.output.reader import read_activations",
+        "  read back: from beam_extract.readers.reader import read_activations",
         f"             for r in read_activations('{output}', '{next(iter(hooks))}'): "
         "r['activations']  # [n_tokens, d_model]",
     ])

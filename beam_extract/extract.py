@@ -16,15 +16,15 @@ from apache_beam.utils.windowed_value import WindowedValue
 
 from beam_extract import progress
 from beam_extract.batching import Batch, Placement
-from beam_extract.lifetime import Driver, exit_with_driver
 from beam_extract.faults import maybe_fail
+from beam_extract.format.schema import OUTPUT_DTYPES
 from beam_extract.hooks import Hook, hook_name
+from beam_extract.lifetime import Driver, exit_with_driver
 from beam_extract.model import compile_cache
 from beam_extract.model.compile_cache import enable_compilation_cache
 from beam_extract.model.loaded import Dispatched, Model, load_model
-from beam_extract.output.extracted import ExtractedBatch, StoredSample, extracted_batch
-from beam_extract.output.schema import OUTPUT_DTYPES
 from beam_extract.records.dead_letter import DEAD_LETTER, DeadLetter
+from beam_extract.sink.extracted import ExtractedBatch, StoredSample, extracted_batch
 from beam_extract.tokenize import sample_digest
 
 _LOG = logging.getLogger(__name__)

@@ -16,9 +16,9 @@ import os
 import numpy as np
 from apache_beam.io.filesystems import FileSystems
 
-from beam_extract.output.layout import MANIFEST_NAME, read_manifest
-from beam_extract.output.reader import read_activations
-from beam_extract.output.storage import exists
+from beam_extract.format.layout import MANIFEST_NAME, read_manifest
+from beam_extract.format.storage import exists
+from beam_extract.readers.reader import read_activations
 
 SAMPLED_RECORDS = 2000  # per hook, for the plots
 

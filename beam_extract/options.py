@@ -13,10 +13,10 @@ from apache_beam.options.pipeline_options import PipelineOptions, _BeamArgumentP
 
 from beam_extract.arc.encoders import DEFAULT_ENCODER
 from beam_extract.arc.prompt import BUILTIN_TEMPLATES, DEFAULT_TEMPLATE
-from beam_extract.legacy import add_legacy_arguments
+from beam_extract.format.schema import OUTPUT_DTYPES
 from beam_extract.hooks import SITES
+from beam_extract.legacy import add_legacy_arguments
 from beam_extract.model.config import COMPUTE_DTYPES
-from beam_extract.output.schema import OUTPUT_DTYPES
 
 PACKING_MODES = ("text", "all", "off")  # which samples are packed: text only, ARC prompts too, none
 DEFAULT_MODEL = "tiny-random-qwen2"

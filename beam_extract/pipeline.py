@@ -31,17 +31,18 @@ from beam_extract.extract import BATCH_STATS, ExtractDoFn
 from beam_extract.faults import maybe_fail
 from beam_extract.io.sources import MatchPaths
 from beam_extract.io.tables import ReadInput, columns_for
-from beam_extract.job import DEAD_LETTER_STAGES, LOCAL_RUNNERS, Job, claim_output, make_job
+from beam_extract.job import DEAD_LETTER_STAGES, Job, claim_output, make_job
 from beam_extract.options import UsageError, check_arguments, template_switches
 from beam_extract.progress import Reporter
-from beam_extract.output import ownership
-from beam_extract.output.extracted import ExtractedBatch
-from beam_extract.output.manifest import build_manifest, write_manifest
-from beam_extract.output.windows import WriteWindowIndex
-from beam_extract.output.writer import WriteShards, remove_unlisted
 from beam_extract.records.dead_letter import DEAD_LETTER
 from beam_extract.records.identity import input_root
 from beam_extract.resume import RESUMED, SkipCommitted, remove_skip_file
+from beam_extract.runners import LOCAL_RUNNERS
+from beam_extract.sink import ownership
+from beam_extract.sink.extracted import ExtractedBatch
+from beam_extract.sink.manifest import build_manifest, write_manifest
+from beam_extract.sink.windows import WriteWindowIndex
+from beam_extract.sink.writer import WriteShards, remove_unlisted
 from beam_extract.stages import DropDuplicateTasks, ParseDoFn, TokenizeDoFn, expand_views
 
 

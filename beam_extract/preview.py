@@ -18,14 +18,14 @@ from collections.abc import Iterator
 import numpy as np
 
 from beam_extract.arc.augment import ArcView, augment
+from beam_extract.format.schema import OUTPUT_DTYPES, HookFields, hook_fields, record_size, sample_fields
+from beam_extract.format.tfrecord import FRAMING_BYTES
 from beam_extract.hooks import hook_name
 from beam_extract.io.sources import absolute_input, match_paths
 from beam_extract.io.tables import columns_for, read_records
 from beam_extract.model.hf_config import config_from_hf, load_hf_config
 from beam_extract.model.weights import resolve_model_dir
 from beam_extract.options import UsageError, add_arguments, parse_layers, parse_sites, sample_input
-from beam_extract.output.schema import OUTPUT_DTYPES, HookFields, hook_fields, record_size, sample_fields
-from beam_extract.output.tfrecord import FRAMING_BYTES
 from beam_extract.records import DeadLetter, parse_line
 from beam_extract.records.arc import ArcTask
 from beam_extract.records.identity import input_root

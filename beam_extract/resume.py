@@ -21,14 +21,15 @@ import json
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
+from beam_extract.format.commits import (RUN_SKIP_SUFFIX, parse_sample_id, read_groups_on_disk, read_sample_ids,
+                                         select_groups, without_samples)
+from beam_extract.format.storage import list_paths
 from beam_extract.hooks import Hook
 from beam_extract.options import OPTIONS
-from beam_extract.output import ownership
-from beam_extract.output.commits import (RUN_SKIP_SUFFIX, delete_quietly, list_paths, parse_sample_id,
-                                         read_groups_on_disk, read_sample_ids, select_groups, without_samples,
-                                         write_sample_ids)
-from beam_extract.output.writer import remove_unlisted
 from beam_extract.records.dead_letter import DEAD_LETTER, DeadLetter
+from beam_extract.sink import ownership
+from beam_extract.sink.commits import delete_quietly, write_sample_ids
+from beam_extract.sink.writer import remove_unlisted
 from beam_extract.stages import counter
 from beam_extract.tokenize import Sample, sample_digest
 

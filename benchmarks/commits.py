@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from beam_extract.output.ownership import release_lock
 from beam_extract.job import claim_output, make_job
 from beam_extract.pipeline import run
+from beam_extract.sink.ownership import release_lock
 from benchmarks.report import Figure
 
 WORDS = "river valley stone water flood sea hill sand wind rain".split()

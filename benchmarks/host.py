@@ -33,7 +33,7 @@ from apache_beam.transforms.window import GlobalWindow
 from beam_extract.batching import form_batches
 from beam_extract.extract import ExtractDoFn
 from beam_extract.model.embedded import write_random_checkpoint
-from beam_extract.output.writer import WriteShards
+from beam_extract.sink.writer import WriteShards
 from beam_extract.tokenize import Sample
 from benchmarks.forward import QWEN25_05B
 from benchmarks.padding import web_text_like

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import numpy as np
 
-from beam_extract.output.reader import read_activations, token_batches
-from beam_extract.output.schema import OUTPUT_DTYPES, encode_record
-from beam_extract.output.tfrecord import write_record
+from beam_extract.format.schema import OUTPUT_DTYPES, encode_record
+from beam_extract.format.tfrecord import write_record
+from beam_extract.readers.reader import read_activations, token_batches
 from benchmarks.report import Figure
 
 D_MODEL = 896

@@ -18,11 +18,11 @@ from pathlib import Path
 import numpy as np
 import transformers
 
-from beam_extract.model.loaded import load_model
+from beam_extract.format.schema import OUTPUT_DTYPES
 from beam_extract.model.embedded import write_random_checkpoint
+from beam_extract.model.loaded import load_model
 from beam_extract.model.loaded import Model
 from beam_extract.options import sample_input
-from beam_extract.output.schema import OUTPUT_DTYPES
 from benchmarks.forward import QWEN25_05B
 from benchmarks.padding import web_text_like
 from benchmarks.report import Figure

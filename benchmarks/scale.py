@@ -84,7 +84,7 @@ def resume_start(args: list[str]) -> float:
     from apache_beam.options.pipeline_options import PipelineOptions
 
     from beam_extract.job import claim_output, make_job
-    from beam_extract.output.ownership import release_lock
+    from beam_extract.sink.ownership import release_lock
 
     job = make_job(PipelineOptions([*args, "--resume"]))
     start = time.perf_counter()
@@ -136,13 +136,13 @@ def metadata(tmp: Path, run_args: list[str], output: Path, count: int) -> dict:
     """The output's metadata with `count` commit groups added to a finished run's output."""
     from apache_beam.options.pipeline_options import PipelineOptions
 
-    from beam_extract.job import make_job
-    from beam_extract.output.commits import read_groups_on_disk, select_groups
-    from beam_extract.output.layout import read_manifest
     from beam_extract.accounting.invariants import RunTotals
     from beam_extract.accounting.totals import group_summary
-    from beam_extract.output.manifest import build_manifest, write_manifest
-    from beam_extract.output.reader import hook_files
+    from beam_extract.format.commits import read_groups_on_disk, select_groups
+    from beam_extract.format.layout import read_manifest
+    from beam_extract.job import make_job
+    from beam_extract.readers.reader import hook_files
+    from beam_extract.sink.manifest import build_manifest, write_manifest
 
     template_path = sorted((output / "_committed").glob("*.json"))[0]
     existing = len(list((output / "_committed").glob("*.json")))
@@ -176,7 +176,7 @@ def gcs_listing(tmp: Path, count: int) -> dict:
     import shutil
     import socket
 
-    from beam_extract.output.storage import list_paths
+    from beam_extract.format.storage import list_paths
 
     data = tmp / f"gcs-{count}"
     commits = data / "bucket" / "out" / "_committed"

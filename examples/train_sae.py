@@ -20,8 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from beam_extract.output.layout import read_manifest
-from beam_extract.output.reader import token_batches
+from beam_extract.format.layout import read_manifest
+from beam_extract.readers.reader import token_batches
 
 
 def init_params(key: jax.Array, d_in: int, n_latents: int, d_out: int | None = None) -> dict:

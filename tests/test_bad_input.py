@@ -88,7 +88,7 @@ def test_every_bad_line_is_a_dead_letter_and_every_good_line_is_written(tmp_path
     duplicate = next(d for d in letters if d["reason"] == "duplicate_task_id")
     assert duplicate["line_number"] == 2 + [r for _, r in BAD_LINES].index("duplicate_task_id") + 1
 
-    from beam_extract.output.reader import read_records
+    from beam_extract.readers.reader import read_records
 
     written = {r["sample_id"]: r["doc_id"] for r in read_records(str(tmp_path / "out/resid_post/layer_00/*.tfrecord"))}
     assert {"twice/v0/t0", "fine/v0/t0"} <= written.keys()

@@ -13,9 +13,9 @@ from hypothesis import strategies as st
 from beam_extract.batching import (BatchDoFn, BatchKeyedSamples, BatchPlan, assemble, bucket_length, form_batches, pack_rows,
                                    parse_buckets, row_counts)
 from beam_extract.extract import extract_batch
+from beam_extract.format.schema import decode_record
 from beam_extract.model.loaded import load_model
 from beam_extract.options import UsageError, parse_layers, parse_sites
-from beam_extract.output.schema import decode_record
 from beam_extract.tokenize import Sample
 from hf_reference import random_hf_checkpoint
 

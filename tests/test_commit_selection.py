@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from beam_extract.output.commits import select_groups
-from beam_extract.output.reader import (IncompleteRunWarning, hook_files, read_activations, read_plan, token_batches,
+from beam_extract.format.commits import select_groups
+from beam_extract.readers.reader import (IncompleteRunWarning, hook_files, read_activations, read_plan, token_batches,
                                         write_snapshot)
 
 HOOK = "blocks.0.hook_resid_post"

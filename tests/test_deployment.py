@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from beam_extract.job import is_local
+from beam_extract.runners import is_local
 from beam_extract.options import ExtractOptions, extract_options
 from beam_extract.template import METADATA, render, template_metadata
 
@@ -81,9 +81,9 @@ def test_documented_launch_flags_are_real_options():
 @pytest.mark.slow
 def test_extraction_through_a_local_worker_pool(tmp_path):
     from beam_extract.__main__ import main
-    from beam_extract.output.reader import read_records
-    from beam_extract.output.commits import read_groups_on_disk
+    from beam_extract.format.commits import read_groups_on_disk
     from beam_extract.portable_local import local_worker_pool
+    from beam_extract.readers.reader import read_records
 
     with local_worker_pool() as (runner_args, pool):
         main(runner_args + [f"--output={tmp_path / 'out'}", "--views_per_task=1", "--layers=1"])

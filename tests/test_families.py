@@ -196,8 +196,8 @@ def test_pipeline_end_to_end_per_family(tmp_path, family):
 
     from beam_extract.model.embedded import write_random_checkpoint
     from beam_extract.options import sample_input
-    from beam_extract.output.reader import read_records
     from beam_extract.pipeline import run
+    from beam_extract.readers.reader import read_records
 
     config_class, _, defaults = FAMILIES[family]
     vocab = {"vocab_size": 151936, "bos_token_id": 151643, "eos_token_id": 151645}

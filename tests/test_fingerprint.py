@@ -4,8 +4,8 @@ the fingerprint and its comparison directly (resume.fingerprint, resume.refuse_c
 import pytest
 
 from beam_extract.options import OPTIONS, Option, flag
-from beam_extract.output.ownership import OutputRefused
 from beam_extract.resume import FINGERPRINTED, fingerprint, refuse_changes
+from beam_extract.sink.ownership import OutputRefused
 
 DEFAULTS = {option.name: option.default for option in OPTIONS}
 # Everything outside the options: the same for both runs unless a test says otherwise.

@@ -14,9 +14,9 @@ from apache_beam.transforms.window import GlobalWindow
 
 from beam_extract.batching import assemble
 from beam_extract.extract import BATCH_STATS, ExtractDoFn
+from beam_extract.format.schema import decode_record
 from beam_extract.hooks import hook_name
 from beam_extract.model.loaded import Dispatched
-from beam_extract.output.schema import decode_record
 from beam_extract.records.dead_letter import DEAD_LETTER
 from beam_extract.tokenize import Sample
 
@@ -390,7 +390,7 @@ def test_an_extracted_batch_survives_a_runner_moving_it_and_its_size_is_estimate
     from apache_beam.coders import registry
 
     from beam_extract.extract import ExtractedBatchCoder
-    from beam_extract.output.extracted import ExtractedBatch
+    from beam_extract.sink.extracted import ExtractedBatch
 
     _, batch = eight_rows()
     [extracted], _, _ = run(dofn_with(FakeModel()), batch)

@@ -31,8 +31,8 @@ def test_model_loads_from_gs_and_equals_local(tmp_path, gcs_bucket):
 
 @pytest.mark.slow
 def test_pipeline_with_input_model_and_output_on_gcs(tmp_path, gcs_bucket):
-    from beam_extract.output.layout import read_manifest
-    from beam_extract.output.reader import read_records
+    from beam_extract.format.layout import read_manifest
+    from beam_extract.readers.reader import read_records
 
     upload_dir(resolve_model_dir("tiny-random-qwen2"), f"{gcs_bucket}/models/tiny")
     inputs = tmp_path / "inputs"

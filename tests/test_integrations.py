@@ -20,8 +20,8 @@ from torch.utils.data import DataLoader
 
 from beam_extract.integrations.pytorch import ActivationDataset, check_same_plan
 from beam_extract.integrations.shards import batches_in_order, shard_plan
-from beam_extract.output.mixing import mixed_batches
-from beam_extract.output.reader import hook_files, read_activations
+from beam_extract.readers.mixing import mixed_batches
+from beam_extract.readers.reader import hook_files, read_activations
 from conftest import free_port
 
 HOOK = "blocks.1.hook_resid_post"
@@ -174,7 +174,7 @@ def finish(output: str, copy: Path) -> None:
 
 
 def tokens_of_files(files: list[str]) -> np.ndarray:
-    from beam_extract.output.reader import read_records
+    from beam_extract.readers.reader import read_records
 
     return np.concatenate([r["activations"] for f in files for r in read_records(f)])
 
@@ -183,7 +183,7 @@ def tokens_of_files(files: list[str]) -> np.ndarray:
 def test_ranks_plan_over_one_file_list(output, tokens, tmp_path):
     """Issue 26's attack: rank 0 built while some groups are committed, rank 1 after the rest and the
     manifest land. Refused now; through a snapshot both ranks read the snapshot's tokens once."""
-    from beam_extract.output.reader import IncompleteRunWarning, write_snapshot
+    from beam_extract.readers.reader import IncompleteRunWarning, write_snapshot
 
     commits = len(list((Path(output) / "_committed").glob("*.json")))
     assert commits >= 2
@@ -212,7 +212,7 @@ def test_ranks_plan_over_one_file_list(output, tokens, tmp_path):
 def test_ddp_ranks_with_different_plans_all_fail(output, tmp_path):
     """Under torch.distributed (gloo, two processes) the ranks compare their plans' digests: given a
     snapshot and the finished output, both fail loudly instead of training on different tokens."""
-    from beam_extract.output.reader import write_snapshot
+    from beam_extract.readers.reader import write_snapshot
 
     copy = run_in_progress(output, tmp_path, 1)
     write_snapshot(str(copy), str(tmp_path / "plan.json"))
@@ -391,7 +391,7 @@ def test_paired_hooks_through_the_dataset_and_the_saelens_provider(tmp_path):
     from test_output_schema import write_paired_output
 
     from beam_extract.integrations.saelens import data_provider
-    from beam_extract.output.reader import MisalignedHooks
+    from beam_extract.readers.reader import MisalignedHooks
 
     (tmp_path / "a").mkdir()
     paired, tokens = write_paired_output(tmp_path / "a")

@@ -46,7 +46,7 @@ def manifest(path):
 
 def records(output):
     """(hook, sample id) -> record, through the reader; fails on a record read twice."""
-    from beam_extract.output.reader import read_activations
+    from beam_extract.readers.reader import read_activations
 
     found = {}
     for hook in manifest(output)["hooks"]:
@@ -193,7 +193,7 @@ def test_a_second_job_on_the_same_output_is_refused_while_the_first_runs(tmp_pat
 
 def test_a_stale_lock_is_taken_over_and_a_live_one_is_not(tmp_path):
     from beam_extract.lifetime import machine_id
-    from beam_extract.output.ownership import OutputRefused, release_lock, take_lock
+    from beam_extract.sink.ownership import OutputRefused, release_lock, take_lock
 
     output = str(tmp_path / "out")
     dead = subprocess.Popen(["true"])
@@ -212,7 +212,7 @@ def test_a_stale_lock_is_taken_over_and_a_live_one_is_not(tmp_path):
 
 
 def test_the_lock_on_gcs_is_created_only_if_absent(gcs_with_preconditions):
-    from beam_extract.output.ownership import OutputRefused, release_lock, take_lock
+    from beam_extract.sink.ownership import OutputRefused, release_lock, take_lock
 
     output = f"{gcs_with_preconditions}/out"
     held = take_lock(output, "first", "remote", True)
@@ -246,7 +246,7 @@ def test_a_directory_we_did_not_write_is_refused_with_nothing_deleted(tmp_path, 
 
 def extracted(samples, hooks=2, tokens=5):
     """An ExtractedBatch of these sample ids, a row each."""
-    from beam_extract.output.extracted import StoredSample, extracted_batch
+    from beam_extract.sink.extracted import StoredSample, extracted_batch
     from beam_extract.tokenize import Sample
 
     stored = [StoredSample(Sample(s, np.arange(1, tokens + 1, dtype=np.int32), "in.jsonl", n + 1), n,
@@ -263,11 +263,11 @@ def test_a_retried_bundle_with_other_batches_is_committed_once(tmp_path):
     before the end (from the disk, killed run) and after it (from what the pipeline passed on)."""
     from apache_beam.transforms.window import GlobalWindow
 
-    from beam_extract.output.commits import read_groups_on_disk
-    from beam_extract.output.reader import hook_files
-    from beam_extract.output.schema import decode_record
-    from beam_extract.output.tfrecord import iter_tfrecord
-    from beam_extract.output.writer import WriteShards, remove_unlisted
+    from beam_extract.format.commits import read_groups_on_disk
+    from beam_extract.format.schema import decode_record
+    from beam_extract.format.tfrecord import iter_tfrecord
+    from beam_extract.readers.reader import hook_files
+    from beam_extract.sink.writer import WriteShards, remove_unlisted
 
     output, hooks = str(tmp_path), ((0, "resid_post"), (1, "resid_post"))
     samples = [f"s{i}" for i in range(6)]
@@ -415,7 +415,7 @@ def test_jobs_breaking_the_same_stale_lock_at_once_leave_one_holder(tmp_path):
     import threading
 
     from beam_extract.lifetime import machine_id
-    from beam_extract.output.ownership import OutputRefused, take_lock
+    from beam_extract.sink.ownership import OutputRefused, take_lock
 
     for attempt in range(20):
         output = str(tmp_path / f"out{attempt}")
@@ -480,9 +480,9 @@ def test_a_committed_sample_whose_tokens_changed_is_a_dead_letter_not_a_skip(tmp
     from apache_beam.testing.test_pipeline import TestPipeline
     from apache_beam.testing.util import assert_that, equal_to
 
-    from beam_extract.output.commits import write_sample_ids
     from beam_extract.records.dead_letter import DEAD_LETTER
     from beam_extract.resume import RESUMED, SkipCommitted
+    from beam_extract.sink.commits import write_sample_ids
     from beam_extract.tokenize import Sample, sample_digest
 
     same = Sample("t/v0/t0", np.arange(5, dtype=np.int32), "a.jsonl", 1)
@@ -506,7 +506,7 @@ def test_resume_joins_committed_ids_instead_of_loading_them_in_every_worker(tmp_
     import apache_beam as beam
 
     from beam_extract import resume
-    from beam_extract.output.commits import write_sample_ids
+    from beam_extract.sink.commits import write_sample_ids
 
     path = str(tmp_path / "0123456789ab.skip.jsonl")
     write_sample_ids(path, [("a/v0/t0", "0" * 16)])
@@ -590,9 +590,9 @@ def test_resume_and_overwrite_remove_beams_temporary_dead_letter_directories(tmp
     dead_letter/.temp*/ (streaming) directories with files in them: cleanup removes them whole, and
     nothing else of the user's there."""
     from apache_beam.io.filesystems import FileSystems
+    from beam_extract.format.storage import list_paths
     from beam_extract.job import DEAD_LETTER_STAGES
-    from beam_extract.output import ownership
-    from beam_extract.output.storage import list_paths
+    from beam_extract.sink import ownership
 
     output = f"{request.getfixturevalue('gcs_bucket')}/temp-{tmp_path.name}" if where == "gs" else str(tmp_path)
     left = [f"{output}/dead_letter/beam-temp-parse-0f3c/5b2e.jsonl",

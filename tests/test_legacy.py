@@ -70,7 +70,7 @@ def old_layout(directory: Path) -> Path:
 @pytest.mark.slow
 def test_the_old_readme_command_writes_what_the_new_one_does(tmp_path):
     from beam_extract.__main__ import main
-    from beam_extract.output.reader import read_activations
+    from beam_extract.readers.reader import read_activations
 
     dataset = old_layout(tmp_path / "sharded_dataset")
     main(["--use_sharded_dataset", "--sharded_dataset_dir", str(dataset), "--model_path", "tiny-random-qwen2",

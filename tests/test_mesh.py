@@ -73,7 +73,7 @@ def test_mesh_specs():
 @pytest.mark.slow
 def test_pipeline_on_an_eight_device_mesh(tmp_path):
     from beam_extract.model.loaded import load_model
-    from beam_extract.output.reader import read_records
+    from beam_extract.readers.reader import read_records
     from test_pipeline_default_run import run_guarded
 
     log = tmp_path / "connections.log"
@@ -161,7 +161,7 @@ def test_devices_are_listed_in_this_process_only_where_the_workers_are_its_threa
     need) unless the workers are threads of the driver's process; both see the same devices."""
     from apache_beam.options.pipeline_options import PipelineOptions
 
-    from beam_extract.job import workers_in_this_process
+    from beam_extract.runners import workers_in_this_process
     from beam_extract.model import devices
 
     here = {"--runner=FnApiRunner": True, "--runner=DirectRunner": True,

@@ -6,9 +6,9 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from beam_extract.output.reader import read_activations, read_records, tf_dataset, token_batches
-from beam_extract.output.tfrecord import iter_tfrecord, write_record
-from beam_extract.output.schema import OUTPUT_DTYPES, decode_record, encode_record, tf_feature_spec
+from beam_extract.format.schema import OUTPUT_DTYPES, decode_record, encode_record, tf_feature_spec
+from beam_extract.format.tfrecord import iter_tfrecord, write_record
+from beam_extract.readers.reader import read_activations, read_records, tf_dataset, token_batches
 
 RNG = np.random.default_rng(0)
 
@@ -223,7 +223,7 @@ def test_paired_reading_stacks_hooks_of_one_width(tmp_path):
 
 
 def test_paired_reading_checks_alignment_and_refuses_files_of_other_commits(tmp_path):
-    from beam_extract.output.reader import MisalignedHooks
+    from beam_extract.readers.reader import MisalignedHooks
 
     hooks, _ = write_paired_output(tmp_path, shuffle_hook="blocks.0.hook_mlp_out")
     with pytest.raises(MisalignedHooks, match="record 0 of .*h1/part-g0.tfrecord is not the tokens of record 0"):

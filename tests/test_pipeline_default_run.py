@@ -125,8 +125,8 @@ def full_sequences() -> dict:
 def test_records_read_back_with_tensorflow_equal_a_direct_forward(default_run):
     import tensorflow as tf
 
+    from beam_extract.format.schema import tf_feature_spec
     from beam_extract.model.loaded import load_model
-    from beam_extract.output.schema import tf_feature_spec
 
     workdir, _, _ = default_run
     model = load_model("tiny-random-qwen2")
@@ -167,7 +167,7 @@ def test_records_read_back_with_tensorflow_equal_a_direct_forward(default_run):
 
 @pytest.mark.slow
 def test_normalisation_factors_equal_a_direct_computation(default_run):
-    from beam_extract.output.reader import read_activations
+    from beam_extract.readers.reader import read_activations
 
     workdir, _, _ = default_run
     manifest = json.loads((workdir / "activations/manifest.json").read_text())
@@ -202,7 +202,7 @@ def test_preview_predicts_the_bytes_written(default_run, capsys):
 
 @pytest.mark.slow
 def test_arc_records_carry_their_view(default_run):
-    from beam_extract.output.reader import read_records
+    from beam_extract.readers.reader import read_records
 
     workdir, _, _ = default_run
     records = [r for r in read_records(str(workdir / "activations/resid_post/layer_00/*.tfrecord")) if r["task_id"]]

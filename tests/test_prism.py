@@ -18,8 +18,8 @@ import pytest
 from test_integrity import GRID, records, task, write_lines
 from test_pipeline_default_run import GUARDED_MAIN, TESTS, run_guarded
 
-from beam_extract.output.commits import read_groups_on_disk, select_groups
-from beam_extract.output.reader import read_activations, read_windows
+from beam_extract.format.commits import read_groups_on_disk, select_groups
+from beam_extract.readers.reader import read_activations, read_windows
 
 PRISM = Path(sys.executable).parent / "prism"
 pytestmark = pytest.mark.skipif(not PRISM.is_file() and not shutil.which("prism"),

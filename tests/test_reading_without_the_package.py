@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from beam_extract.output.reader import read_activations
-from beam_extract.output.schema import FEATURES, OUTPUT_DTYPES
+from beam_extract.format.schema import FEATURES, OUTPUT_DTYPES
+from beam_extract.readers.reader import read_activations
 from test_pipeline_default_run import run_guarded
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -31,8 +31,8 @@ def fresh_python(code: str, cwd: Path = ROOT):
     return json.loads(result.stdout.splitlines()[-1])
 
 
-@pytest.mark.parametrize("module", ["beam_extract.output.reader", "beam_extract.hooks", "beam_extract.records",
-                                    "beam_extract.output.mixing", "beam_extract.integrations.shards",
+@pytest.mark.parametrize("module", ["beam_extract.readers.reader", "beam_extract.hooks", "beam_extract.records",
+                                    "beam_extract.readers.mixing", "beam_extract.integrations.shards",
                                     "beam_extract.model"])
 def test_importing_the_readers_side_loads_no_framework(module):
     loaded = fresh_python(f"import json, sys, {module}\n"
@@ -55,7 +55,7 @@ def put(root: str, name: str, data: bytes) -> None:
 def test_storage_matches_as_beam_does_and_reads(tmp_path, where, request):
     from apache_beam.io.filesystems import FileSystems
 
-    from beam_extract.output import storage
+    from beam_extract.format import storage
 
     root = f"{request.getfixturevalue('gcs_bucket')}/storage-{where}" if where == "gs" else str(tmp_path)
     value = {"a": [1, 2]}
@@ -134,7 +134,7 @@ def test_readme_snippets_read_a_run_as_our_reader_does(run_output, monkeypatch):
 
 READ_BACK = """
 import hashlib, json, sys
-from beam_extract.output.reader import read_activations, token_batches
+from beam_extract.readers.reader import read_activations, token_batches
 output, hook = {output!r}, {hook!r}
 records = {{r["sample_id"]: hashlib.sha256(r["activations"].tobytes()).hexdigest() for r in read_activations(output, hook)}}
 tokens = sum(len(b) for b in token_batches(output, hook, batch_tokens=16, shuffle_buffer=64, seed=1))

@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from beam_extract.output.reader import read_records
+from beam_extract.readers.reader import read_records
 from test_pipeline_default_run import GUARDED_MAIN, TESTS
 
 WORDS = "river valley stone water flood sea hill sand wind rain".split()
@@ -84,9 +84,9 @@ def test_killed_run_resumes_to_the_same_output(tmp_path):
 
 @pytest.mark.slow
 def test_shuffled_output_holds_the_same_records_in_another_order(tmp_path):
-    from beam_extract.output.reader import hook_files
-    from beam_extract.output.tfrecord import iter_tfrecord
-    from beam_extract.output.schema import decode_record
+    from beam_extract.format.schema import decode_record
+    from beam_extract.format.tfrecord import iter_tfrecord
+    from beam_extract.readers.reader import hook_files
 
     pattern = make_inputs(tmp_path, files=3, docs=20)
     common = [f"--input={pattern}", "--input_format=text", "--max_seq_len=256", "--layers=1", "--batch_size=2"]

@@ -17,7 +17,7 @@ from test_integrity import files_on_disk, records, task, write_lines
 from test_pipeline_default_run import run_guarded
 
 from beam_extract.faults import FAULT_ENV, POINTS
-from beam_extract.output.commits import read_groups_on_disk, select_groups
+from beam_extract.format.commits import read_groups_on_disk, select_groups
 
 PRISM = Path(sys.executable).parent / "prism"
 ARGS = ["--layers=0,2", "--sites=resid_post,mlp_out", "--views_per_task=2", "--max_seq_len=256", "--batch_size=2"]

@@ -14,9 +14,9 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from beam_extract.arc.augment import ArcView, augment
 from beam_extract.model.weights import resolve_model_dir
 from beam_extract.options import extract_options
-from beam_extract.output.ownership import LOCK, OutputRefused
 from beam_extract.pipeline import run
 from beam_extract.records.arc import ArcTask
+from beam_extract.sink.ownership import LOCK, OutputRefused
 from beam_extract.stages import TokenizeDoFn
 from beam_extract.tokenize import Sample
 
@@ -128,7 +128,7 @@ def test_inspect_writes_plots_where_asked_and_nothing_into_the_output(finished_r
     (["--runner=DirectRunner"], False),
 ])
 def test_who_waits_for_the_job(args, elsewhere):
-    from beam_extract.job import runs_elsewhere
+    from beam_extract.runners import runs_elsewhere
 
     assert runs_elsewhere(PipelineOptions(args)) is elsewhere
 

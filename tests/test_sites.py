@@ -23,8 +23,8 @@ def test_a_run_of_inner_sites_writes_each_at_its_width_and_preview_predicts_its_
     from beam_extract.model.embedded import write_random_checkpoint
     from beam_extract.model.loaded import load_model
     from beam_extract.options import sample_input
-    from beam_extract.output.reader import read_activations, token_batches
     from beam_extract.pipeline import run
+    from beam_extract.readers.reader import read_activations, token_batches
 
     # Heads of 24: z (4 x 24 = 96) is neither d_model (64) nor d_mlp (160) wide.
     config = transformers.Qwen2Config(**{**COMMON, "head_dim": 24, "vocab_size": 151936, "bos_token_id": 151643,

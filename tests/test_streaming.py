@@ -34,11 +34,11 @@ from apache_beam.transforms.window import FixedWindows, TimestampedValue
 
 from beam_extract.batching import BatchDoFn, BatchPlan
 from beam_extract.hooks import parse_hook_name
-from beam_extract.options import UsageError, template_switches
-from beam_extract.output.writer import hook_dir
-from beam_extract.output.ownership import release_lock
 from beam_extract.job import claim_output, make_job
+from beam_extract.options import UsageError, template_switches
 from beam_extract.pipeline import build, read_input, run
+from beam_extract.sink.ownership import release_lock
+from beam_extract.sink.writer import hook_dir
 from beam_extract.tokenize import Sample
 
 WORDS = ["river", "valley", "stone", "water", "flood", "sea", "hill", "sand", "wind", "rain"]
@@ -235,7 +235,7 @@ def window_of(at: float) -> int:
 
 @pytest.mark.slow
 def test_each_window_indexes_its_own_lines_samples_records_and_dead_letters(streamed):
-    from beam_extract.output.reader import read_activations, read_windows
+    from beam_extract.readers.reader import read_activations, read_windows
 
     directory, files, seconds = streamed
     batch = records_by_key(r for hook in HOOKS for r in read_activations(str(directory / "batch"), hook))
@@ -275,8 +275,8 @@ def test_each_window_indexes_its_own_lines_samples_records_and_dead_letters(stre
 
 @pytest.mark.slow
 def test_each_sample_once_with_the_activations_of_a_batch_run(streamed):
-    from beam_extract.output.reader import read_activations
-    from beam_extract.output.commits import read_groups_on_disk
+    from beam_extract.format.commits import read_groups_on_disk
+    from beam_extract.readers.reader import read_activations
 
     directory, files, _ = streamed
     committed = [s for c in read_groups_on_disk(str(directory / "stream")) for s in c["samples"]]
@@ -300,7 +300,7 @@ def test_partial_batches_are_extracted_while_their_window_is_open(streamed):
     trickle of two samples. On this runner a batch emitted at a window's end misses the window's
     totals (see the top of the file), so an index holding all its window's records shows that its
     partial batches were flushed by the timeout while the window was open."""
-    from beam_extract.output.reader import read_windows
+    from beam_extract.readers.reader import read_windows
 
     directory, _, _ = streamed
     windows = read_windows(str(directory / "stream"))
@@ -314,7 +314,7 @@ def test_partial_batches_are_extracted_while_their_window_is_open(streamed):
 
 @pytest.mark.slow
 def test_windowed_output_reads_back_with_the_normal_readers(streamed):
-    from beam_extract.output.reader import read_activations, tf_dataset, token_batches
+    from beam_extract.readers.reader import read_activations, tf_dataset, token_batches
 
     directory, _, _ = streamed
     output = str(directory / "stream")
@@ -336,7 +336,7 @@ def test_windowed_output_reads_back_with_the_normal_readers(streamed):
 
 @pytest.mark.slow
 def test_a_restarted_streaming_job_resumes_without_writing_twice(streamed):
-    from beam_extract.output.reader import read_windows
+    from beam_extract.readers.reader import read_windows
 
     directory, files, _ = streamed
     shutil.copytree(directory / "stream", directory / "restarted")
@@ -415,7 +415,7 @@ def test_a_resumed_windows_lines_committed_before_are_skipped_not_read():
     with a sample dead-lettered now (changed_since_commit)."""
     from beam_extract.accounting.invariants import RunTotals
     from beam_extract.accounting.lines import CountLineOutcomes, LineBitmaps
-    from beam_extract.output.windows import window_index
+    from beam_extract.sink.windows import window_index
 
     def bits(lines, produced=True):
         marks = LineBitmaps()

@@ -373,7 +373,7 @@ def test_the_command_line_refuses_in_one_line_and_leaves_nothing(tmp_path, monke
 
 
 def test_a_glob_beside_the_output_is_not_refused(tmp_path):
-    from beam_extract.job import check_input_outside_output
+    from beam_extract.locations import check_input_outside_output
 
     check_input_outside_output(f"{tmp_path}/corpus/*.jsonl", f"{tmp_path}/corpus/acts")  # * stays in one directory
     check_input_outside_output(f"{tmp_path}/corpus/**", f"{tmp_path}/acts")
@@ -382,7 +382,7 @@ def test_a_glob_beside_the_output_is_not_refused(tmp_path):
 
 
 def test_an_output_under_home_is_expanded(tmp_path, monkeypatch):
-    from beam_extract.job import location
+    from beam_extract.locations import location
 
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert location("--output", "~/acts") == f"{tmp_path}/home/acts"
@@ -433,14 +433,14 @@ def test_gcs_that_never_answers_is_one_line_in_bounded_time(tmp_path, monkeypatc
     import socket
     import time
 
-    import beam_extract.job
+    import beam_extract.locations
 
     silent = socket.socket()
     silent.bind(("127.0.0.1", 0))
     silent.listen(16)
     try:
         monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{silent.getsockname()[1]}")
-        monkeypatch.setattr(beam_extract.job, "ANSWER_SECONDS", 2)
+        monkeypatch.setattr(beam_extract.locations, "ANSWER_SECONDS", 2)
         start = time.monotonic()
         line = refused_by_main([f"--output={tmp_path}/out", "--input=gs://bucket/*.jsonl"], capsys)
         assert "--input gs://bucket/*.jsonl: Cloud Storage gave no answer in 2 s" in line

@@ -12,7 +12,7 @@ import itertools
 import apache_beam as beam
 import numpy as np
 
-from beam_extract.output.writer import WriteDeadLetters
+from beam_extract.sink.writer import WriteDeadLetters
 
 # Dead letters of whole input files: their line number counts the lines read before the failure,
 # so they are not marks of one line.

@@ -7,7 +7,7 @@ from __future__ import annotations
 import apache_beam as beam
 
 from beam_extract.accounting.invariants import RunTotals
-from beam_extract.output.commits import without_samples
+from beam_extract.format.commits import without_samples
 from beam_extract.resume import resumed_ids
 
 

@@ -50,7 +50,7 @@ class ActivationDataset(IterableDataset):
     Each DataLoader worker of each DDP rank is a shard that reads its own files (or, with fewer files
     than shards, its own records of a shared file): per epoch every token is yielded once over all
     shards, provided every rank plans over the same files: a finished run's (its manifest), or a
-    snapshot's (`beam_extract.output.reader.write_snapshot`, its path passed as `path` to every rank).
+    snapshot's (`beam_extract.readers.reader.write_snapshot`, its path passed as `path` to every rank).
     A run still going is refused when `world_size` > 1; under torch.distributed the ranks compare
     their plans' digests (`plan_digest`) and all fail if they differ. `rank` and `world_size` default
     to torch.distributed's when it is initialised. Shards end
@@ -68,7 +68,7 @@ class ActivationDataset(IterableDataset):
                  shuffle_buffer: int = 65536, seed: int = 0, drop_last: bool = False,
                  rank: int | None = None, world_size: int | None = None, hooks: Sequence[str] | None = None,
                  stack: bool = False) -> None:
-        from beam_extract.output.reader import hook_widths, paired_files, per_hook, read_plan
+        from beam_extract.readers.reader import hook_widths, paired_files, per_hook, read_plan
 
         if batch_tokens < 1 or shuffle_buffer < 0:
             raise ValueError(f"batch_tokens must be >= 1 and shuffle_buffer >= 0 (got {batch_tokens}, {shuffle_buffer})")
@@ -95,7 +95,7 @@ class ActivationDataset(IterableDataset):
         if self.world_size > 1 and not plan.fixed:
             raise ValueError(f"{path} is a run still going (no manifest): ranks listing its files at different "
                              "times would read some tokens twice and others never. List them once with "
-                             f"beam_extract.output.reader.write_snapshot({path!r}, SNAPSHOT) and give every rank "
+                             f"beam_extract.readers.reader.write_snapshot({path!r}, SNAPSHOT) and give every rank "
                              "SNAPSHOT as its path")
         plan.warn()
         if hooks is not None:
@@ -125,7 +125,7 @@ class ActivationDataset(IterableDataset):
         if self.hooks is None:
             yield from map(torch.from_numpy, batches)
             return
-        from beam_extract.output.reader import per_hook
+        from beam_extract.readers.reader import per_hook
 
         for batch in per_hook(batches, self.widths, self.stack):
             yield torch.from_numpy(batch) if self.stack else tuple(map(torch.from_numpy, batch))

@@ -36,7 +36,7 @@ def scaling_factor(path: str, hook: str) -> float:
     of its tokens (past `--norm_exclude_first`), from the manifest, so scaled tokens have a mean
     norm of sqrt(width), as SAELens's `normalize_activations="expected_average_only_in"` makes
     them. Multiply the inputs by it when training, and divide the SAE's outputs by it."""
-    from beam_extract.output.layout import read_manifest
+    from beam_extract.format.layout import read_manifest
 
     factor = read_manifest(path)["hooks"][hook]["normalisation"]["saelens_scaling_factor"]
     if factor is None:
@@ -83,7 +83,7 @@ def _scaled(batch, factors: list[float]):
 def _rows(path: str, hook: str, context_size: int) -> Iterator[dict[str, np.ndarray]]:
     """Consecutive tokens of the records in file order, context_size at a time; a row may span two
     records, and the last tokens that do not fill a row are left out."""
-    from beam_extract.output.reader import read_activations
+    from beam_extract.readers.reader import read_activations
 
     acts: list[np.ndarray] = []
     ids: list[np.ndarray] = []

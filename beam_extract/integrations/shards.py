@@ -7,13 +7,13 @@ from collections.abc import Iterable, Iterator
 
 import numpy as np
 
-from beam_extract.output.mixing import mixed_batches
+from beam_extract.readers.mixing import mixed_batches
 
 
 def d_model(path: str, hook: str) -> int:
     """The activation width of `hook` under `path`, from its first record (a run still going has no
     manifest to say it)."""
-    from beam_extract.output.reader import read_activations
+    from beam_extract.readers.reader import read_activations
 
     for record in read_activations(path, hook):
         return record["d_model"]
@@ -44,7 +44,7 @@ def shard_tokens(files: list[str] | list[tuple[str, ...]], shard: int, n_shards:
     record's tokens at every hook side by side, [n_tokens, sum of widths], their alignment checked."""
     # Imported on use: the reader's modules are the ones that reach gs://, and this package stays
     # importable without them being loaded.
-    from beam_extract.output.reader import aligned_records, joined_tokens
+    from beam_extract.readers.reader import aligned_records, joined_tokens
 
     def records() -> Iterator[tuple[bytes, ...]]:
         for index, first, stride in shard_plan(len(files), shard, n_shards):

@@ -10,22 +10,19 @@ disk beside the retry's. What counts is decided in one place, `select_groups`: t
 pipeline passed on (only successful attempts' outputs travel downstream), and, for a run that was
 killed, a set of groups on disk in which no sample appears twice (what `--resume` keeps; readers
 also read any other group that holds a sample none of those holds, and report the repeats).
+
+This is the store's read side (readers import it without Beam); `beam_extract.sink.commits` writes.
 """
 
 from __future__ import annotations
 
-import itertools
 import json
 import re
-import uuid
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
-from beam_extract.output.storage import exists, list_paths, open_read, read_json
-
-# Reading goes through `storage`; Beam's FileSystems is imported only where files are written or
-# deleted, so readers of the output import this module without Beam.
+from beam_extract.format.storage import list_paths, open_read, read_json
 
 COMMITS = "_committed"
 TEMPORARY_SUFFIX = ".tmp"  # temporary files are hidden (.name.tmp) and never match *.tfrecord or *.json
@@ -50,36 +47,6 @@ def ours(path: str, *kinds: str) -> bool:
 
 RUN_SKIP_SUFFIX = ".skip.jsonl"  # OUT/_run/{run id}.skip.jsonl: the sample ids a resumed run skips
 READ_THREADS = 32  # commits are small objects: reading them is latency-bound, so many at once
-
-
-def write_json(path: str, value: dict) -> None:
-    """Readers never see a partial file. A gs:// object becomes visible only once its upload is
-    complete, so it is written in place (a rename there would copy it); a local file is written to
-    a temporary name and renamed."""
-    from apache_beam.io.filesystems import FileSystems
-
-    data = json.dumps(value, indent=1).encode("utf-8")
-    if path.startswith("gs://"):
-        with FileSystems.create(path) as handle:
-            handle.write(data)
-        return
-    directory, _, name = path.rpartition("/")
-    temporary = f"{directory}/.{name}.{uuid.uuid4().hex}{TEMPORARY_SUFFIX}"
-    with FileSystems.create(temporary) as handle:
-        handle.write(data)
-    FileSystems.rename([temporary], [path])
-
-
-def delete_quietly(paths: list[str]) -> None:
-    """Deletes what is still there: a file removed meanwhile (by a cleanup before ours) is no error."""
-    from apache_beam.io.filesystems import FileSystems
-
-    for path in paths:
-        try:
-            FileSystems.delete([path])
-        except Exception:  # Beam wraps the not-found error of each file system in its own
-            if exists(path):
-                raise
 
 
 def read_all(paths: Iterable[str]) -> list[dict]:
@@ -161,20 +128,6 @@ def group_files(output: str, groups: Iterable[dict]) -> set[str]:
 def without_samples(group: dict) -> dict:
     """What the manifest and window indexes keep of a group: not its sample ids and digests."""
     return {name: value for name, value in group.items() if name not in ("samples", "digests")}
-
-
-def write_sample_ids(path: str, digests: Iterable[tuple[str, str]]) -> None:
-    """(sample id, digest of what was committed) pairs, one JSON pair a line in an uncompressed file:
-    what a resumed run skips. Workers read it in byte ranges, in parallel, and join it with the
-    samples by id, so no worker holds all of it."""
-    from apache_beam.io.filesystems import FileSystems
-
-    assert path.endswith(RUN_SKIP_SUFFIX), path
-    quote = json.encoder.encode_basestring_ascii  # json.dumps's own quoting, without its per-call cost
-    with FileSystems.create(path, compression_type="uncompressed") as handle:
-        pairs = iter(digests)
-        while chunk := list(itertools.islice(pairs, 65536)):
-            handle.write("".join(f"[{quote(sample)}, {quote(digest)}]\n" for sample, digest in chunk).encode("ascii"))
 
 
 def parse_sample_id(line: str) -> tuple[str, str]:

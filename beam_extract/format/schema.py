@@ -8,8 +8,8 @@ import json
 import ml_dtypes
 import numpy as np
 
-from beam_extract.output import wire
-from beam_extract.output.example_proto import decode_example
+from beam_extract.format import wire
+from beam_extract.format.example_proto import decode_example
 
 # Little-endian storage dtypes for `activations`.
 OUTPUT_DTYPES = {

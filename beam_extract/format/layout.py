@@ -3,7 +3,7 @@ so that readers of the output import it where the pipeline's modules cannot be i
 
 from __future__ import annotations
 
-from beam_extract.output.storage import read_json
+from beam_extract.format.storage import read_json
 
 MANIFEST_NAME = "manifest.json"  # OUT/manifest.json: a finished run
 WINDOWS = "_windows"  # OUT/_windows/{start}-{end}.json: a streaming job's closed windows

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from beam_extract.output.schema import SampleFields, activation_bytes, hook_fields, record_parts, sample_fields
+from beam_extract.format.schema import SampleFields, activation_bytes, hook_fields, record_parts, sample_fields
 from beam_extract.tokenize import Sample
 
 

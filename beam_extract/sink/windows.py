@@ -11,13 +11,13 @@ import datetime
 
 import apache_beam as beam
 
+from beam_extract.accounting.invariants import RunTotals, problems, window_counts
+from beam_extract.format.layout import WINDOWS
 from beam_extract.hooks import Hook
 from beam_extract.model.config import ModelConfig
-from beam_extract.accounting.invariants import RunTotals, problems, window_counts
-from beam_extract.output.manifest import relative_paths, summarize_hooks, with_normalisation_factors
-from beam_extract.output.commits import write_json
-from beam_extract.output.layout import WINDOWS
-from beam_extract.output.writer import window_span
+from beam_extract.sink.commits import write_json
+from beam_extract.sink.manifest import relative_paths, summarize_hooks, with_normalisation_factors
+from beam_extract.sink.writer import window_span
 
 
 def window_index(span: tuple[str, str], output: str, hooks: tuple[Hook, ...], totals: RunTotals, config: ModelConfig,

@@ -3,10 +3,10 @@
 Layout: OUT/{site}/layer_{LL}/part-{group}.tfrecord, or in streaming, where every record belongs to a
 time window, part-w{window start}-{group}.tfrecord. A writer keeps one open *shard group* per
 window: a file per hook, all holding the same samples. It closes the group once a file reaches the
-shard size or its bundle ends, records it in OUT/_committed/{group}.json (see `commits`) and passes
-it on. Files are written in place, never renamed (a rename on gs:// is a copy): an unlisted file is
-invisible to readers. Group ids are new for every bundle attempt, so a retried bundle never
-overwrites a file of its failed attempt; only the groups the pipeline passes on count (`commits`).
+shard size or its bundle ends, records it in OUT/_committed/{group}.json (see `format.commits`) and
+passes it on. Files are written in place, never renamed (a rename on gs:// is a copy): an unlisted
+file is invisible to readers. Group ids are new for every bundle attempt, so a retried bundle never
+overwrites a file of its failed attempt; only the groups the pipeline passes on count (`format.commits`).
 Files per hook: about bytes / shard size, plus one partial file per bundle (and window).
 """
 
@@ -28,12 +28,13 @@ from apache_beam.transforms.window import GlobalWindows, IntervalWindow
 from apache_beam.utils.windowed_value import WindowedValue
 
 from beam_extract.faults import maybe_fail
+from beam_extract.format.commits import COMMITS, TEMPORARY_SUFFIX, commit_path, group_files, ours
+from beam_extract.format.storage import list_paths
+from beam_extract.format.tfrecord import write_record
 from beam_extract.hooks import Hook, hook_name
 from beam_extract.lifetime import Driver, exit_with_driver, stop_if_driver_gone
-from beam_extract.output.commits import (COMMITS, TEMPORARY_SUFFIX, commit_path, delete_quietly, group_files,
-                                         list_paths, ours, write_json)
-from beam_extract.output.extracted import HOOK_STATS, ExtractedBatch
-from beam_extract.output.tfrecord import write_record
+from beam_extract.sink.commits import delete_quietly, write_json
+from beam_extract.sink.extracted import HOOK_STATS, ExtractedBatch
 
 # Threads writing a batch's hooks at once; more buys nothing once the disk or network is busy.
 MAX_WRITE_THREADS = 8

@@ -7,11 +7,11 @@ import datetime
 from importlib import metadata
 
 from beam_extract.accounting.invariants import RunTotals, run_counts
+from beam_extract.format.layout import MANIFEST_NAME
+from beam_extract.format.schema import FEATURES
 from beam_extract.hooks import Hook, hook_name
 from beam_extract.model.config import ModelConfig
-from beam_extract.output.schema import FEATURES
-from beam_extract.output.commits import write_json
-from beam_extract.output.layout import MANIFEST_NAME
+from beam_extract.sink.commits import write_json
 
 # 2: shard groups, fingerprint and lock, ids by file and line, `ok` and `problems`; 3: records hold their
 # whole sequence's token ids, hooks their normalisation

@@ -8,7 +8,7 @@ from typing import BinaryIO
 
 import google_crc32c
 
-from beam_extract.output.storage import open_read
+from beam_extract.format.storage import open_read
 
 
 FRAMING_BYTES = 16  # a record's length, its CRC and the data's CRC

@@ -30,12 +30,12 @@ from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 
-from beam_extract.output.commits import read_groups_on_disk, select_groups
-from beam_extract.output.mixing import mixed_batches
-from beam_extract.output.layout import MANIFEST_NAME, WINDOWS, read_manifest
-from beam_extract.output.schema import OUTPUT_DTYPES, decode_record, tf_feature_spec
-from beam_extract.output.storage import exists, list_paths, read_json, write_bytes
-from beam_extract.output.tfrecord import iter_tfrecord
+from beam_extract.format.commits import read_groups_on_disk, select_groups
+from beam_extract.format.layout import MANIFEST_NAME, WINDOWS, read_manifest
+from beam_extract.format.schema import OUTPUT_DTYPES, decode_record, tf_feature_spec
+from beam_extract.format.storage import exists, list_paths, read_json, write_bytes
+from beam_extract.format.tfrecord import iter_tfrecord
+from beam_extract.readers.mixing import mixed_batches
 
 
 class IncompleteRunWarning(UserWarning):

@@ -28,9 +28,11 @@ import uuid
 from apache_beam.io.filesystems import FileSystems
 
 from beam_extract import gcs
+from beam_extract.format.commits import TEMPORARY_SUFFIX, ours
+from beam_extract.format.storage import list_paths, read_json
 from beam_extract.io.inventory import changes as inventory_changes
 from beam_extract.lifetime import machine_id, process_start, this_driver
-from beam_extract.output.commits import TEMPORARY_SUFFIX, delete_quietly, list_paths, ours, read_json, write_json
+from beam_extract.sink.commits import delete_quietly, write_json
 
 RUN_DIR = "_run"
 FINGERPRINT = f"{RUN_DIR}/fingerprint.json"
