@@ -69,7 +69,7 @@ def bare_forward_seconds(model: Model, batch_shapes: dict[str, int]) -> float:
 
 
 def measure(quick: bool) -> tuple[list[Figure], dict]:
-    docs, views = (20, 2) if quick else (300, 128)
+    docs, views = (10, 1) if quick else (300, 128)
     figures, raw = [], {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
