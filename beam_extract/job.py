@@ -30,7 +30,8 @@ from beam_extract.model.hf_config import config_from_hf, load_hf_config
 from beam_extract.model.mesh import mesh_sizes
 from beam_extract.model.weights import (METADATA_FILES, check_checkpoint, remote_weights_checksum, resolve_model_dir,
                                         weights_checksum)
-from beam_extract.options import UsageError, check_ranges, extract_options, parse_layers, parse_sites, sample_input
+from beam_extract.options import (JobOptions, UsageError, check_ranges, extract_options, parse_layers, parse_sites,
+                                  sample_input)
 from beam_extract.runners import check_runner, is_local, runs_elsewhere, workers_in_this_process
 from beam_extract.sink import ownership
 
@@ -43,7 +44,7 @@ DEAD_LETTER_STAGES = ("read", "parse", "dedup", "tokenize", "resume", "extract")
 class Job:
     """What the driver resolves before building the graph."""
 
-    options: dict  # our options only (no Beam/cloud options, which may hold credentials)
+    options: JobOptions  # our options only (no Beam/cloud options, which may hold credentials)
     config: ModelConfig
     hooks: tuple[Hook, ...]
     plan: BatchPlan
@@ -57,7 +58,7 @@ class Job:
 
     @property
     def output(self) -> str:
-        return self.options["output"]
+        return self.options.output
 
     @property
     def driver(self) -> Driver | None:
@@ -85,23 +86,23 @@ def software_versions() -> dict[str, str]:
     return {name: metadata.version(name) for name in SOFTWARE}
 
 
-def run_fingerprint(options: dict, config: ModelConfig, hooks: tuple[Hook, ...], device: dict | None,
+def run_fingerprint(options: JobOptions, config: ModelConfig, hooks: tuple[Hook, ...], device: dict | None,
                     created: str) -> dict:
     """Everything that decides which samples exist and what their activations are: options, model,
     software and device (None: a remote job's, unknown to the driver), and the creation date that
     chat templates read."""
-    if options["model"].startswith("gs://"):  # identified by its objects; the workers check and load it
-        model_dir = resolve_model_dir(options["model"], weights=False)
-        weights = remote_weights_checksum(options["model"])
+    if options.model.startswith("gs://"):  # identified by its objects; the workers check and load it
+        model_dir = resolve_model_dir(options.model, weights=False)
+        weights = remote_weights_checksum(options.model)
     else:
-        model_dir = resolve_model_dir(options["model"])
+        model_dir = resolve_model_dir(options.model)
         check_checkpoint(config, model_dir)  # its headers, before a worker loads it
         weights = weights_checksum(model_dir)
     return resume.fingerprint(
         options, weights_sha256=weights, config=dataclasses.asdict(config),
         tokenizer_sha256=_files_sha256(model_dir, [n for n in METADATA_FILES if n != "config.json"]),
         hooks=[hook_name(*hook) for hook in hooks],
-        template_sha256=hashlib.sha256(load_template(options["prompt_template"]).source.encode()).hexdigest(),
+        template_sha256=hashlib.sha256(load_template(options.prompt_template).source.encode()).hexdigest(),
         software=software_versions(), device=device, created=created)
 
 
@@ -112,30 +113,31 @@ def make_job(options: PipelineOptions) -> Job:
     check_runner(options.view_as(StandardOptions).runner)
     ours = legacy_rewrites(options, extract_options(options))
     check_ranges(ours)
-    if ours["resume"] and ours["overwrite"]:
+    if ours.resume and ours.overwrite:
         raise UsageError("--resume continues the run in --output and --overwrite deletes it: choose one")
     streaming = bool(options.view_as(StandardOptions).streaming)
-    ours["output"] = location("--output", ours["output"])
-    check_gcs({"--input": ours["input"] or "", "--output": ours["output"], "--model": ours["model"],
-               "--compilation_cache_dir": ours["compilation_cache_dir"]})
-    ours["input"] = absolute_input(ours["input"] or sample_input())
-    check_input_outside_output(ours["input"], ours["output"])
+    ours = ours.replace(output=location("--output", ours.output))
+    check_gcs({"--input": ours.input or "", "--output": ours.output, "--model": ours.model,
+               "--compilation_cache_dir": ours.compilation_cache_dir})
+    ours = ours.replace(input=absolute_input(ours.input or sample_input()))
+    check_input_outside_output(ours.input, ours.output)
     if not streaming:  # a streaming job may start before its first file lands
-        input_paths(ours["input"])
-    usage(load_template, ours["prompt_template"])
-    usage(parse_encoder, ours["grid_encoder"])
+        input_paths(ours.input)
+    usage(load_template, ours.prompt_template)
+    usage(parse_encoder, ours.grid_encoder)
     check_positions(ours)
-    buckets = usage(parse_buckets, ours["buckets"], ours["max_seq_len"])
-    usage(mesh_sizes, ours["mesh"])
+    buckets = usage(parse_buckets, ours.buckets, ours.max_seq_len)
+    usage(mesh_sizes, ours.mesh)
     local = is_local(options)
-    ours["compilation_cache_dir"] = compilation_cache_dir(ours["compilation_cache_dir"], options, not local)
+    ours = ours.replace(compilation_cache_dir=compilation_cache_dir(ours.compilation_cache_dir, options,
+                                                                   not local))
     if local:
         devices.start_listing(workers_in_this_process(options))  # counted while the checks below run
     created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    config = config_from_hf(load_hf_config(resolve_model_dir(ours["model"], weights=False)))
-    layers, sites = parse_layers(ours["layers"], config.num_layers), parse_sites(ours["sites"])
+    config = config_from_hf(load_hf_config(resolve_model_dir(ours.model, weights=False)))
+    layers, sites = parse_layers(ours.layers, config.num_layers), parse_sites(ours.sites)
     check_record_size(ours, config)
-    usage(check_context, config, ours["max_seq_len"])
+    usage(check_context, config, ours.max_seq_len)
     dry_render(ours, config.vocab_size, created)
     # A local job's workers run on this host: their devices are counted (in a child process, so the
     # driver never holds the accelerator) and a mesh that does not cover them is refused here. A
@@ -145,13 +147,13 @@ def make_job(options: PipelineOptions) -> Job:
         try:
             device = devices.local_devices()
         except devices.DevicesUnavailable as error:
-            raise UsageError(f"--mesh {ours['mesh']}: {error}") from None
-        usage(mesh_sizes, ours["mesh"], device["count"])
+            raise UsageError(f"--mesh {ours.mesh}: {error}") from None
+        usage(mesh_sizes, ours.mesh, device["count"])
         device = {"platform": device["platform"], "kind": device["kind"]}
     hooks = tuple((layer, site) for site in sites for layer in layers)
-    plan = BatchPlan(buckets, ours["batch_size"], ours["tokens_per_batch"], ours["packing"],
-                     min(ours["pack_length"] or ours["max_seq_len"], ours["max_seq_len"]),
-                     ours["flush_seconds"] if streaming else 0)
+    plan = BatchPlan(buckets, ours.batch_size, ours.tokens_per_batch, ours.packing,
+                     min(ours.pack_length or ours.max_seq_len, ours.max_seq_len),
+                     ours.flush_seconds if streaming else 0)
     return Job(ours, config, hooks, plan, streaming, run_id=uuid.uuid4().hex[:12],
                fingerprint=run_fingerprint(ours, config, hooks, device, created), remote=runs_elsewhere(options))
 
@@ -160,9 +162,9 @@ def _check_output(job: Job) -> dict | None:
     """The output's checks (ownership.check_output) and, with --resume, the fingerprint's: reads
     only. Returns the fingerprint the output holds (None: none)."""
     o = job.options
-    recorded = ownership.check_output(job.output, o["resume"], set(SITES), o["overwrite"])  # other sites: ours too
-    if recorded is not None and not o["overwrite"]:
-        resume.refuse_changes(job.output, recorded, job.fingerprint, o["accept_software_change"])
+    recorded = ownership.check_output(job.output, o.resume, set(SITES), o.overwrite)  # other sites: ours too
+    if recorded is not None and not o.overwrite:
+        resume.refuse_changes(job.output, recorded, job.fingerprint, o.accept_software_change)
     return recorded
 
 
@@ -176,11 +178,11 @@ def claim_output(job: Job) -> Job:
     lock = ownership.take_lock(output, job.run_id, "remote" if job.remote else "local", job.remote)
     try:
         recorded = _check_output(job)
-        if recorded is not None and o["overwrite"]:
+        if recorded is not None and o.overwrite:
             ownership.remove_our_output(output, SITES, DEAD_LETTER_STAGES)
             recorded = None
         if not job.streaming:  # a streaming job's input is what arrives; its files are not known now
-            files = inventory(o["input"])
+            files = inventory(o.input)
             ownership.record_inputs(output, files, resumed=recorded is not None)
             if not any(name.endswith(".gz") or is_table(name) for name in files["files"]):  # bytes read = size
                 job = dataclasses.replace(job, input_bytes=sum(f["size"] for f in files["files"].values()))

@@ -97,16 +97,17 @@ def add_legacy_arguments(parser) -> None:
     parser.add_argument("--sharded_dataset_dir", default=None, help=argparse.SUPPRESS)
 
 
-def legacy_rewrites(options: PipelineOptions, ours: dict) -> dict:
-    """Applies the old flags that combine into one of ours (--input, --output). They are read from
-    all parsed options, not through ExtractOptions' view: options.py registers these flags, so it
-    imports this module, never the reverse."""
+def legacy_rewrites(options: PipelineOptions, ours):
+    """Applies the old flags that combine into one of ours (--input, --output) to `ours`
+    (options.JobOptions), returning the result. They are read from all parsed options, not through
+    ExtractOptions' view: options.py registers these flags, so it imports this module, never the
+    reverse."""
     legacy = options.get_all_options()
     if legacy.get("sharded_dataset_dir"):
-        ours["input"] = legacy["sharded_dataset_dir"]
-        notice(f"--use_sharded_dataset --sharded_dataset_dir are deprecated: use --input={ours['input']}")
+        ours = ours.replace(input=legacy["sharded_dataset_dir"])
+        notice(f"--use_sharded_dataset --sharded_dataset_dir are deprecated: use --input={ours.input}")
     if legacy.get("gcs_bucket"):
         prefix = (legacy.get("gcs_prefix") or "activations").strip("/")
-        ours["output"] = f"gs://{legacy['gcs_bucket']}/{prefix}"
-        notice(f"--gcs_bucket/--gcs_prefix/--upload_to_gcs are deprecated: use --output={ours['output']}")
+        ours = ours.replace(output=f"gs://{legacy['gcs_bucket']}/{prefix}")
+        notice(f"--gcs_bucket/--gcs_prefix/--upload_to_gcs are deprecated: use --output={ours.output}")
     return ours

@@ -221,10 +221,10 @@ class ExtractOptions(PipelineOptions):
         add_legacy_arguments(parser)
 
 
-def check_ranges(values: dict) -> None:
+def check_ranges(values: "JobOptions") -> None:
     """Numbers within their documented ranges (argparse checked types and choices)."""
     for option in OPTIONS:
-        value = values[option.name]
+        value = getattr(values, option.name)
         if option.kind is int and not (option.minimum or 0) <= value <= (option.maximum or value):
             raise UsageError(f"--{option.name} {value}: expected {option.accepted()}")
 
@@ -256,10 +256,27 @@ def parse_sites(spec: str) -> tuple[str, ...]:
     return sites
 
 
-def extract_options(options: PipelineOptions) -> dict:
-    """Our options (not Beam's or the cloud's, which may hold credentials) as a plain dict."""
+def _as_dict(self) -> dict:
+    """The options by name, in OPTIONS' order: what the manifest and the fingerprint record."""
+    return {option.name: getattr(self, option.name) for option in OPTIONS}
+
+
+def _replace(self, **changes) -> "JobOptions":
+    return dataclasses.replace(self, **changes)
+
+
+# A job's resolved options, typed and frozen: one attribute per Option, generated from OPTIONS so
+# the list of options is written once. A misspelled name is an AttributeError, not a silent default.
+JobOptions = dataclasses.make_dataclass(
+    "JobOptions", [(option.name, option.kind if option.kind in (str, int) else bool) for option in OPTIONS],
+    frozen=True, namespace={"as_dict": _as_dict, "replace": _replace})
+JobOptions.__module__ = __name__  # pickled by reference, as Beam ships DoFns that hold them
+
+
+def extract_options(options: PipelineOptions) -> JobOptions:
+    """Our options (not Beam's or the cloud's, which may hold credentials)."""
     view = options.view_as(ExtractOptions)
-    return {option.name: getattr(view, option.name) for option in OPTIONS}
+    return JobOptions(**{option.name: getattr(view, option.name) for option in OPTIONS})
 
 
 class _OneLineParser(_BeamArgumentParser):

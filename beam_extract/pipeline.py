@@ -72,7 +72,7 @@ def _finish(totals: RunTotals, job: Job) -> str:
 def read_input(pipeline: beam.Pipeline, job: Job) -> beam.PCollection:
     """Paths of the input files: matched once, or in streaming watched for new ones."""
     o = job.options
-    return pipeline | "MatchInput" >> MatchPaths(o["input"], o["poll_interval"] if job.streaming else 0)
+    return pipeline | "MatchInput" >> MatchPaths(o.input, o.poll_interval if job.streaming else 0)
 
 
 def build(paths: beam.PCollection, job: Job) -> None:
@@ -81,14 +81,14 @@ def build(paths: beam.PCollection, job: Job) -> None:
     go into fixed windows; everything derived from a line stays in its window."""
     o = job.options
     if job.streaming:
-        paths = paths | "Window" >> beam.WindowInto(FixedWindows(o["window_seconds"]))
-    read = paths | "ReadInput" >> ReadInput(columns_for(o), o["max_line_bytes"], o["max_expansion"])
-    parsed = read["lines"] | "Parse" >> beam.ParDo(ParseDoFn(o, input_root(o["input"]), job.driver)).with_outputs(
+        paths = paths | "Window" >> beam.WindowInto(FixedWindows(o.window_seconds))
+    read = paths | "ReadInput" >> ReadInput(columns_for(o), o.max_line_bytes, o.max_expansion)
+    parsed = read["lines"] | "Parse" >> beam.ParDo(ParseDoFn(o, input_root(o.input), job.driver)).with_outputs(
         DEAD_LETTER, main="records")
     records, duplicates = parsed.records | "UniqueTaskIds" >> DropDuplicateTasks()
     tokenized = (
         records
-        | "Augment" >> beam.FlatMap(expand_views, o["seed"], o["views_per_task"])
+        | "Augment" >> beam.FlatMap(expand_views, o.seed, o.views_per_task)
         | "Tokenize" >> beam.ParDo(TokenizeDoFn(o, job.config.vocab_size, job.driver,
                                                 job.fingerprint["created"])).with_outputs(
             DEAD_LETTER, main="samples")
@@ -96,24 +96,24 @@ def build(paths: beam.PCollection, job: Job) -> None:
     samples = tokenized.samples | "SkipCommitted" >> SkipCommitted(job.resumed.skip_path, job.streaming)
     # A shuffle before batching ends the stage that reads, parses and tokenizes: Beam's in-process
     # runner gives a stage with state (batching) to one worker whole, and would tokenize there too.
-    spread = "Shuffle" >> ShuffleSamples(o["seed"]) if o["shuffle"] else "SpreadSamples" >> beam.Reshuffle()
+    spread = "Shuffle" >> ShuffleSamples(o.seed) if o.shuffle else "SpreadSamples" >> beam.Reshuffle()
     todo = samples.todo | spread
     extracted = (
         todo
         | "Batch" >> BatchSamples(job.plan)
-        | "Extract" >> beam.ParDo(ExtractDoFn(o["model"], o["dtype"], o["mesh"], job.hooks, o["output_dtype"],
-                                              job.driver, o["compilation_cache_dir"]))
+        | "Extract" >> beam.ParDo(ExtractDoFn(o.model, o.dtype, o.mesh, job.hooks, o.output_dtype,
+                                              job.driver, o.compilation_cache_dir))
         .with_output_types(ExtractedBatch).with_outputs(DEAD_LETTER, BATCH_STATS, main="records")
     )
     groups = extracted.records | "Write" >> beam.ParDo(WriteShards(
-        o["output"], job.hooks, o["shard_size_mb"] << 20, o["seed"] if o["shuffle"] else None,
-        job.driver, o["norm_exclude_first"]))
+        o.output, job.hooks, o.shard_size_mb << 20, o.seed if o.shuffle else None,
+        job.driver, o.norm_exclude_first))
     dead_by_stage = {"read": read[DEAD_LETTER], "parse": parsed[DEAD_LETTER], "dedup": duplicates,
                      "tokenize": tokenized[DEAD_LETTER], "resume": samples[DEAD_LETTER],
                      "extract": extracted[DEAD_LETTER]}
     assert tuple(dead_by_stage) == DEAD_LETTER_STAGES
     dead_letter_files, reasons, lines = dead_by_stage | "AccountLines" >> AccountLines(
-        o["output"], extracted.records, samples[RESUMED])
+        o.output, extracted.records, samples[RESUMED])
 
     totals = {
         "lines_read": read["lines"], "lines": lines, "samples": samples.todo, "resumed": samples[RESUMED],
@@ -122,7 +122,7 @@ def build(paths: beam.PCollection, job: Job) -> None:
     } | "Totals" >> TotalRun(job.streaming)
     if job.streaming:
         totals | "WindowIndex" >> beam.ParDo(WriteWindowIndex(job.output, job.hooks, job.config,
-                                                                o["norm_exclude_first"]))
+                                                                o.norm_exclude_first))
     else:
         totals | "Manifest" >> beam.Map(_finish, job)
 

@@ -25,7 +25,8 @@ from beam_extract.io.sources import absolute_input, match_paths
 from beam_extract.io.tables import columns_for, read_records
 from beam_extract.model.hf_config import config_from_hf, load_hf_config
 from beam_extract.model.weights import resolve_model_dir
-from beam_extract.options import UsageError, add_arguments, parse_layers, parse_sites, sample_input
+from beam_extract.options import (OPTIONS, JobOptions, UsageError, add_arguments, parse_layers, parse_sites,
+                                  sample_input)
 from beam_extract.records import DeadLetter, parse_line
 from beam_extract.records.arc import ArcTask
 from beam_extract.records.identity import input_root
@@ -33,18 +34,18 @@ from beam_extract.stages import is_duplicate_task, prompt_and_selection
 from beam_extract.tokenize import Sample, load_tokenizer, to_samples
 
 
-def preview_samples(options: dict, tokenizer, views: range, vocab_size: int) -> Iterator[tuple[int, Sample | DeadLetter]]:
+def preview_samples(options: JobOptions, tokenizer, views: range, vocab_size: int) -> Iterator[tuple[int, Sample | DeadLetter]]:
     """(view, result) of what the pipeline's read, parse, dedup, augment and tokenize stages make of
     the input, in input order: each ARC task's `views`, text documents once (as view 0)."""
     # Prompts as a run started now renders them: its chat templates read its creation date.
     now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     settings, selection = prompt_and_selection(options, tokenizer, now)
-    markers_as_text = not options["special_tokens_in_text"]
+    markers_as_text = not options.special_tokens_in_text
     first_of_id: dict[str, ArcTask] = {}
-    fields = options["input_format"], options["text_field"], input_root(options["input"]), options["id_field"], \
-        options["tokens_field"]
-    for path in match_paths(options["input"]):  # sorted, lines in order: the first of an id is the job's
-        for line in read_records(path, columns_for(options), options["max_line_bytes"], options["max_expansion"]):
+    fields = options.input_format, options.text_field, input_root(options.input), options.id_field, \
+        options.tokens_field
+    for path in match_paths(options.input):  # sorted, lines in order: the first of an id is the job's
+        for line in read_records(path, columns_for(options), options.max_line_bytes, options.max_expansion):
             record = line if isinstance(line, DeadLetter) else parse_line(line, *fields)
             if isinstance(record, ArcTask):
                 first = first_of_id.setdefault(record.task_id, record)
@@ -54,9 +55,9 @@ def preview_samples(options: dict, tokenizer, views: range, vocab_size: int) -> 
                 yield 0, record
                 continue
             for view in views if isinstance(record, ArcTask) else range(1):
-                shown = ArcView(*augment(record, options["seed"], view)) if isinstance(record, ArcTask) else record
-                for result in to_samples(shown, tokenizer, settings, options["max_seq_len"], selection,
-                                         markers_as_text, vocab_size, options["prepend_bos"]):
+                shown = ArcView(*augment(record, options.seed, view)) if isinstance(record, ArcTask) else record
+                for result in to_samples(shown, tokenizer, settings, options.max_seq_len, selection,
+                                         markers_as_text, vocab_size, options.prepend_bos):
                     yield view, result
 
 
@@ -110,18 +111,18 @@ def main(argv: list[str] | None = None) -> None:
                         help="Read the whole input (every view) and print what it makes and the output's size")
     add_arguments(parser)
     args, _ = parser.parse_known_args(argv)  # the job's Beam options may be pasted along
-    options = vars(args)
-    options["input"] = absolute_input(options["input"] or sample_input())
+    options = JobOptions(**{option.name: getattr(args, option.name) for option in OPTIONS})
+    options = options.replace(input=absolute_input(options.input or sample_input()))
     try:
-        config = config_from_hf(load_hf_config(resolve_model_dir(options["model"], weights=False)))
+        config = config_from_hf(load_hf_config(resolve_model_dir(options.model, weights=False)))
         hooks = {hook_name(layer, site): (config.width(site), hook_fields(hook_name(layer, site), layer,
                                                                           config.width(site)))
-                 for site in parse_sites(options["sites"]) for layer in parse_layers(options["layers"], config.num_layers)}
+                 for site in parse_sites(options.sites) for layer in parse_layers(options.layers, config.num_layers)}
     except UsageError as error:
         sys.exit(f"beam_extract.preview: {error}")
-    tokenizer = load_tokenizer(resolve_model_dir(options["model"], weights=False))
-    estimate = OutputEstimate(hooks, OUTPUT_DTYPES[options["output_dtype"]].itemsize, options["output_dtype"])
-    views = range(options["views_per_task"]) if args.stats else range(args.view, args.view + 1)
+    tokenizer = load_tokenizer(resolve_model_dir(options.model, weights=False))
+    estimate = OutputEstimate(hooks, OUTPUT_DTYPES[options.output_dtype].itemsize, options.output_dtype)
+    views = range(options.views_per_task) if args.stats else range(args.view, args.view + 1)
     lengths, dropped, fitted, dead, shown = [], 0, 0, {}, 0
     for view, result in preview_samples(options, tokenizer, views, config.vocab_size):
         if isinstance(result, DeadLetter):

@@ -25,7 +25,7 @@ from beam_extract.format.commits import (RUN_SKIP_SUFFIX, parse_sample_id, read_
                                          select_groups, without_samples)
 from beam_extract.format.storage import list_paths
 from beam_extract.hooks import Hook
-from beam_extract.options import OPTIONS
+from beam_extract.options import OPTIONS, JobOptions
 from beam_extract.records.dead_letter import DEAD_LETTER, DeadLetter
 from beam_extract.sink import ownership
 from beam_extract.sink.commits import delete_quietly, write_sample_ids
@@ -43,7 +43,7 @@ SOFTWARE_FIELDS = ("software", "device")
 CREATED = "created"
 
 
-def fingerprint(options: dict, *, weights_sha256: str, config: dict, tokenizer_sha256: str,
+def fingerprint(options: JobOptions, *, weights_sha256: str, config: dict, tokenizer_sha256: str,
                 hooks: list[str], template_sha256: str, software: dict, device: dict | None, created: str) -> dict:
     """The run's identity, as JSON values (compared field by field on --resume with the one
     recorded, read back from JSON: so tuples are lists here too)."""
@@ -53,7 +53,7 @@ def fingerprint(options: dict, *, weights_sha256: str, config: dict, tokenizer_s
         "tokenizer_sha256": tokenizer_sha256,
         "hooks": hooks,
         "prompt_template_sha256": template_sha256,
-        **{name: options[name] for name in FINGERPRINTED},
+        **{name: getattr(options, name) for name in FINGERPRINTED},
         "software": software,
         "device": device,
         CREATED: created,

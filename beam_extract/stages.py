@@ -15,6 +15,7 @@ from apache_beam.transforms.window import GlobalWindows
 from beam_extract.arc.augment import views
 from beam_extract.arc.encoders import parse_encoder
 from beam_extract.arc.prompt import load_template
+from beam_extract.options import JobOptions
 from beam_extract.records.source_line import SourceLine, SourceRow
 from beam_extract.lifetime import Driver, exit_with_driver
 from beam_extract import progress
@@ -45,9 +46,9 @@ def route(results: Iterable, stage: str):
 
 
 class ParseDoFn(beam.DoFn):
-    def __init__(self, options: dict, root: str, driver: Driver | None = None):
-        self._fields = (options["input_format"], options["text_field"], root, options["id_field"],
-                        options["tokens_field"])
+    def __init__(self, options: JobOptions, root: str, driver: Driver | None = None):
+        self._fields = (options.input_format, options.text_field, root, options.id_field,
+                        options.tokens_field)
         self._driver = driver  # a local job's driver: this worker process dies with it
 
     def setup(self):
@@ -64,36 +65,36 @@ def expand_views(record, seed: int, views_per_task: int) -> list:
     return views(record, seed, views_per_task) if isinstance(record, ArcTask) else [record]
 
 
-def prompt_and_selection(options: dict, tokenizer, created: str | None = None) -> tuple[PromptSettings, TokenSelection]:
+def prompt_and_selection(options: JobOptions, tokenizer, created: str | None = None) -> tuple[PromptSettings, TokenSelection]:
     """How the job's options render ARC prompts and choose the stored tokens (workers and the
     driver's dry render alike); chat templates read the date `created` (the run's, ISO 8601)."""
-    settings = PromptSettings(load_template(options["prompt_template"]), options["grid_encoder"],
-                              parse_encoder(options["grid_encoder"]), options["include_answer"],
+    settings = PromptSettings(load_template(options.prompt_template), options.grid_encoder,
+                              parse_encoder(options.grid_encoder), options.include_answer,
                               datetime.datetime.fromisoformat(created) if created else None)
-    selection = TokenSelection(special_token_ids(tokenizer) if options["exclude_special_tokens"] else frozenset(),
-                               parse_positions(options["positions"]), options["arc_tokens"] == "test")
+    selection = TokenSelection(special_token_ids(tokenizer) if options.exclude_special_tokens else frozenset(),
+                               parse_positions(options.positions), options.arc_tokens == "test")
     return settings, selection
 
 
 class TokenizeDoFn(beam.DoFn):
     """Records -> samples; the tokenizer and prompt settings are loaded once per DoFn instance."""
 
-    def __init__(self, options: dict, vocab_size: int, driver: Driver | None = None, created: str | None = None):
+    def __init__(self, options: JobOptions, vocab_size: int, driver: Driver | None = None, created: str | None = None):
         self._driver = driver  # a local job's driver: this worker process dies with it
         self._created = created  # the run's creation date, which chat templates read
-        self._options, self._max_seq_len, self._vocab_size = options, options["max_seq_len"], vocab_size
-        self._markers_as_text = not options["special_tokens_in_text"]
+        self._options, self._max_seq_len, self._vocab_size = options, options.max_seq_len, vocab_size
+        self._markers_as_text = not options.special_tokens_in_text
         self._dropped = Metrics.counter("arc", "train_examples_dropped")
         self._fitted = Metrics.counter("arc", "prompts_fitted_by_dropping")
 
     def setup(self):
         exit_with_driver(self._driver)
-        self._tokenizer = load_tokenizer(resolve_model_dir(self._options["model"], weights=False))
+        self._tokenizer = load_tokenizer(resolve_model_dir(self._options.model, weights=False))
         self._settings, self._tokens = prompt_and_selection(self._options, self._tokenizer, self._created)
 
     def process(self, record):
         results = to_samples(record, self._tokenizer, self._settings, self._max_seq_len, self._tokens,
-                             self._markers_as_text, self._vocab_size, self._options["prepend_bos"])
+                             self._markers_as_text, self._vocab_size, self._options.prepend_bos)
         for result in results:
             if isinstance(result, Sample) and result.train_dropped:
                 self._dropped.inc(result.train_dropped)

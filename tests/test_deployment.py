@@ -41,7 +41,7 @@ def test_dockerfile_structure():
 def test_metadata_is_generated_from_the_options():
     assert METADATA.read_text() == render(), "run python -m beam_extract.template"
     names = [p["name"] for p in template_metadata()["parameters"]]
-    assert names == list(extract_options(PipelineOptions([]))) and "model" in names and "resume" in names
+    assert names == list(extract_options(PipelineOptions([])).as_dict()) and "model" in names and "resume" in names
     examples = {"output": "gs://bucket/out", "input": "gs://bucket/in/*.jsonl", "include_answer": "true",
                 "resume": "true", "compilation_cache_dir": "gs://bucket/cache", "tokens_field": "input_ids"}
     for parameter in template_metadata()["parameters"]:

@@ -3,7 +3,7 @@ the fingerprint and its comparison directly (resume.fingerprint, resume.refuse_c
 
 import pytest
 
-from beam_extract.options import OPTIONS, Option, flag
+from beam_extract.options import OPTIONS, JobOptions, Option, flag
 from beam_extract.resume import FINGERPRINTED, fingerprint, refuse_changes
 from beam_extract.sink.ownership import OutputRefused
 
@@ -27,9 +27,9 @@ def other_value(option: Option):
 
 def refusal(before_options: dict, now_options: dict, accept_software_change: bool = False, **now) -> str | None:
     """The refusal of a --resume with `now_options` of a run made with `before_options` (None: none)."""
-    before = fingerprint(before_options, **IDENTITY)
+    before = fingerprint(JobOptions(**before_options), **IDENTITY)
     try:
-        refuse_changes("out", before, fingerprint(now_options, **{**IDENTITY, **now}), accept_software_change)
+        refuse_changes("out", before, fingerprint(JobOptions(**now_options), **{**IDENTITY, **now}), accept_software_change)
     except OutputRefused as refused:
         return str(refused)
     return None

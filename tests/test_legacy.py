@@ -33,7 +33,7 @@ def fresh_notices():
 def test_renamed_flags_set_the_new_option_and_say_so(caplog, old, value, new, expected):
     with caplog.at_level(logging.WARNING, logger="beam_extract"):
         options = extract_options(PipelineOptions([f"--{old}", value]))
-    assert options[new] == expected
+    assert getattr(options, new) == expected
     assert f"--{old} is deprecated: it now sets --{new}=" in caplog.text
 
 
@@ -41,7 +41,7 @@ def test_renamed_flags_set_the_new_option_and_say_so(caplog, old, value, new, ex
 def test_retired_flags_are_accepted_with_a_notice(caplog, old):
     with caplog.at_level(logging.WARNING, logger="beam_extract"):
         options = extract_options(PipelineOptions([f"--{old}", "4", "--batch_size", "3"]))
-    assert options["batch_size"] == 3
+    assert options.batch_size == 3
     assert f"--{old} no longer applies and is ignored: {legacy.RETIRED[old]}" in caplog.text
 
 
@@ -49,7 +49,7 @@ def test_gcs_flags_become_the_output(caplog):
     options = PipelineOptions(["--gcs_bucket", "bucket", "--gcs_prefix", "runs/a", "--upload_to_gcs"])
     with caplog.at_level(logging.WARNING, logger="beam_extract"):
         ours = legacy.legacy_rewrites(options, extract_options(options))
-    assert ours["output"] == "gs://bucket/runs/a" and "use --output=gs://bucket/runs/a" in caplog.text
+    assert ours.output == "gs://bucket/runs/a" and "use --output=gs://bucket/runs/a" in caplog.text
 
 
 def test_bad_activation_type_is_an_error():

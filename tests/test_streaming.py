@@ -119,7 +119,7 @@ def test_streaming_watches_the_input_and_local_runners_are_refused(tmp_path):
     pipeline = beam.Pipeline(options=PipelineOptions(STREAMING))
     read_input(pipeline, job)
     watches = transforms(pipeline, fileio.MatchContinuously)
-    assert [(w.file_pattern, w.interval, w.has_deduplication) for w in watches] == [(job.options["input"], 17, True)]
+    assert [(w.file_pattern, w.interval, w.has_deduplication) for w in watches] == [(job.options.input, 17, True)]
     batch_pipeline = beam.Pipeline()
     read_input(batch_pipeline, make_job(PipelineOptions([f"--output={tmp_path}/out4"])))
     assert not transforms(batch_pipeline, fileio.MatchContinuously) and transforms(batch_pipeline, fileio.MatchFiles)

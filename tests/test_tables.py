@@ -24,11 +24,17 @@ from beam_extract.records.text import TextDoc
 from beam_extract.records.tokens import TokenDoc
 from beam_extract.tokenize import Sample, TokenSelection, load_tokenizer, text_samples, token_samples
 from beam_extract.model.weights import resolve_model_dir
+from beam_extract.options import OPTIONS, JobOptions
 from test_integrity import files_on_disk, manifest, records
 from test_pipeline_default_run import run_guarded
 
 TEXT = Columns(("text", "id"), "text")
 WORDS = "river valley stone water flood sea hill sand wind rain".split()
+
+
+def options(**changed) -> JobOptions:
+    """The default options with `changed`."""
+    return JobOptions(**{**{option.name: option.default for option in OPTIONS}, **changed})
 
 
 def documents(n: int = 30) -> list[dict]:
@@ -84,7 +90,7 @@ def test_table_rows_parse_as_the_same_json_lines(tmp_path):
     lines = list(read_records(str(tmp_path / "d.jsonl"), TEXT))
     table = {r.row["id"]: r for name in ("d.parquet", "n.parquet")
              for r in read_records(str(tmp_path / name), columns_for(
-                 {"input_format": "text", "text_field": "meta.text", "id_field": "id"}))}
+                 options(input_format="text", text_field="meta.text")))}
     assert all(isinstance(r, SourceRow) for r in table.values()) and len(table) == len(rows)
     for line in lines:
         from_line = parse_line(line, "text", "meta.text", str(tmp_path))
@@ -120,7 +126,7 @@ def test_arc_tasks_in_parquet_parse_as_their_json_lines(tmp_path):
              {"task_id": "t2", "train": [{"input": grid, "output": grid}], "test": [{"input": grid, "output": grid}]}]
     write_parquet(tmp_path / "arc.parquet", tasks)
     write_jsonl(tmp_path / "arc.jsonl", tasks)
-    columns = columns_for({"input_format": "auto", "text_field": "text", "id_field": "id"})
+    columns = columns_for(options(input_format="auto"))
     from_rows = [parse_line(r, "auto") for r in read_records(str(tmp_path / "arc.parquet"), columns)]
     from_lines = [parse_line(r, "auto") for r in read_records(str(tmp_path / "arc.jsonl"), columns)]
     assert [(t.task_id, t.train, t.test) for t in from_rows] == [(t.task_id, t.train, t.test) for t in from_lines]

@@ -33,6 +33,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
 from beam_extract.io.sources import MAX_EXPANSION, MAX_LINE_BYTES, ReadLines, _refusal, printable_path, read_lines
+from beam_extract.options import JobOptions
 from beam_extract.records.dead_letter import DEAD_LETTER, DeadLetter
 from beam_extract.records.source_line import SourceLine, SourceRow
 from beam_extract.records.text import field
@@ -65,14 +66,14 @@ class Columns:
         return [n for n in dict.fromkeys(found) if n in names]
 
 
-def columns_for(options: dict) -> Columns:
+def columns_for(options: JobOptions) -> Columns:
     """What the job's input format and field options read from a table row."""
-    fmt, ids = options["input_format"], options["id_field"]
+    fmt, ids = options.input_format, options.id_field
     if fmt == "tokens":
-        return Columns((*((options["tokens_field"],) if options["tokens_field"] else TOKENS_FIELDS), ids))
-    text = () if fmt == "arc" else (options["text_field"], ids)
+        return Columns((*((options.tokens_field,) if options.tokens_field else TOKENS_FIELDS), ids))
+    text = () if fmt == "arc" else (options.text_field, ids)
     arc = ("task_id", "id", "train", "test") if fmt in ("arc", "auto") else ()
-    return Columns((*text, *arc), options["text_field"] if fmt != "arc" else "")
+    return Columns((*text, *arc), options.text_field if fmt != "arc" else "")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -11,6 +11,7 @@ from beam_extract.format.layout import MANIFEST_NAME
 from beam_extract.format.schema import FEATURES
 from beam_extract.hooks import Hook, hook_name
 from beam_extract.model.config import ModelConfig
+from beam_extract.options import JobOptions
 from beam_extract.sink.commits import write_json
 
 # 2: shard groups, fingerprint and lock, ids by file and line, `ok` and `problems`; 3: records hold their
@@ -18,7 +19,7 @@ from beam_extract.sink.commits import write_json
 FORMAT_VERSION = 3
 
 
-def build_manifest(*, options: dict, config: ModelConfig, weights_sha256: str, hooks: tuple[Hook, ...],
+def build_manifest(*, options: JobOptions, config: ModelConfig, weights_sha256: str, hooks: tuple[Hook, ...],
                    groups: list[dict], totals: RunTotals, run_id: str) -> dict:
     """Output files and activation statistics come from the accepted groups (of this run and any run
     it resumed, each with its sample count); counts of lines and dead letters from this run, which
@@ -28,23 +29,23 @@ def build_manifest(*, options: dict, config: ModelConfig, weights_sha256: str, h
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "run_id": run_id,
         "beam_extract_version": metadata.version("beam-extract"),
-        "model": {"name": options["model"], "weights_sha256": weights_sha256, "compute_dtype": options["dtype"],
+        "model": {"name": options.model, "weights_sha256": weights_sha256, "compute_dtype": options.dtype,
                   "config": dataclasses.asdict(config)},
-        "tokenizer": {"source": options["model"]},
-        "output_dtype": options["output_dtype"],
+        "tokenizer": {"source": options.model},
+        "output_dtype": options.output_dtype,
         "sites": sorted({site for _, site in hooks}),
         "layers": sorted({layer for layer, _ in hooks}),
         "d_model": config.hidden_size,
         **({"z_head_layout": config.head_layout()} if any(site == "z" for _, site in hooks) else {}),
         "feature_spec": {name: {"kind": kind, "shape": shape, "meaning": meaning}
                          for name, (kind, shape, meaning) in FEATURES.items()},
-        "options": options,
+        "options": options.as_dict(),
         "counts": run_counts(totals),
-        "hooks": with_normalisation_factors(summarize_hooks(hooks, groups), config, options["norm_exclude_first"]),
+        "hooks": with_normalisation_factors(summarize_hooks(hooks, groups), config, options.norm_exclude_first),
         "batching": totals.batching,
         "commits": len(groups),
         "commit_groups": sorted(g["group"] for g in groups),
-        "dead_letter_files": relative_paths(options["output"], totals.dead_letter_files),
+        "dead_letter_files": relative_paths(options.output, totals.dead_letter_files),
     }
 
 
