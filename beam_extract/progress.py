@@ -109,6 +109,7 @@ class Reporter:
     def __exit__(self, *_) -> None:
         self._stop.set()
         self._thread.join()
+        self._report()  # the last counts: a job shorter than `every` gets its line too
         if self._terminal and self._width:
             self._stream.write("\n")
         shutil.rmtree(self._directory, ignore_errors=True)
@@ -116,22 +117,29 @@ class Reporter:
     def counts(self) -> dict:
         total: Counter = Counter()
         for path in self._directory.glob("*.json"):
+            if path.stem == str(os.getpid()):
+                continue  # this process's own counts are read below, without the writer's lag
             try:
                 total.update(json.loads(path.read_text()))
             except (OSError, ValueError):
                 continue  # being replaced: its counts come with the next report
+        with _lock:
+            total.update(_counts.get(self._directory, Counter()))
         return dict(total)
 
     def _run(self) -> None:
         while not self._stop.wait(self._every):
-            counts, now = self.counts(), time.monotonic()
-            if counts.get("extracted") and self._extracting_since is None:
-                self._extracting_since = now - self._every  # it began within the last interval
-            extracting = now - self._extracting_since if self._extracting_since is not None else 0.0
-            line = describe(counts, now - self._started, extracting, self._input_bytes)
-            if self._terminal:
-                self._stream.write("\r" + line.ljust(self._width))
-                self._width = len(line)
-            else:
-                self._stream.write(line + "\n")
-            self._stream.flush()
+            self._report()
+
+    def _report(self) -> None:
+        counts, now = self.counts(), time.monotonic()
+        if counts.get("extracted") and self._extracting_since is None:
+            self._extracting_since = now - min(self._every, now - self._started)  # it began within the last interval
+        extracting = now - self._extracting_since if self._extracting_since is not None else 0.0
+        line = describe(counts, now - self._started, extracting, self._input_bytes)
+        if self._terminal:
+            self._stream.write("\r" + line.ljust(self._width))
+            self._width = len(line)
+        else:
+            self._stream.write(line + "\n")
+        self._stream.flush()

@@ -55,3 +55,12 @@ def test_the_line_says_rate_compiling_device_share_and_time_left():
     reading = progress.describe({**counts, "bytes": 2500}, 42.0, 10.0, input_bytes=5000)
     assert "(50%)" in reading and "left" not in reading  # samples are still being found
     assert progress.describe({"lines": 3}, 1.0, 0.0, None) == "[1 s] 3 lines read · 0 samples"
+
+
+def test_a_job_shorter_than_the_interval_still_gets_its_line():
+    """A local job that ends before the first report (the default job can take under 5 s) prints
+    one line with its counts when it ends; this process's own counts are read without the writer's lag."""
+    job, stream = driver(), io.StringIO()
+    with progress.Reporter(job, input_bytes=100, every=60, stream=stream):
+        progress.count(job, lines=10, bytes=100, samples=46)
+    assert stream.getvalue().splitlines() == ["[0 s] 10 lines read (100%) · 46 samples"]
