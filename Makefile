@@ -2,7 +2,9 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-PYTEST_ARGS ?=
+# Two test processes (pytest-xdist): most of the suite's time is single-threaded job start-up, so
+# on 2 cores it takes ~14 minutes instead of ~21. PYTEST_ARGS= runs it in one process.
+PYTEST_ARGS ?= -n 2
 
 .PHONY: install run test test-quick template portable-run prism clean
 

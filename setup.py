@@ -30,6 +30,7 @@ setup(
     extras_require={
         "test": [
             "pytest>=8",
+            "pytest-xdist>=3.6,<4",  # make test runs the suite in two processes (see the Makefile)
             "hypothesis>=6.100",
             # The parity tests' reference (transformers' PyTorch models), in the test extra only:
             # workers never import it. From PyPI it is the CUDA build (several GB; it runs on the
