@@ -145,3 +145,35 @@ def test_the_readmes_model_import_works():
     from beam_extract.model.loaded import load_model as defined
 
     assert load_model is defined
+
+
+def test_the_host_copy_of_the_weights_is_let_go_once_placed(checkpoint, monkeypatch):
+    """device_put holds a numpy input it copied until XLA's next garbage pass; without one the host
+    copy of the weights outlived the load (until a compile ran one) and raised the first batch's
+    peak RSS. A host array may stay only as the placed weights' own memory (a zero-copy placement)."""
+    import gc
+    import weakref
+
+    import jax
+
+    from beam_extract.model import loaded
+
+    host_copies = []
+
+    def remembered(*args):
+        params = load_params(*args)
+        host_copies.extend(weakref.ref(leaf) for leaf in jax.tree_util.tree_leaves(params))
+        return params
+
+    load_params = loaded.load_params
+    monkeypatch.setattr(loaded, "load_params", remembered)
+    gc.disable()  # no collection but the loader's own
+    try:
+        model = load_model(str(checkpoint))
+        alive = [copy() for copy in host_copies if copy() is not None]
+    finally:
+        gc.enable()
+    placed = {shard.data.unsafe_buffer_pointer()
+              for leaf in jax.tree_util.tree_leaves(model.params) for shard in leaf.addressable_shards}
+    assert len(host_copies) > 10
+    assert [array.shape for array in alive if array.ctypes.data not in placed] == []
