@@ -87,7 +87,7 @@ def refreshed(before: tuple[list[Figure], dict, str], figures: list[Figure], raw
             placed.add(figure.section)
     merged += [f for f in figures if f.section not in placed]
     note = f" Sections {', '.join(only)}: {today()}, `python -m benchmarks --only {','.join(only)}`."
-    return merged, {**old_raw, **raw}, old_header + note
+    return merged, {**old_raw, **raw}, old_header if old_header.endswith(note) else old_header + note
 
 
 def main() -> None:
