@@ -3,6 +3,7 @@ of range, templates and encoders that would dead-letter everything or blow up, c
 checkpoints that would hang or give wrong activations."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -461,3 +462,36 @@ def test_inspect_of_an_unfinished_or_wrong_output_is_one_line(tmp_path, capsys, 
     said = capsys.readouterr().err.strip().splitlines()
     assert exited.value.code == 2 and len(said) == 1 and "holds no manifest.json" in said[0], said
     assert not list(tmp_path.glob("*.png"))
+
+
+WATCH_TORCH = """
+import os, sys
+class _Watch:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch":
+            with open(os.environ["TORCH_LOG"], "a") as log:
+                log.write(f"{os.getpid()} imports torch\\n")
+        return None
+sys.meta_path.insert(0, _Watch())
+with open(os.environ["TORCH_LOG"], "a") as log:
+    log.write(f"{os.getpid()} started\\n")
+"""
+
+
+@pytest.mark.slow
+def test_a_job_and_its_worker_processes_run_without_torch(tmp_path):
+    """`python -m beam_extract` with two worker processes: no process of the job imports torch (it is
+    installed here), which transformers would import for the tokenizer in each."""
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site/sitecustomize.py").write_text(WATCH_TORCH)
+    log = tmp_path / "processes.log"
+    env = {**os.environ, "TORCH_LOG": str(log),
+           "PYTHONPATH": os.pathsep.join([str(tmp_path / "site"), os.environ.get("PYTHONPATH", "")])}
+    env.pop("BEAM_EXTRACT_WITHOUT_TORCH", None)
+    result = subprocess.run([sys.executable, "-m", "beam_extract", "--layers=0", "--views_per_task=1",
+                             "--output=out", "--direct_num_workers=2", "--direct_running_mode=multi_processing"],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = log.read_text().splitlines()
+    assert len([line for line in lines if line.endswith(" started")]) >= 3  # the driver and two workers
+    assert [line for line in lines if line.endswith(" imports torch")] == []
