@@ -14,9 +14,8 @@ from beam_extract import WITHOUT_TORCH
 # worker processes started from here inherit this).
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 # In a process of its own (`python -m beam_extract`, the `beam-extract` script, a Flex Template's
-# launcher) and the workers it starts, torch is marked absent: transformers imports it whenever it is
-# installed (~4 CPU-s of start-up) for configs and tokenizers that use none of it (see
-# beam_extract/__init__.py). Not when imported by another program.
+# launcher) and the workers it starts, torch is marked absent (why: beam_extract/__init__.py). Not
+# when imported by another program.
 if __name__ == "__main__" or os.path.basename(sys.argv[0]) == "beam-extract":
     os.environ[WITHOUT_TORCH] = "1"
     sys.modules.setdefault("torch", None)
