@@ -210,8 +210,10 @@ def test_a_gs_cache_is_shared_through_the_bucket(gcs_bucket):
 
 
 def test_other_schemes_are_refused():
+    from beam_extract.model import compile_cache
     from beam_extract.model.compile_cache import enable_compilation_cache
 
+    before = jax.config.jax_compilation_cache_dir, compile_cache._directory  # an earlier test may have set one
     with pytest.raises(ValueError, match="local directory or gs://"):
         enable_compilation_cache("s3://bucket/cache")
-    assert jax.config.jax_compilation_cache_dir is None  # this process's compiles stay uncached
+    assert (jax.config.jax_compilation_cache_dir, compile_cache._directory) == before  # the refusal changed nothing

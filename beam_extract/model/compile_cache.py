@@ -56,11 +56,8 @@ def enable_compilation_cache(directory: str) -> None:
     with _lock:
         if _directory == directory:
             return
-        if _directory is not None:  # JAX opens its cache once: make it open the new one
-            from jax._src import compilation_cache
-
-            compilation_cache.reset_cache()
-            _published.clear()
+        # The new directory is checked and read before anything changes: a refused one leaves the
+        # cache this process had.
         entries: set[str] = set()
         if directory.startswith("gs://"):
             remote = directory.rstrip("/")
@@ -73,6 +70,11 @@ def enable_compilation_cache(directory: str) -> None:
         else:
             remote, local = None, Path(directory).expanduser().absolute()
             local.mkdir(parents=True, exist_ok=True)
+        if _directory is not None:  # JAX opens its cache once: make it open the new one
+            from jax._src import compilation_cache
+
+            compilation_cache.reset_cache()
+            _published.clear()
         jax.config.update("jax_compilation_cache_dir", str(local))
         # The forwards, not the small eager ops around them (JAX's default keeps compiles over 1 s).
         jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_SECONDS)
