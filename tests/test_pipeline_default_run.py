@@ -13,7 +13,8 @@ import pytest
 TESTS = Path(__file__).parent
 GUARDED_MAIN = """
 import os, sys, emulator_auth, network_guard
-os.environ["BEAM_EXTRACT_WITHOUT_TORCH"] = "1"  # as `python -m beam_extract` does (beam_extract.__main__),
+from beam_extract import WITHOUT_TORCH
+os.environ[WITHOUT_TORCH] = "1"  # as `python -m beam_extract` does (beam_extract.__main__),
 sys.modules.setdefault("torch", None)  # for this process and the workers it starts
 network_guard.install(sys.argv[1])
 emulator_auth.start_anonymous_if_emulated()

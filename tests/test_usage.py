@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from apache_beam.options.pipeline_options import PipelineOptions
 
+from beam_extract import WITHOUT_TORCH
 from beam_extract.job import make_job
 from beam_extract.model.weights import CheckpointError
 from beam_extract.model.config import UnsupportedConfigError
@@ -487,7 +488,7 @@ def test_a_job_and_its_worker_processes_run_without_torch(tmp_path):
     log = tmp_path / "processes.log"
     env = {**os.environ, "TORCH_LOG": str(log),
            "PYTHONPATH": os.pathsep.join([str(tmp_path / "site"), os.environ.get("PYTHONPATH", "")])}
-    env.pop("BEAM_EXTRACT_WITHOUT_TORCH", None)
+    env.pop(WITHOUT_TORCH, None)
     result = subprocess.run([sys.executable, "-m", "beam_extract", "--layers=0", "--views_per_task=1",
                              "--output=out", "--direct_num_workers=2", "--direct_running_mode=multi_processing"],
                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
