@@ -32,7 +32,7 @@ from beam_extract.model.weights import (METADATA_FILES, check_checkpoint, remote
                                         weights_checksum)
 from beam_extract.options import (JobOptions, UsageError, check_ranges, extract_options, parse_layers, parse_sites,
                                   sample_input)
-from beam_extract.runners import check_runner, is_local, runs_elsewhere, workers_in_this_process
+from beam_extract.runners import is_local, runs_elsewhere, spell_runner, workers_in_this_process
 from beam_extract.sink import ownership
 
 
@@ -110,7 +110,7 @@ def make_job(options: PipelineOptions) -> Job:
     """Resolves and checks everything in the driver, before the graph is built: a mistake is a
     UsageError (or a CheckpointError, UnsupportedConfigError) naming the option, never a failure on
     the workers or a run that dead-letters everything."""
-    check_runner(options.view_as(StandardOptions).runner)
+    spell_runner(options)
     ours = legacy_rewrites(options, extract_options(options))
     check_ranges(ours)
     if ours.resume and ours.overwrite:

@@ -37,7 +37,7 @@ from beam_extract.progress import Reporter
 from beam_extract.records.dead_letter import DEAD_LETTER
 from beam_extract.records.identity import input_root
 from beam_extract.resume import RESUMED, SkipCommitted, remove_skip_file
-from beam_extract.runners import LOCAL_RUNNERS
+from beam_extract.runners import LOCAL_RUNNERS, spell_runner, watch_the_whole_run
 from beam_extract.sink import ownership
 from beam_extract.sink.extracted import ExtractedBatch
 from beam_extract.sink.manifest import build_manifest, write_manifest
@@ -134,7 +134,7 @@ def _local_runner_without_download(options: PipelineOptions) -> None:
     binary installed beside this Python (`make prism`, from the Go module proxy), never one that
     Beam would download."""
     standard = options.view_as(StandardOptions)
-    if standard.runner in (None, "DirectRunner", "direct") and not standard.streaming:
+    if standard.runner in (None, "DirectRunner") and not standard.streaming:
         standard.runner = "FnApiRunner"
     prism = options.view_as(PrismRunnerOptions)
     if standard.runner == "PrismRunner" and not prism.prism_location \
@@ -191,8 +191,10 @@ def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = Non
     argv = template_switches(sys.argv[1:] if argv is None else argv)
     check_arguments(argv)
     options = PipelineOptions(argv)
+    spell_runner(options)
     _refuse_local_streaming(options)
     _local_runner_without_download(options)
+    watch_the_whole_run(options, argv)
     job = claim_output(make_job(options))
     waits = test_pipeline is not None or not job.remote
     try:

@@ -12,19 +12,23 @@ from apache_beam.options.pipeline_options import (DirectOptions, FlinkRunnerOpti
 from beam_extract.options import UsageError
 
 
-def check_runner(runner: str | None) -> None:
-    """A runner name Beam knows (case-insensitive, `Runner` optional) or a dotted class path; Beam
-    itself would only fail when the pipeline runs, after the output was claimed."""
+def canonical_runner(runner: str | None) -> str | None:
+    """The runner's name as Beam lists it (`prism`, `PRISMRUNNER`, Beam's class path -> `PrismRunner`),
+    so that every decision on it here sees one spelling; another class path as given. Beam itself
+    would only fail on an unknown one when the pipeline runs, after the output was claimed: a
+    UsageError here."""
     if runner is None:
-        return
-    known = {path.rsplit(".", 1)[-1].lower() for path in StandardOptions.ALL_KNOWN_RUNNERS}
-    if runner.lower() in known or f"{runner.lower()}runner" in known:
-        return
+        return None
+    known = {spelling.lower(): path.rsplit(".", 1)[-1] for path in StandardOptions.ALL_KNOWN_RUNNERS
+             for spelling in (path, path.rsplit(".", 1)[-1])}
+    for spelling in (runner.lower(), f"{runner.lower()}runner"):
+        if spelling in known:
+            return known[spelling]
     module, _, name = runner.rpartition(".")
     if module:
         try:
             getattr(importlib.import_module(module), name)
-            return
+            return runner
         except (ImportError, AttributeError, ValueError) as error:
             raise UsageError(f"--runner={runner}: cannot load it ({error})") from None
     close = difflib.get_close_matches(runner, StandardOptions.KNOWN_RUNNER_NAMES, n=1)
@@ -32,8 +36,14 @@ def check_runner(runner: str | None) -> None:
                      f"; choose from {', '.join(StandardOptions.KNOWN_RUNNER_NAMES)}"))
 
 
+def spell_runner(options: PipelineOptions) -> None:
+    """Sets the job's runner to its canonical name (see canonical_runner)."""
+    standard = options.view_as(StandardOptions)
+    standard.runner = canonical_runner(standard.runner)
+
+
 # Runners whose job ends with this process (PortableRunner: our own job service and worker pool).
-LOCAL_RUNNERS = (None, "DirectRunner", "direct", "FnApiRunner", "BundleBasedDirectRunner", "PortableRunner",
+LOCAL_RUNNERS = (None, "DirectRunner", "FnApiRunner", "BundleBasedDirectRunner", "PortableRunner",
                  "PrismRunner")
 
 
@@ -42,8 +52,7 @@ def workers_in_this_process(options: PipelineOptions) -> bool:
     start worker processes) or a portable runner's LOOPBACK workers."""
     if options.view_as(PortableOptions).environment_type == "LOOPBACK":
         return True
-    return (options.view_as(StandardOptions).runner in (None, "DirectRunner", "direct", "FnApiRunner",
-                                                         "BundleBasedDirectRunner")
+    return (options.view_as(StandardOptions).runner in (None, "DirectRunner", "FnApiRunner", "BundleBasedDirectRunner")
             and options.view_as(DirectOptions).direct_running_mode != "multi_processing")
 
 
@@ -78,6 +87,24 @@ def job_server_in_launcher(options: PipelineOptions) -> bool:
     if runner == "SparkRunner":
         return not options.view_as(SparkRunnerOptions).spark_submit_uber_jar
     return False
+
+
+# Beam's portable runners watch a job through two gRPC streams, its states and its messages, whose
+# deadline is --job_server_timeout (300 s in Beam 2.77): a job that runs longer fails when they expire
+# although it runs on (apache/beam#35867; a Prism job of 10^6 samples here). Where Beam starts the job
+# server itself, that flag bounds only those streams and two requests to a server already up.
+WHOLE_RUN_S = 10 * 365 * 24 * 3600
+PORTABLE_RUNNERS = ("PrismRunner", "PortableRunner", "FlinkRunner", "SparkRunner")
+
+
+def watch_the_whole_run(options: PipelineOptions, argv: list[str]) -> None:
+    """A portable job whose job server Beam starts here is watched for as long as it runs, unless
+    --job_server_timeout is given. Given a --job_endpoint, Beam's deadline also bounds the wait for
+    that server to answer, so it is left as it is."""
+    portable = options.view_as(PortableOptions)
+    given = any(arg.partition("=")[0] in ("--job_server_timeout", "--job-server-timeout") for arg in argv)
+    if options.view_as(StandardOptions).runner in PORTABLE_RUNNERS and not given and not portable.job_endpoint:
+        portable.job_server_timeout = WHOLE_RUN_S
 
 
 def runs_elsewhere(options: PipelineOptions) -> bool:

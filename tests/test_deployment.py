@@ -7,9 +7,9 @@ import shlex
 from pathlib import Path
 
 import pytest
-from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.options.pipeline_options import PipelineOptions, PortableOptions, StandardOptions
 
-from beam_extract.runners import is_local
+from beam_extract.runners import WHOLE_RUN_S, is_local, spell_runner, watch_the_whole_run
 from beam_extract.options import ExtractOptions, extract_options
 from beam_extract.template import METADATA, render, template_metadata
 
@@ -112,3 +112,32 @@ def test_a_job_ends_with_the_command_when_it_runs_here(args, local):
     """A local job is waited for (its lock released, its workers stopped with the command); a job
     on an embedded Flink or Spark cluster, or with its SDK workers in this process, is one."""
     assert is_local(PipelineOptions(args)) is local
+
+
+@pytest.mark.parametrize("spelling, name", [("prism", "PrismRunner"), ("PRISMRUNNER", "PrismRunner"),
+                                            ("direct", "DirectRunner"), ("flink", "FlinkRunner"),
+                                            ("apache_beam.runners.portability.prism_runner.PrismRunner",
+                                             "PrismRunner")])
+def test_a_runner_is_known_by_any_spelling_beam_accepts(spelling, name):
+    """Beam runs `--runner=prism` as Prism; every decision of ours (local or not, the prism binary
+    installed here instead of a download) sees the name it lists, not a second spelling."""
+    options = PipelineOptions([f"--runner={spelling}"])
+    spell_runner(options)
+    assert options.view_as(StandardOptions).runner == name
+    assert is_local(options)  # Flink's default master is an embedded cluster
+
+
+@pytest.mark.parametrize("args, deadline", [
+    (["--runner=PrismRunner"], WHOLE_RUN_S),
+    (["--runner=FlinkRunner", "--flink_master=[local]"], WHOLE_RUN_S),
+    (["--runner=PrismRunner", "--job_server_timeout=42"], 42),
+    (["--runner=PrismRunner", "--job-server-timeout", "42"], 42),
+    (["--runner=PortableRunner", "--job_endpoint=localhost:8099"], 300),  # also bounds reaching that server
+    (["--runner=DataflowRunner"], 300),  # not a portable job service: left as Beam has it
+])
+def test_a_portable_job_is_watched_as_long_as_it_runs(args, deadline):
+    """Beam's wait for a portable job ends at --job_server_timeout (apache/beam#35867):
+    tests/test_prism.py runs a job past it."""
+    options = PipelineOptions(args)
+    watch_the_whole_run(options, args)
+    assert options.view_as(PortableOptions).job_server_timeout == deadline

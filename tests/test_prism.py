@@ -29,10 +29,10 @@ pytestmark = pytest.mark.skipif(not PRISM.is_file() and not shutil.which("prism"
 RUNNER_FIELDS = {"created", "run_id", "commits", "commit_groups", "options", "dead_letter_files", "batching", "hooks"}
 
 
-def job(tmp_path, name, *args):
+def job(tmp_path, name, *args, **env):
     result = run_guarded([f"--input={tmp_path / 'in'}/*.jsonl", f"--output={tmp_path / name}", "--layers=0,3",
                           "--sites=resid_post,attn_out", "--views_per_task=3", "--max_seq_len=512", *args],
-                         tmp_path, tmp_path / f"{name}.log")
+                         tmp_path, tmp_path / f"{name}.log", **env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert not (tmp_path / f"{name}.log").exists()  # nothing left the machine
     return json.loads((tmp_path / name / "manifest.json").read_text())
@@ -66,6 +66,33 @@ def test_a_text_and_arc_job_on_prism_equals_the_in_process_runner(tmp_path):
         want = theirs[key]["activations"]
         np.testing.assert_allclose(record["activations"], want, rtol=0, atol=1e-5 * max(1, np.abs(want).max()),
                                    err_msg=str(key))
+
+
+# Beam's default --job_server_timeout, 300 s, made 2 s in the job's processes: a job of ours on Prism
+# outlasts it, as a real one outlasts 300 s (a 10^6-sample job failed so at its end, all written).
+SHORT_BEAM_DEADLINE = """
+from apache_beam.options.pipeline_options import PortableOptions
+_add = PortableOptions._add_argparse_args.__func__
+def _shorter(cls, parser):
+    _add(cls, parser)
+    parser.set_defaults(job_server_timeout=2)
+PortableOptions._add_argparse_args = classmethod(_shorter)
+"""
+
+
+@pytest.mark.slow
+def test_a_job_outlasting_beams_job_server_timeout_is_watched_to_its_end(tmp_path):
+    """Beam watches a portable job through streams whose deadline is --job_server_timeout
+    (apache/beam#35867): past it the command failed while Prism ran on. The job is now watched for
+    its whole run unless the flag is given."""
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site/sitecustomize.py").write_text(SHORT_BEAM_DEADLINE)
+    write_lines(tmp_path / "in/web.jsonl", [json.dumps({"text": f"document {i} " * 40}) for i in range(200)])
+    began = time.monotonic()
+    manifest = job(tmp_path, "out", "--runner=PrismRunner", "--layers=0",
+                   PYTHONPATH=os.pathsep.join([str(tmp_path / "site"), str(TESTS)]))
+    assert time.monotonic() - began > 3 * 2  # the job ran well past the shortened deadline
+    assert manifest["ok"] and manifest["counts"]["samples_committed"] == 200
 
 
 def start_streaming(tmp_path, *args):
