@@ -8,5 +8,13 @@ import sys
 # installed, for tokenizers and configs that use none of it (measured: 466 MiB of peak RSS and
 # 1.3 CPU-s per process). Read here, the first of our modules a worker imports, before transformers.
 WITHOUT_TORCH = "BEAM_EXTRACT_WITHOUT_TORCH"
-if os.environ.get(WITHOUT_TORCH) == "1":
+
+
+def run_without_torch() -> None:
+    """Marks torch absent in this process and in the worker processes it starts."""
+    os.environ[WITHOUT_TORCH] = "1"
     sys.modules.setdefault("torch", None)
+
+
+if os.environ.get(WITHOUT_TORCH) == "1":
+    run_without_torch()

@@ -8,7 +8,7 @@ import os
 import sys
 import time
 
-from beam_extract import WITHOUT_TORCH
+from beam_extract import run_without_torch
 
 # transformers says at import that PyTorch is missing; we use its tokenizers and configs only (and
 # worker processes started from here inherit this).
@@ -17,8 +17,7 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 # launcher) and the workers it starts, torch is marked absent (why: beam_extract/__init__.py). Not
 # when imported by another program.
 if __name__ == "__main__" or os.path.basename(sys.argv[0]) == "beam-extract":
-    os.environ[WITHOUT_TORCH] = "1"
-    sys.modules.setdefault("torch", None)
+    run_without_torch()
 
 from beam_extract.format.layout import read_manifest  # noqa: E402
 from beam_extract.legacy import add_legacy_arguments  # noqa: E402

@@ -42,9 +42,10 @@ def spell_runner(options: PipelineOptions) -> None:
     standard.runner = canonical_runner(standard.runner)
 
 
+# Beam's runners whose workers are this process's threads or children (None: Beam's default).
+IN_PROCESS_RUNNERS = (None, "DirectRunner", "FnApiRunner", "BundleBasedDirectRunner")
 # Runners whose job ends with this process (PortableRunner: our own job service and worker pool).
-LOCAL_RUNNERS = (None, "DirectRunner", "FnApiRunner", "BundleBasedDirectRunner", "PortableRunner",
-                 "PrismRunner")
+LOCAL_RUNNERS = (*IN_PROCESS_RUNNERS, "PortableRunner", "PrismRunner")
 
 
 def workers_in_this_process(options: PipelineOptions) -> bool:
@@ -52,7 +53,7 @@ def workers_in_this_process(options: PipelineOptions) -> bool:
     start worker processes) or a portable runner's LOOPBACK workers."""
     if options.view_as(PortableOptions).environment_type == "LOOPBACK":
         return True
-    return (options.view_as(StandardOptions).runner in (None, "DirectRunner", "FnApiRunner", "BundleBasedDirectRunner")
+    return (options.view_as(StandardOptions).runner in IN_PROCESS_RUNNERS
             and options.view_as(DirectOptions).direct_running_mode != "multi_processing")
 
 

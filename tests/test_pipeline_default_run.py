@@ -12,10 +12,9 @@ import pytest
 
 TESTS = Path(__file__).parent
 GUARDED_MAIN = """
-import os, sys, emulator_auth, network_guard
-from beam_extract import WITHOUT_TORCH
-os.environ[WITHOUT_TORCH] = "1"  # as `python -m beam_extract` does (beam_extract.__main__),
-sys.modules.setdefault("torch", None)  # for this process and the workers it starts
+import sys, emulator_auth, network_guard
+from beam_extract import run_without_torch
+run_without_torch()  # as `python -m beam_extract` does (beam_extract.__main__)
 network_guard.install(sys.argv[1])
 emulator_auth.start_anonymous_if_emulated()
 from beam_extract.__main__ import main
